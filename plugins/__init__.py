@@ -1,0 +1,9 @@
+"""Built-in method plugins, one sub-package each, imported lazily by name.
+
+``BUILTIN`` maps a plugin name to ``("module:Class", one-line description)``; the registry imports
+the module only when the plugin is used, so listing stays fast.
+"""
+
+BUILTIN: dict[str, tuple[str, str]] = {
+    "lora": ("blocktrain.plugins.lora.plugin:LoraPlugin", "LoRA adapters on chosen Linear layers of any transformers/timm model"),
+}

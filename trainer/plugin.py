@@ -1,0 +1,77 @@
+"""The plugin contract: a thin adapter binding a method's functional core to a run.
+
+A plugin never re-implements devices, precision, optimisers, checkpoints or logging; it only says
+what it does to the model and, where it has them, its objective, calibrate loop, metrics and exports.
+Every hook is optional. This module imports nothing heavy, so listing plugins stays fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from blocktrain.trainer.context import RunContext
+
+
+@dataclass
+class PluginConfig:
+    """Base class of every plugin's structured config (a dataclass validated before any model loads)."""
+
+
+class Plugin:
+    """Base class of all plugins. Subclasses set ``name``, ``description`` and ``config_class``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[PluginConfig]] = PluginConfig
+
+    def __init__(self, config: PluginConfig):
+        self.config = config
+
+    # -- config time -------------------------------------------------------------------------
+    def check_pipeline(self, before: list["Plugin"]) -> None:
+        """Raise ``UserError`` if this plugin cannot follow the plugins listed before it."""
+
+    # -- model surgery -----------------------------------------------------------------------
+    def apply(self, model: "torch.nn.Module", run: "RunContext") -> "torch.nn.Module":
+        """Transform the model (add adapters, masks, quantizers). Returns the model to use."""
+        return model
+
+    # -- training ------------------------------------------------------------------------------
+    def loss(self, model: "torch.nn.Module", batch: Any, run: "RunContext") -> "torch.Tensor | None":
+        """The training objective for a batch, or ``None`` to use the task's own loss."""
+        return None
+
+    def callbacks(self, run: "RunContext") -> list:
+        """Lightning callbacks this plugin needs (schedules, curricula)."""
+        return []
+
+    # -- post-training -------------------------------------------------------------------------
+    def calibrate(self, model: "torch.nn.Module", run: "RunContext") -> None:
+        """The `calibrate` stage (pruning, quantization). Use ``run.progress`` and ``run.save_state``."""
+
+    def evaluate(self, model: "torch.nn.Module", run: "RunContext") -> Mapping[str, float]:
+        """Extra metrics for the `evaluate` stage."""
+        return {}
+
+    def sample(self, model: "torch.nn.Module", run: "RunContext") -> Mapping[str, Any]:
+        """The `sample` stage for generative objectives."""
+        return {}
+
+    def export(self, model: "torch.nn.Module", out_dir: Path, run: "RunContext") -> Iterable[Path]:
+        """Write this plugin's export formats under ``out_dir``; return the paths written."""
+        return []
+
+    def load_weights(self, model: "torch.nn.Module", path: Path) -> bool:
+        """Load this plugin's own export (e.g. an adapter) for ``init_from``; True if it did."""
+        return False
+
+    # -- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Plugin state (beyond module parameters) saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
