@@ -1,0 +1,70 @@
+"""Checkpoints: atomic writes (temp file + rename), finding the newest one, weights-only init."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.io import atomic_path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file in the same folder and rename it into place.
+
+    A crash or Ctrl-C during the write leaves the previous checkpoint untouched and readable.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written ``*.ckpt`` in the run's checkpoint folder, or None."""
+    found = [p for p in checkpoint_dir(run_dir).glob("*.ckpt") if not p.name.startswith(".")]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """``resume=auto`` -> newest checkpoint in the run dir (None if there is none yet); a path -> that file."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return newest_checkpoint(run_dir)
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = newest_checkpoint(path) or path
+    if not path.is_file():
+        raise UserError(f"resume checkpoint not found: {resume}")
+    return path
+
+
+def load_weights(model: torch.nn.Module, path: Path, plugins: list) -> None:
+    """``init_from``: weights only, from a plugin's export, a Lightning .ckpt or a safetensors file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"init_from path not found: {path}")
+    for plugin in plugins:
+        if plugin.load_weights(model, path):
+            return
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif path.suffix in (".ckpt", ".pt", ".pth"):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state)
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    else:
+        raise UserError(f"init_from: cannot read {path} (expected a .ckpt, .pt, .safetensors or a plugin export dir)")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or len(missing) == len(list(model.state_dict())):
+        raise UserError(f"init_from {path}: the weights do not match the model "
+                        f"({len(unexpected)} unexpected keys, {len(missing)} missing)")

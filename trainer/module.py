@@ -1,0 +1,96 @@
+"""The LightningModule every run uses: model + task + plugins, engine-owned optimisation."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import pytorch_lightning as pl
+
+from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.optim import build_optimizer, build_scheduler
+
+
+class NonFiniteLoss(UserError):
+    """Training produced a NaN/inf loss; the run stops and keeps its last good checkpoint."""
+
+
+class RunModule(pl.LightningModule):
+    def __init__(self, model, task, plugins, optim_cfg, scheduler_cfg, run):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.plugins = plugins
+        self.optim_cfg = optim_cfg
+        self.scheduler_cfg = scheduler_cfg
+        self.run = run
+        self._eval_sums: dict[str, list[float]] = {}
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def objective(self, batch) -> torch.Tensor:
+        for plugin in self.plugins:
+            loss = plugin.loss(self.model, batch, self.run)
+            if loss is not None:
+                return loss
+        if self.task is None:
+            raise UserError("no objective: configure a task (task=...) or a plugin that defines a loss")
+        return self.task.loss(self.model, batch)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.objective(batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopped. "
+                                "The last good checkpoint is kept; lower optim.lr or check the data.")
+        distributed = self.trainer.world_size > 1
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=distributed)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    # -- evaluation: exact means over the whole split, summed across ranks ----------------------
+    def on_validation_epoch_start(self):
+        self._eval_sums = {}
+
+    def validation_step(self, batch, batch_idx):
+        if self.task is None:
+            return
+        for name, (total, count) in self.task.eval_sums(self.model, batch).items():
+            acc = self._eval_sums.setdefault(name, [0.0, 0.0])
+            acc[0] += float(total)
+            acc[1] += float(count)
+
+    def on_validation_epoch_end(self):
+        if not self._eval_sums:
+            return
+        names = sorted(self._eval_sums)
+        sums = torch.tensor([self._eval_sums[n] for n in names], dtype=torch.float64, device=self.device)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = {n: (s / c).item() for n, (s, c) in zip(names, sums.tolist()) if c > 0}
+        for name, value in self.task.finalize(means).items():
+            self.log(f"val/{name}", value, on_epoch=True, sync_dist=False, rank_zero_only=True)
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(self.optim_cfg, params)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(self.scheduler_cfg, optimizer, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- resume: plugin state and RNG streams ride in every checkpoint -----------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["plugins"] = {p.name: p.state_dict() for p in self.plugins}
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def on_load_checkpoint(self, checkpoint):
+        for plugin in self.plugins:
+            plugin.load_state_dict(checkpoint.get("plugins", {}).get(plugin.name, {}))
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

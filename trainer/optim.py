@@ -1,0 +1,42 @@
+"""Optimisers (any class via `_target_`) and step-wise LR schedules with warm-up."""
+from __future__ import annotations
+
+import math
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from blocktrain.trainer.errors import UserError
+
+
+def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if not params:
+        raise UserError("nothing to train: every parameter is frozen (check the plugins' targets)")
+    try:
+        return instantiate(cfg, params=params)
+    except Exception as exc:  # ImportError of bitsandbytes, TypeError of a wrong keyword, ...
+        cause = exc.__cause__ or exc
+        raise UserError(f"cannot build optimizer {cfg.get('_target_')}: {cause}") from None
+
+
+def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    """Multiplier of the base LR at optimizer step ``s``: linear warm-up, then cosine/linear/constant."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return min_ratio + (1 - min_ratio) * shape
+
+    return factor
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    base_lr = optimizer.param_groups[0]["lr"]
+    min_ratio = cfg.min_lr / base_lr if base_lr else 0.0
+    schedule = lr_lambda(cfg.kind, cfg.warmup_steps, total_steps, min_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,41 @@
+"""The task interface: a loss for training and summed metrics for evaluation."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Task:
+    """Objective + metrics. ``eval_sums`` returns {metric: (sum, count)} so means are exact over a split."""
+
+    def __init__(self, config, info: dict):
+        self.config = config
+        self.info = info
+
+    def setup(self, model: torch.nn.Module, run) -> None:
+        """Prepare anything the task needs from the model (e.g. tokenised prompts)."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_sums(self, model: torch.nn.Module, batch: Any) -> dict[str, tuple[float, int]]:
+        raise NotImplementedError
+
+    def finalize(self, means: dict[str, float]) -> dict[str, float]:
+        """Derived metrics from the means (e.g. perplexity from mean NLL)."""
+        return means
+
+    @staticmethod
+    def batch_size(batch: Any) -> int:
+        if isinstance(batch, dict):
+            return int(next(iter(batch.values())).shape[0])
+        return int(batch[0].shape[0])
+
+    @staticmethod
+    def num_tokens(batch: Any) -> int | None:
+        if isinstance(batch, dict) and "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        if isinstance(batch, dict) and "input_ids" in batch:
+            return int(batch["input_ids"].numel())
+        return None

@@ -1,0 +1,35 @@
+"""Causal language modelling: next-token cross-entropy; perplexity = exp(mean token NLL)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from blocktrain.trainer.tasks.base import Task
+
+
+def token_nll(model, batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over the batch and the number of predicted tokens."""
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    if mask is not None:
+        targets = targets.masked_fill(mask[:, 1:] == 0, -100)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
+                          reduction="sum")
+    return nll, int((targets != -100).sum())
+
+
+class CausalLMTask(Task):
+    def loss(self, model, batch):
+        nll, count = token_nll(model, batch)
+        return nll / max(count, 1)
+
+    def eval_sums(self, model, batch):
+        nll, count = token_nll(model, batch)
+        return {"loss": (nll.item(), count)}
+
+    def finalize(self, means):
+        return {**means, "ppl": math.exp(min(means["loss"], 50.0))}

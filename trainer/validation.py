@@ -1,0 +1,182 @@
+"""Config validation before anything heavy loads: one clear message per mistake.
+
+Each config section is checked against a structured config (dataclass): unknown keys list the valid
+ones, wrong types name the key, the expected type and the value given.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from blocktrain.trainer.errors import UserError
+
+STAGES = ("fit", "calibrate", "evaluate", "sample", "export")
+TOP_LEVEL = ("name", "seed", "stages", "optimized_metric", "optimize_direction", "run_dir", "resume", "init_from",
+             "checkpoint", "matmul_precision", "trainer", "logger", "optim", "scheduler", "model", "data", "task",
+             "plugin")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 100
+    keep_last: int = 2
+
+
+@dataclass
+class WandbConfig:
+    kind: str = "wandb"
+    project: str = "blocktrain"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None
+
+
+@dataclass
+class CsvConfig:
+    kind: str = "csv"
+
+
+@dataclass
+class NoLoggerConfig:
+    kind: str = "none"
+
+
+@dataclass
+class SchedulerConfig:
+    kind: str = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+LOGGERS = {"wandb": WandbConfig, "csv": CsvConfig, "none": NoLoggerConfig}
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+def validate_node(node: Any, schema: type, where: str) -> DictConfig:
+    """Merge ``node`` onto ``schema``'s defaults; raise UserError on unknown keys, wrong types, missing values."""
+    valid = [f.name for f in fields(schema)]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+    except ConfigKeyError as exc:
+        key = getattr(exc, "key", None) or _quoted(str(exc))
+        raise UserError(f"unknown key '{key}' in {where}. Valid keys: {', '.join(valid)}") from None
+    except ValidationError as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", "?")
+        raise UserError(f"wrong type for {where}.{key}: {_first_line(exc)}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise UserError(f"missing value for {where}: {', '.join(missing)} (set it on the command line, e.g. "
+                        f"{where}.{missing[0]}=...)")
+    return merged
+
+
+def kind_schema(node: Any, schemas: dict[str, type], where: str) -> type:
+    """The schema for a config node selected by its ``kind`` field."""
+    kind = None if node is None else node.get("kind")
+    if kind not in schemas:
+        raise UserError(f"unknown {where}.kind '{kind}'. Valid kinds: {', '.join(schemas)}")
+    return schemas[kind]
+
+
+def validate_config(cfg: DictConfig, load_plugins: bool = True) -> dict[str, DictConfig]:
+    """Validate every section of a composed run config; return the validated plugin configs by name."""
+    from blocktrain.trainer.sources.config import validate_data_config, validate_model_config
+    from blocktrain.trainer.tasks import validate_task_config
+
+    unknown = [k for k in cfg if k not in TOP_LEVEL]
+    if unknown:
+        raise UserError(f"unknown config key '{unknown[0]}'. Valid top-level keys: {', '.join(TOP_LEVEL)}")
+    bad = [s for s in cfg.stages if s not in STAGES]
+    if bad:
+        raise UserError(f"unknown stage '{bad[0]}'. Valid stages: {', '.join(STAGES)}")
+    if cfg.resume not in (None, "auto") and not isinstance(cfg.resume, str):
+        raise UserError(f"resume must be null, 'auto' or a checkpoint path, got {cfg.resume!r}")
+    if cfg.optimize_direction not in ("maximize", "minimize"):
+        raise UserError(f"optimize_direction must be maximize or minimize, got {cfg.optimize_direction!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise UserError(f"wrong type for seed: expected an integer, got {cfg.seed!r}")
+    validate_node(cfg.checkpoint, CheckpointConfig, "checkpoint")
+    validate_node(cfg.logger, kind_schema(cfg.logger, LOGGERS, "logger"), "logger")
+    if cfg.scheduler.get("kind") not in SCHEDULERS:
+        raise UserError(f"unknown scheduler.kind '{cfg.scheduler.get('kind')}'. Valid kinds: {', '.join(SCHEDULERS)}")
+    validate_node(cfg.scheduler, SchedulerConfig, "scheduler")
+    if "_target_" not in cfg.optim:
+        raise UserError("optim needs a _target_ (an optimizer class path), e.g. optim=adamw")
+    if cfg.model is None:
+        raise UserError("no model configured: pass recipe=NAME (see `train --list`) or model=<preset> model.id=...")
+    validate_model_config(cfg.model)
+    needs_data = any(s in cfg.stages for s in ("fit", "calibrate", "evaluate"))
+    if cfg.data is None and needs_data:
+        raise UserError("no data configured: the stages " + ", ".join(cfg.stages) + " need data=<preset>")
+    if cfg.data is not None:
+        validate_data_config(cfg.data)
+    if cfg.task is not None:
+        validate_task_config(cfg.task)
+    return validate_plugins(cfg.plugin or {}) if load_plugins else {}
+
+
+def validate_plugins(section: Any) -> dict[str, DictConfig]:
+    """Check each plugin's config against its dataclass and the pipeline order; return validated configs."""
+    from blocktrain.trainer.registry import load_plugin_class
+
+    validated, instances = {}, []
+    for name, node in section.items():
+        cls = load_plugin_class(name)
+        validated[name] = validate_node(node, cls.config_class, f"plugin.{name}")
+        plugin = cls(OmegaConf.to_object(validated[name]))
+        plugin.check_pipeline(instances)
+        instances.append(plugin)
+    return validated
+
+
+def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
+    """Turn a Hydra/OmegaConf composition error into a short message with the valid choices."""
+    text = str(exc).strip()
+    key = _quoted(text)
+    if key and ("Could not override" in text or "not in struct" in text or "Key '" in text):
+        parent, _, leaf = key.rpartition(".")
+        valid = _valid_keys(parent, overrides)
+        hint = f" Valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}." if valid else ""
+        return f"unknown config key '{key}'.{hint} To add a new key use +{key}=..."
+    match = re.search(r"Could not find '([^']+)'", text)
+    if match:
+        return _first_paragraphs(text)
+    if "mismatched input" in text or "extraneous input" in text or "no viable alternative" in text:
+        return f"cannot parse the command-line override: {_first_paragraphs(text)}"
+    return _first_paragraphs(text)
+
+
+def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
+    """Keys at ``parent`` in the config composed without the offending overrides."""
+    from hydra import compose
+
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("recipe",) or o.startswith(("trainer=", "logger=",
+            "optim=", "scheduler=", "model=", "data=", "task=", "plugin="))]
+    try:
+        cfg = compose(config_name="config", overrides=kept)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except OmegaConfBaseException:
+        return []
+    except Exception:  # noqa: BLE001 - a hint only; never mask the original error
+        return []
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
+def _quoted(text: str) -> str | None:
+    match = re.search(r"'([^']+)'", text)
+    return match.group(1) if match else None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
+def _first_paragraphs(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if line.strip() and "full_key" not in line
+                     and "object_type" not in line and "reference_type" not in line)
+
