@@ -1,0 +1,155 @@
+"""Finding target ``nn.Linear`` layers and replacing them with ``LoraLinear`` (core: no Lightning, no Hydra)."""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Union
+
+import torch
+from torch import nn
+
+from blocktrain.plugins.lora.checks import check_lora_args
+from blocktrain.plugins.lora.layers import LoraLinear
+from blocktrain.trainer.errors import UserError
+
+Targets = Union[str, Iterable[str]]
+SAVE_FLAG = "_lora_module_to_save"  # set on each module listed in modules_to_save
+
+
+def _name_matches(name: str, targets: Targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _examples(names: Iterable[str], limit: int = 12) -> str:
+    names = list(names)
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    text = ", ".join(short[:limit]) + (", ..." if len(short) > limit else "")
+    return f"{text} (e.g. {', '.join(names[:3])})" if names else "none"
+
+
+def select_linears(model: nn.Module, targets: Targets) -> list[str]:
+    """Qualified names of the ``nn.Linear`` layers chosen by ``targets``.
+
+    ``targets`` is a list of module names, each matching a qualified name equal to it or ending in
+    ``.name`` (as PEFT's ``target_modules``), or a regex string matched in full against the qualified name.
+    Every listed name (or the regex) must match at least one ``nn.Linear``.
+    """
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if n and isinstance(m, nn.Linear)]
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise UserError(f"LoRA targets {targets!r} is not a valid regex: {exc}") from None
+        groups = [targets]
+    else:
+        targets = [str(t) for t in targets]
+        if not targets:
+            raise UserError("LoRA targets is empty: list module names (e.g. [q_proj, v_proj]) or give a regex")
+        groups = [[t] for t in targets]
+    for group in groups:
+        if not any(_name_matches(n, group) for n in linears):
+            others = sorted({type(m).__name__ for n, m in modules.items() if n and _name_matches(n, group)})
+            found = f" It matches only non-Linear modules ({', '.join(others)})." if others else ""
+            label = group if isinstance(group, str) else group[0]
+            raise UserError(f"LoRA target {label!r} matches no nn.Linear in {type(model).__name__}.{found} "
+                            f"Linear layers: {_examples(linears)}")
+    return [n for n in linears if _name_matches(n, targets)]
+
+
+def _select_modules_to_save(model: nn.Module, names: Iterable[str]) -> list[str]:
+    modules = [n for n, _ in model.named_modules() if n]
+    chosen = []
+    for t in names:
+        found = [n for n in modules if _name_matches(n, [t])]
+        if not found:
+            raise UserError(f"modules_to_save entry {t!r} matches no module in {type(model).__name__}. "
+                            f"Modules: {_examples(modules)}")
+        chosen += [n for n in found if n not in chosen]
+    return chosen
+
+
+def _tied_weight_names(model: nn.Module) -> set[str]:
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """The model's ``LoraLinear`` layers by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules ``apply_lora`` kept fully trainable (its ``modules_to_save``), by qualified name."""
+    return {n: m for n, m in model.named_modules() if getattr(m, SAVE_FLAG, False)}
+
+
+def apply_lora(model: nn.Module, targets: Targets, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               scaling: str = "rank", n_blocks: int = 1, modules_to_save: Iterable[str] = ()) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` by ``LoraLinear`` (in place) and freeze the rest.
+
+    Only the LoRA parameters and the parameters of ``modules_to_save`` (names matched like list
+    ``targets``, e.g. a classification head) stay trainable. Returns ``model``.
+    """
+    check_lora_args(rank, alpha, dropout, scaling, n_blocks)
+    if lora_layers(model):
+        raise UserError(f"{type(model).__name__} already has LoRA layers; apply LoRA once")
+    names = select_linears(model, targets)
+    saved = _select_modules_to_save(model, modules_to_save)
+    modules = dict(model.named_modules())
+    tied = _tied_weight_names(model)
+    for name in names:
+        inside = [s for s in saved if name == s or name.startswith(s + ".")]
+        if inside:
+            raise UserError(f"LoRA target {name} is in modules_to_save ({inside[0]}): "
+                            "a module is either adapted or fully trained, not both")
+        if f"{name}.weight" in tied:
+            raise UserError(f"LoRA target {name} shares its weight with another module (tied weights); "
+                            "merging would change both. Choose other targets")
+        width = modules[name].in_features
+        if width % n_blocks:
+            raise UserError(f"LoRA target {name}: in_features {width} is not divisible by n_blocks {n_blocks}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        layer = LoraLinear(modules[name], rank, alpha, dropout, scaling, n_blocks)
+        setattr(modules[parent_name], child, layer)
+    for name in saved:
+        setattr(modules[name], SAVE_FLAG, True)
+        modules[name].requires_grad_(True)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight (W ← W + s·ΔW); forwards then skip the adapters."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_lora`` (W ← W − s·ΔW)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors: ``<layer>.lora_A`` / ``<layer>.lora_B`` and every modules_to_save tensor."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{name}.lora_A"] = layer.lora_A.detach()
+        state[f"{name}.lora_B"] = layer.lora_B.detach()
+    for name, module in modules_to_save(model).items():
+        state.update({f"{name}.{k}": v.detach() for k, v in module.state_dict().items()})
+    return state
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared parameter counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
