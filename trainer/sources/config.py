@@ -1,0 +1,264 @@
+"""Structured configs of the model and data sources: one dataclass per ``kind``.
+
+``validate_model_config`` / ``validate_data_config`` merge a user's node onto the dataclass its
+``kind`` selects and raise ``UserError`` with one clear message for anything wrong. This module
+imports no torch, transformers or Lightning, so a config is checked before anything heavy loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from blocktrain.trainer.errors import UserError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def _positive(v):
+    return v is None or v > 0
+
+
+def _fraction(v):
+    return 0 <= v < 1
+
+
+def _nonneg(v):
+    return v >= 0
+
+
+def _choices(*values):
+    return {"choices": values}
+
+
+_POSITIVE = {"check": (_positive, "a positive number")}
+_FRACTION = {"check": (_fraction, "a number in [0, 1)")}
+_NONNEG = {"check": (_nonneg, "a number >= 0")}
+
+
+# -- models ------------------------------------------------------------------------------------
+@dataclass
+class TransformersModelConfig:
+    """A transformers model: ``from_pretrained(id)`` through the Auto class named by ``auto_class``."""
+
+    kind: str = "transformers"
+    id: str = MISSING  # hub id, local directory, or pkg://python_package[/subdir]
+    auto_class: str = "AutoModel"  # any transformers class by name, e.g. AutoModelForCausalLM, CLIPModel
+    revision: Optional[str] = None
+    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16", "auto"))
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to from_pretrained (e.g. num_labels)
+    tokenizer: Optional[str] = None  # where the processor comes from; null = same as id
+    processor: str = field(default="tokenizer",
+                           metadata=_choices("tokenizer", "image_processor", "processor", "none"))
+    gguf_file: Optional[str] = None  # a .gguf file name inside id: loaded and dequantized
+
+
+@dataclass
+class GGUFModelConfig(TransformersModelConfig):
+    """A GGUF file loaded through transformers and dequantized to a plain (saveable) model."""
+
+    kind: str = "gguf"
+    auto_class: str = "AutoModelForCausalLM"
+    gguf_file: str = MISSING
+
+
+@dataclass
+class TimmModelConfig:
+    """A timm model: ``timm.create_model(name)`` with hub weights, a local checkpoint, or none."""
+
+    kind: str = "timm"
+    name: str = MISSING
+    pretrained: bool = True  # hub weights (ignored when checkpoint is set)
+    checkpoint: Optional[str] = None  # local .safetensors / .pth / .bin weights file
+    num_classes: Optional[int] = field(default=None, metadata=_NONNEG)  # null = the model's default
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to create_model (e.g. img_size)
+
+
+MODEL_KINDS: Dict[str, type] = {
+    "transformers": TransformersModelConfig,
+    "gguf": GGUFModelConfig,
+    "timm": TimmModelConfig,
+}
+
+
+# -- data --------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Keys every data source carries; the engine's DataModule reads them."""
+
+    kind: str = MISSING
+    batch_size: int = field(default=32, metadata=_POSITIVE)
+    eval_batch_size: Optional[int] = field(default=None, metadata=_POSITIVE)  # null = batch_size
+    num_workers: int = field(default=0, metadata=_NONNEG)
+
+
+@dataclass
+class TextClassificationDataConfig(DataConfig):
+    """CSV / TSV / JSONL / JSON records with a text and a label field, tokenised by the model's tokenizer."""
+
+    kind: str = "text_classification"
+    train: str = MISSING
+    val: Optional[str] = None
+    val_fraction: float = field(default=0.1, metadata=_FRACTION)  # used when val is null
+    text_field: str = "text"
+    label_field: str = "label"
+    max_length: int = field(default=128, metadata=_POSITIVE)
+
+
+@dataclass
+class TextCorpusDataConfig(DataConfig):
+    """Plain-text files tokenised into fixed-length sequences for language modelling."""
+
+    kind: str = "text_corpus"
+    batch_size: int = field(default=8, metadata=_POSITIVE)
+    files: List[str] = MISSING  # files, directories (searched with pattern) or glob patterns
+    pattern: str = "**/*.txt"
+    seq_len: int = field(default=512, metadata=_POSITIVE)
+    stride: Optional[int] = field(default=None, metadata=_POSITIVE)  # null = seq_len (no overlap)
+    max_sequences: Optional[int] = field(default=None, metadata=_POSITIVE)  # per split, seeded subset
+    val_fraction: float = field(default=0.05, metadata=_FRACTION)  # tail of the token stream
+    add_eos: bool = True  # end every file with the tokenizer's EOS token
+
+
+@dataclass
+class ImageTransformConfig(DataConfig):
+    """Image preprocessing shared by the image sources."""
+
+    image_size: Optional[int] = field(default=None, metadata=_POSITIVE)  # null = keep native size
+    channels: Optional[int] = field(default=None, metadata=_choices(None, 1, 3))  # null = native
+    mean: List[float] = field(default_factory=lambda: [0.5])  # one value = every channel
+    std: List[float] = field(default_factory=lambda: [0.5])
+
+
+@dataclass
+class TorchvisionDataConfig(ImageTransformConfig):
+    """A ``torchvision.datasets`` class by name; split arguments are found by signature."""
+
+    kind: str = "torchvision"
+    name: str = MISSING  # e.g. CIFAR10, FashionMNIST, Food101
+    root: str = "~/.cache/blocktrain/data"
+    download: bool = True
+    train_split: str = "train"
+    val_split: Optional[str] = "test"  # null = split val_fraction off the train split
+    val_fraction: float = field(default=0.1, metadata=_FRACTION)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra dataset arguments
+
+
+@dataclass
+class ImageFolderDataConfig(ImageTransformConfig):
+    """A ``root/class_name/image`` directory tree."""
+
+    kind: str = "image_folder"
+    path: str = MISSING
+    val_path: Optional[str] = None
+    val_fraction: float = field(default=0.1, metadata=_FRACTION)  # used when val_path is null
+    image_size: Optional[int] = field(default=224, metadata=_POSITIVE)
+    channels: Optional[int] = field(default=3, metadata=_choices(None, 1, 3))
+    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+@dataclass
+class TensorsDataConfig(DataConfig):
+    """Tensors ``x`` and ``y`` from a ``.pt`` or ``.safetensors`` file."""
+
+    kind: str = "tensors"
+    path: str = MISSING
+    val_path: Optional[str] = None
+    val_fraction: float = field(default=0.1, metadata=_FRACTION)  # used when val_path is null
+    x_key: str = "x"
+    y_key: str = "y"
+
+
+DATA_KINDS: Dict[str, type] = {
+    "text_classification": TextClassificationDataConfig,
+    "text_corpus": TextCorpusDataConfig,
+    "torchvision": TorchvisionDataConfig,
+    "image_folder": ImageFolderDataConfig,
+    "tensors": TensorsDataConfig,
+}
+
+
+# -- validation --------------------------------------------------------------------------------
+def validate_model_config(cfg: Any, allow_missing: bool = False) -> DictConfig:
+    """The model node merged onto its kind's dataclass; ``UserError`` on any mistake."""
+    return _validate(cfg, "model", MODEL_KINDS, allow_missing)
+
+
+def validate_data_config(cfg: Any, allow_missing: bool = False) -> DictConfig:
+    """The data node merged onto its kind's dataclass; ``UserError`` on any mistake."""
+    return _validate(cfg, "data", DATA_KINDS, allow_missing)
+
+
+def _validate(cfg: Any, group: str, kinds: Dict[str, type], allow_missing: bool) -> DictConfig:
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{group} must be a mapping with a 'kind' key, got {cfg!r}")
+    kind = cfg.get("kind")
+    if kind not in kinds:
+        what = f"unknown {group}.kind '{kind}'" if kind is not None else f"{group}.kind is not set"
+        raise UserError(f"{what}. Valid kinds: {', '.join(kinds)}")
+    schema = kinds[kind]
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key, value in cfg.items():
+        if key not in fields:
+            raise UserError(f"unknown key '{group}.{key}' for {group} kind '{kind}'. "
+                            f"Valid keys: {', '.join(fields)}")
+        if value != MISSING and not _type_ok(value, hints[key]):
+            raise UserError(f"{group}.{key} must be {_type_name(hints[key])}, got {value!r}")
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing and not allow_missing:
+        raise UserError(f"missing required value {group}.{missing[0]} (set it, e.g. {group}.{missing[0]}=...)")
+    for name, f in fields.items():
+        if OmegaConf.is_missing(merged, name):
+            continue
+        value = merged[name]
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            valid = ", ".join("null" if c is None else str(c) for c in f.metadata["choices"])
+            raise UserError(f"{group}.{name} must be one of {valid}, got {value!r}")
+        if "check" in f.metadata and value is not None:
+            check, description = f.metadata["check"]
+            if not check(value):
+                raise UserError(f"{group}.{name} must be {description}, got {value!r}")
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin is typing.Union:  # Optional[X]
+        return value is None or any(_type_ok(value, a) for a in args if a is not type(None))
+    if origin in (list, List):
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
+    if origin in (dict, Dict):
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:  # Hydra parses `model.revision=1234` as an int: accept numbers as text
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, List):
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(args[0], "values")
+    if origin in (dict, Dict):
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))

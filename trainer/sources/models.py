@@ -1,0 +1,273 @@
+"""Model sources: transformers (hub id, local dir, GGUF file) and timm, behind one ``load_model``.
+
+Every source loads real weights from the hub or from a local path through the same code; a source
+that cannot be reached is a ``UserError``, never a silent random initialisation.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.sources.config import validate_model_config
+
+LOCAL_DIR_HINT = "model.id=/path/to/dir (a folder written by save_pretrained: config.json + weights)"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with its tokenizer (or image processor / processor / None) and provenance."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+    info: dict = field(default_factory=dict)
+
+
+def load_model(cfg: Any) -> LoadedModel:
+    """Load the model a ``model`` config node describes (validated here, so a plain dict works)."""
+    cfg = validate_model_config(cfg)
+    if cfg.kind == "timm":
+        return _load_timm(cfg)
+    return _load_transformers(cfg)
+
+
+# -- transformers ------------------------------------------------------------------------------
+def resolve_model_id(model_id: str) -> tuple[str, bool]:
+    """``(id or absolute path, is_local)``; ``pkg://package[/sub/dir]`` names a folder inside an
+    installed Python package (found without importing it)."""
+    model_id = str(model_id)
+    if model_id.startswith("pkg://"):
+        package, _, sub = model_id[len("pkg://"):].partition("/")
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"python package '{package}' is not installed (from model.id={model_id})")
+        path = Path(list(spec.submodule_search_locations)[0]) / sub
+        if not path.exists():
+            raise UserError(f"model path not found: {path} (from model.id={model_id})")
+        return str(path), True
+    path = Path(model_id).expanduser()
+    if path.exists():
+        return str(path.resolve()), True
+    looks_like_path = (model_id.startswith((".", "/", "~")) or "\\" in model_id or model_id.count("/") > 1
+                       or path.suffix in (".gguf", ".safetensors", ".bin", ".json"))
+    if looks_like_path:
+        raise UserError(f"model path not found: {model_id}")
+    return model_id, False
+
+
+def _load_transformers(cfg) -> LoadedModel:
+    import torch
+
+    location, local = resolve_model_id(cfg.id)
+    gguf_file = cfg.gguf_file
+    if local and Path(location).is_file() and location.endswith(".gguf") and gguf_file is None:
+        location, gguf_file = str(Path(location).parent), Path(location).name
+    if local and gguf_file is not None and not (Path(location) / gguf_file).is_file():
+        raise UserError(f"model path not found: {Path(location) / gguf_file} (model.gguf_file)")
+
+    model_cls = _transformers_class(cfg.auto_class)
+    kwargs = dict(cfg.kwargs)
+    if cfg.revision is not None:
+        kwargs["revision"] = cfg.revision
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    kwargs["dtype" if _transformers_major_minor() >= (4, 56) else "torch_dtype"] = dtype
+
+    what = f"'{cfg.id}'" + (f" (gguf_file {gguf_file})" if gguf_file else "")
+    try:
+        model = model_cls.from_pretrained(location, **kwargs)
+    except ImportError as e:
+        raise UserError(f"cannot load {what}: {_first_line(e)}") from e
+    except OSError as e:
+        if local:
+            raise UserError(f"cannot load model {what} from {location}: {_first_line(e)}") from e
+        raise UserError(f"cannot load model {what} from the Hugging Face hub: {_first_line(e)} "
+                        f"If the model is on disk, pass its directory: {LOCAL_DIR_HINT}") from e
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot load model {what} as {cfg.auto_class}: {_first_line(e)}") from e
+    if gguf_file is not None:
+        model = gguf_to_clean_model(model)
+
+    processor = _load_processor(cfg, location, local, gguf_file)
+    info = {
+        "kind": cfg.kind,
+        "id": str(cfg.id),
+        "location": location,
+        "local": local,
+        "revision": cfg.revision,
+        "gguf_file": gguf_file,
+        "auto_class": cfg.auto_class,
+        "class": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "processor": type(processor).__name__ if processor is not None else None,
+    }
+    if cfg.processor == "tokenizer":
+        info["pad_token_added"] = _ensure_pad_token(model, processor)
+    if gguf_file is not None:
+        source = f"gguf:{Path(location) / gguf_file}" if local else f"gguf:{cfg.id}/{gguf_file}"
+    else:
+        source = f"transformers:{location}" if local else f"hub:{cfg.id}" + (f"@{cfg.revision}" if cfg.revision else "")
+    return LoadedModel(model=model, tokenizer=processor, source=source, info=info)
+
+
+def _transformers_class(name: str):
+    import transformers
+
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if cls is None or not (name.startswith("AutoModel") or isinstance(cls, type)
+                           and issubclass(cls, transformers.PreTrainedModel)):
+        raise UserError(f"model.auto_class '{name}' is not a transformers model class (e.g. AutoModel, "
+                        "AutoModelForCausalLM, AutoModelForSequenceClassification, CLIPModel)")
+    return cls
+
+
+def _load_processor(cfg, location: str, local: bool, gguf_file: str | None):
+    if cfg.processor == "none":
+        return None
+    import transformers
+
+    cls = {"tokenizer": transformers.AutoTokenizer, "image_processor": transformers.AutoImageProcessor,
+           "processor": transformers.AutoProcessor}[cfg.processor]
+    kwargs = {}
+    if cfg.tokenizer is None:
+        source = location
+        if cfg.revision is not None:
+            kwargs["revision"] = cfg.revision
+        if gguf_file is not None:
+            kwargs["gguf_file"] = gguf_file
+    else:
+        source, _ = resolve_model_id(cfg.tokenizer)
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot load the {cfg.processor} from {source}: {_first_line(e)} Set "
+                        f"model.tokenizer=<dir or hub id> to take it from elsewhere, or model.processor=none "
+                        "for a model without one") from e
+
+
+def _ensure_pad_token(model, tokenizer) -> bool:
+    """Give a tokenizer without a pad token its EOS token as pad (as causal LMs need for batching)."""
+    if tokenizer is None or tokenizer.pad_token is not None or tokenizer.eos_token is None:
+        return False
+    tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return True
+
+
+def gguf_to_clean_model(model):
+    """A plain copy of a GGUF-loaded transformers model that ``save_pretrained`` accepts.
+
+    transformers refuses to serialise a model it dequantized from GGUF; this rebuilds the same class
+    from the config without its ``quantization_config`` and copies the (dequantized) weights over.
+    """
+    config = copy.deepcopy(model.config)
+    config.__dict__.pop("quantization_config", None)
+    dtype = next(model.parameters()).dtype
+    clean = type(model)(config).to(dtype)
+    clean.load_state_dict(model.state_dict(), strict=True)
+    clean.tie_weights()
+    clean.eval()
+    return clean
+
+
+def _transformers_major_minor() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+# -- timm --------------------------------------------------------------------------------------
+def _load_timm(cfg) -> LoadedModel:
+    import timm
+
+    kwargs = dict(cfg.kwargs)
+    if cfg.num_classes is not None:
+        kwargs["num_classes"] = cfg.num_classes
+    if not timm.is_model(cfg.name):
+        similar = timm.list_models(f"*{cfg.name}*")[:10]
+        hint = f" Similar names: {', '.join(similar)}" if similar else " See timm.list_models()."
+        raise UserError(f"unknown timm model '{cfg.name}' (model.name).{hint}")
+    pretrained = cfg.pretrained and cfg.checkpoint is None
+    try:
+        model = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise UserError(f"timm model '{cfg.name}' does not accept these arguments: {_first_line(e)} "
+                        "(model.kwargs / model.num_classes)") from e
+    except (OSError, RuntimeError) as e:
+        if not pretrained:
+            raise
+        raise UserError(f"cannot get pretrained weights for timm model '{cfg.name}': {_first_line(e)} "
+                        "If the weights are on disk, pass the file: model.checkpoint=/path/to/weights.safetensors "
+                        "(or model.pretrained=false for a randomly initialised model)") from e
+    head_reset = False
+    if cfg.checkpoint is not None:
+        head_reset = _load_timm_checkpoint(model, cfg.name, cfg.checkpoint, cfg.num_classes is not None)
+        source = f"timm:{cfg.name} checkpoint {cfg.checkpoint}"
+    else:
+        source = f"timm:{cfg.name}" + (" (pretrained)" if pretrained else " (random init)")
+    pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
+    info = {
+        "kind": "timm",
+        "name": cfg.name,
+        "pretrained": pretrained,
+        "checkpoint": cfg.checkpoint,
+        "class": type(model).__name__,
+        "num_classes": getattr(model, "num_classes", None),
+        "head_reinitialized": head_reset,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "mean": list(pretrained_cfg.get("mean", ())),
+        "std": list(pretrained_cfg.get("std", ())),
+    }
+    return LoadedModel(model=model, tokenizer=None, source=source, info=info)
+
+
+def _load_timm_checkpoint(model, name: str, path: str, num_classes_set: bool) -> bool:
+    """Load a local weights file into ``model``; drop the classifier only where ``num_classes`` asked for
+    a different head. Returns whether the head was left freshly initialised."""
+    from timm.models import load_state_dict
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"model checkpoint not found: {path} (model.checkpoint)")
+    try:
+        state = load_state_dict(str(file))
+    except Exception as e:  # unreadable or foreign file format: the user's file, not our bug
+        raise UserError(f"cannot read model checkpoint {path}: {_first_line(e)}") from e
+    own = model.state_dict()
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    head_keys = {f"{c}.{s}" for c in ([classifier] if isinstance(classifier, str) else classifier)
+                 for s in ("weight", "bias")}
+    dropped = {k for k in head_keys if k in state and k in own and state[k].shape != own[k].shape}
+    if dropped and not num_classes_set:
+        raise UserError(f"checkpoint {path} has a {state[sorted(dropped)[0]].shape[0]}-class head but the model "
+                        f"has {own[sorted(dropped)[0]].shape[0]}; set model.num_classes")
+    for k in dropped:
+        del state[k]
+    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
+    missing = sorted(set(own) - set(state) - dropped)
+    unexpected = sorted(set(state) - set(own))
+    if bad or missing or unexpected:
+        detail = "; ".join(f"{label}: {', '.join(keys[:5])}" + (" ..." if len(keys) > 5 else "")
+                           for label, keys in (("shape mismatch", bad), ("missing", missing),
+                                               ("unexpected", unexpected)) if keys)
+        raise UserError(f"checkpoint {path} does not match timm model '{name}' "
+                        f"with these settings ({detail})")
+    model.load_state_dict(state, strict=not dropped)
+    return bool(dropped)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    line = text.splitlines()[0].strip()
+    return line if line.endswith((".", "!", "?")) else line + "."
