@@ -44,6 +44,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
+        self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

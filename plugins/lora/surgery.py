@@ -58,16 +58,18 @@ def select_linears(model: nn.Module, targets: Targets) -> list[str]:
     return [n for n in linears if _name_matches(n, targets)]
 
 
-def _select_modules_to_save(model: nn.Module, names: Iterable[str]) -> list[str]:
+def _select_modules_to_save(model: nn.Module, names: Targets) -> list[str]:
     modules = [n for n, _ in model.named_modules() if n]
+    groups = [names] if isinstance(names, str) else [[str(t)] for t in names]
     chosen = []
-    for t in names:
-        found = [n for n in modules if _name_matches(n, [t])]
+    for group in groups:
+        found = [n for n in modules if _name_matches(n, group)]
         if not found:
-            raise UserError(f"modules_to_save entry {t!r} matches no module in {type(model).__name__}. "
+            label = group if isinstance(group, str) else group[0]
+            raise UserError(f"modules_to_save entry {label!r} matches no module in {type(model).__name__}. "
                             f"Modules: {_examples(modules)}")
         chosen += [n for n in found if n not in chosen]
-    return chosen
+    return [n for n in modules if n in chosen]
 
 
 def _tied_weight_names(model: nn.Module) -> set[str]:
@@ -88,11 +90,11 @@ def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def apply_lora(model: nn.Module, targets: Targets, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               scaling: str = "rank", n_blocks: int = 1, modules_to_save: Iterable[str] = ()) -> nn.Module:
+               scaling: str = "rank", n_blocks: int = 1, modules_to_save: Targets = ()) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers of ``model`` by ``LoraLinear`` (in place) and freeze the rest.
 
-    Only the LoRA parameters and the parameters of ``modules_to_save`` (names matched like list
-    ``targets``, e.g. a classification head) stay trainable. Returns ``model``.
+    Only the LoRA parameters and the parameters of ``modules_to_save`` (any modules, chosen like
+    ``targets``: names or a regex; e.g. a classification head) stay trainable. Returns ``model``.
     """
     check_lora_args(rank, alpha, dropout, scaling, n_blocks)
     if lora_layers(model):

@@ -108,6 +108,7 @@ def test_init_kaiming_a_zero_b_and_zero_update():
     x = torch.randn(4, 50)
     torch.testing.assert_close(layer(x), base(x))
     assert layer.weight is base.weight and layer.bias is base.bias
+    assert layer.training and not LoraLinear(base.eval(), rank=2, alpha=1.0).training  # keeps the base's mode
 
 
 def test_dropout_on_lora_input_only_and_unbiased():
