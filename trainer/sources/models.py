@@ -71,6 +71,9 @@ def _load_transformers(cfg) -> LoadedModel:
         location, gguf_file = str(Path(location).parent), Path(location).name
     if local and gguf_file is not None and not (Path(location) / gguf_file).is_file():
         raise UserError(f"model path not found: {Path(location) / gguf_file} (model.gguf_file)")
+    if local and gguf_file is None and not (Path(location) / "config.json").is_file():
+        raise UserError(f"{location} is not a transformers model directory: it has no config.json "
+                        f"(expected {LOCAL_DIR_HINT.split(' ', 1)[1]})")
 
     model_cls = _transformers_class(cfg.auto_class)
     kwargs = dict(cfg.kwargs)
@@ -89,8 +92,9 @@ def _load_transformers(cfg) -> LoadedModel:
     except OSError as e:
         if local:
             raise UserError(f"cannot load model {what} from {location}: {_first_line(e)}") from e
+        hint = f"model.id=/path/to/dir (the folder holding {gguf_file})" if gguf_file else LOCAL_DIR_HINT
         raise UserError(f"cannot load model {what} from the Hugging Face hub: {_first_line(e)} "
-                        f"If the model is on disk, pass its directory: {LOCAL_DIR_HINT}") from e
+                        f"If the model is on disk, pass its directory: {hint}") from e
     except (ValueError, TypeError) as e:
         raise UserError(f"cannot load model {what} as {cfg.auto_class}: {_first_line(e)}") from e
     if gguf_file is not None:
@@ -146,12 +150,16 @@ def _load_processor(cfg, location: str, local: bool, gguf_file: str | None):
             kwargs["gguf_file"] = gguf_file
     else:
         source, _ = resolve_model_id(cfg.tokenizer)
+    hint = ("Set model.tokenizer=<dir or hub id> to take it from elsewhere, or model.processor=none "
+            "for a model without one")
     try:
-        return cls.from_pretrained(source, **kwargs)
+        processor = cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"cannot load the {cfg.processor} from {source}: {_first_line(e)} Set "
-                        f"model.tokenizer=<dir or hub id> to take it from elsewhere, or model.processor=none "
-                        "for a model without one") from e
+        raise UserError(f"cannot load the {cfg.processor} from {source}: {_first_line(e)} {hint}") from e
+    # transformers 5 builds a tokenizer of special tokens only when it finds no vocabulary files
+    if cfg.processor == "tokenizer" and len(processor) <= len(set(processor.all_special_ids)):
+        raise UserError(f"cannot load the tokenizer from {source}: it has no vocabulary (no tokenizer files). {hint}")
+    return processor
 
 
 def _ensure_pad_token(model, tokenizer) -> bool:
