@@ -28,6 +28,21 @@ def _examples(names: Iterable[str], limit: int = 12) -> str:
     return f"{text} (e.g. {', '.join(names[:3])})" if names else "none"
 
 
+def _matchers(targets: Targets, what: str) -> list:
+    """One matcher per listed name (each must match something), or the regex string itself."""
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise UserError(f"LoRA {what} {targets!r} is not a valid regex: {exc}") from None
+        return [targets]
+    return [[str(t)] for t in targets]
+
+
+def _label(matcher) -> str:
+    return repr(matcher if isinstance(matcher, str) else matcher[0])
+
+
 def select_linears(model: nn.Module, targets: Targets) -> list[str]:
     """Qualified names of the ``nn.Linear`` layers chosen by ``targets``.
 
@@ -35,41 +50,28 @@ def select_linears(model: nn.Module, targets: Targets) -> list[str]:
     ``.name`` (as PEFT's ``target_modules``), or a regex string matched in full against the qualified name.
     Every listed name (or the regex) must match at least one ``nn.Linear``.
     """
-    modules = dict(model.named_modules())
-    linears = [n for n, m in modules.items() if n and isinstance(m, nn.Linear)]
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise UserError(f"LoRA targets {targets!r} is not a valid regex: {exc}") from None
-        groups = [targets]
-    else:
-        targets = [str(t) for t in targets]
-        if not targets:
-            raise UserError("LoRA targets is empty: list module names (e.g. [q_proj, v_proj]) or give a regex")
-        groups = [[t] for t in targets]
-    for group in groups:
-        if not any(_name_matches(n, group) for n in linears):
-            others = sorted({type(m).__name__ for n, m in modules.items() if n and _name_matches(n, group)})
+    modules = {n: m for n, m in model.named_modules() if n}
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    matchers = _matchers(targets, "targets")
+    if not matchers:
+        raise UserError("LoRA targets is empty: list module names (e.g. [q_proj, v_proj]) or give a regex")
+    for matcher in matchers:
+        if not any(_name_matches(n, matcher) for n in linears):
+            others = sorted({type(m).__name__ for n, m in modules.items() if _name_matches(n, matcher)})
             found = f" It matches only non-Linear modules ({', '.join(others)})." if others else ""
-            label = group if isinstance(group, str) else group[0]
-            raise UserError(f"LoRA target {label!r} matches no nn.Linear in {type(model).__name__}.{found} "
+            raise UserError(f"LoRA target {_label(matcher)} matches no nn.Linear in {type(model).__name__}.{found} "
                             f"Linear layers: {_examples(linears)}")
-    return [n for n in linears if _name_matches(n, targets)]
+    return [n for n in linears if any(_name_matches(n, m) for m in matchers)]
 
 
 def _select_modules_to_save(model: nn.Module, names: Targets) -> list[str]:
     modules = [n for n, _ in model.named_modules() if n]
-    groups = [names] if isinstance(names, str) else [[str(t)] for t in names]
-    chosen = []
-    for group in groups:
-        found = [n for n in modules if _name_matches(n, group)]
-        if not found:
-            label = group if isinstance(group, str) else group[0]
-            raise UserError(f"modules_to_save entry {label!r} matches no module in {type(model).__name__}. "
+    matchers = _matchers(names, "modules_to_save")
+    for matcher in matchers:
+        if not any(_name_matches(n, matcher) for n in modules):
+            raise UserError(f"modules_to_save entry {_label(matcher)} matches no module in {type(model).__name__}. "
                             f"Modules: {_examples(modules)}")
-        chosen += [n for n in found if n not in chosen]
-    return [n for n in modules if n in chosen]
+    return [n for n in modules if any(_name_matches(n, m) for m in matchers)]
 
 
 def _tied_weight_names(model: nn.Module) -> set[str]:

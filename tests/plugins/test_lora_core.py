@@ -1,4 +1,5 @@
 """LoRA core: the layer's math (forward, gradient, dropout, merge) and model surgery on real model classes."""
+import copy
 import math
 import re
 
@@ -241,3 +242,18 @@ def test_surgery_errors_are_clear():
         apply_lora(model, targets=["value"])
     with pytest.raises(UserError, match="tied weights"):
         apply_lora(tiny_llama(tie=True), targets=["lm_head"])
+
+
+def test_bf16_layer_and_autocast():
+    layer = make_layer(n_blocks=2)
+    x = torch.randn(4, 12)
+    y32 = layer.eval()(x)
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    assert half.lora_A.dtype == torch.bfloat16
+    torch.testing.assert_close(half(x.bfloat16()).float(), y32, rtol=0.05, atol=0.05)
+    half.merge()
+    torch.testing.assert_close(half(x.bfloat16()).float(), y32, rtol=0.05, atol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
