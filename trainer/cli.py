@@ -98,27 +98,32 @@ def _register_third_party_plugin_configs(store) -> None:
             store.store(group="plugin", name=name, node=cls.config_class, package=f"plugin.{name}")
 
 
-def precheck(overrides: list[str]) -> None:
-    """Compose the config once with Hydra's compose API to turn composition errors into one message."""
+def compose_config(overrides: list[str]):
+    """The run config `train OVERRIDES` composes (recipes must be registered); for notebooks and tests."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from blocktrain.trainer.validation import explain_composition_error, validate_config
+    from blocktrain.trainer.validation import explain_composition_error
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         try:
-            cfg = compose(config_name="config", overrides=overrides)
+            return compose(config_name="config", overrides=overrides)
         except (HydraException, OmegaConfBaseException) as exc:
             raise UserError(explain_composition_error(exc, overrides)) from None
-    validate_config(cfg)
 
 
-def _hydra_entry():
+def load_config(args: list[str]):
+    """Register the recipes named in ``args`` and compose: ``run(load_config(["recipe=X", ...]))``."""
+    return compose_config(register_recipes(list(args)))
+
+
+def _hydra_entry(original_argv: list[str]):
     import hydra
 
     @hydra.main(version_base="1.3", config_path="pkg://" + CONFIG_MODULE, config_name="config")
     def task(cfg):
+        sys.argv = original_argv  # Lightning's DDP launcher re-runs this command line in each process
         try:
             from blocktrain.trainer.run import run
 
@@ -146,16 +151,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args[0] == "--hydra-help":
         args[0] = "--help"
+    original_argv = [sys.argv[0], *args]
     try:
         args = register_recipes(args)
         multirun = any(a in ("-m", "--multirun") for a in args)
         info_only = any(a.startswith("--") for a in args)
         if not multirun and not info_only:
-            precheck(args)
+            from blocktrain.trainer.validation import validate_config
+
+            validate_config(compose_config(args))
     except UserError as exc:
         _fail(exc)
     sys.argv = [sys.argv[0], *args]
-    _hydra_entry()()
+    _hydra_entry(original_argv)()
 
 
 if __name__ == "__main__":

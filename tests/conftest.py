@@ -1,0 +1,66 @@
+"""Shared fixtures: no network, W&B offline and quiet, tiny real models saved to disk."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_SILENT": "true",
+                     "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+os.environ.pop("WANDB_MODE", None)  # the config's default (offline) must be what the tests see
+
+POSITIVE, NEGATIVE = ("good", "happy"), ("bad", "sad")
+FILLER = "the quick brown fox jumps over lazy dog films make people a tiny model reads".split()
+
+
+def sentiment_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    """Learnable text classification: the label is which sentiment word the sentence contains."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        words = rng.sample(FILLER, 6) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT sequence classifier (2 labels, no dropout) and its tokenizer, saved locally."""
+    from tests.sources.fixtures import save_tiny_bert
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    model, _ = save_tiny_bert(path, num_labels=2)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory) -> tuple[Path, Path]:
+    """(train.csv, val.csv) with columns text,label."""
+    import csv
+
+    root = tmp_path_factory.mktemp("sentiment")
+    paths = []
+    for name, n, seed in (("train.csv", 96, 0), ("val.csv", 32, 1)):
+        with open(root / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(sentiment_rows(n, seed))
+        paths.append(root / name)
+    return paths[0], paths[1]
+
+
+@pytest.fixture
+def lora_args(tiny_bert_dir, sentiment_csv, tmp_path) -> list[str]:
+    """Overrides that run `lora_text_classifier` on the tiny local BERT for a few CPU steps."""
+    train_csv, val_csv = sentiment_csv
+    return ["recipe=lora_text_classifier", f"model.id={tiny_bert_dir}", f"data.train={train_csv}",
+            f"data.val={val_csv}", f"run_dir={tmp_path / 'run'}", "trainer=cpu", "trainer.max_steps=12",
+            "trainer.val_check_interval=6", "trainer.log_every_n_steps=1", "data.batch_size=8",
+            "checkpoint.every_n_steps=4", "scheduler.warmup_steps=0", "optim.lr=3e-3"]
