@@ -28,18 +28,20 @@ def test_config_module_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
-def test_registry_and_engine_validation_give_the_plugin_and_its_config():
+def test_config_composes_and_validates_through_the_engine():
+    from blocktrain.trainer.cli import load_config
     from blocktrain.trainer.registry import load_plugin_class
-    from blocktrain.trainer.validation import validate_node
+    from blocktrain.trainer.validation import validate_plugins
 
     assert load_plugin_class("lora") is LoraPlugin
-    node = validate_node(OmegaConf.create({"targets": r".*\.(query|value)", "alpha": 1, "scaling": "sqrt_rank"}),
-                         LoraConfig, "plugin.lora")
-    config = OmegaConf.to_object(node)
-    assert isinstance(config, LoraConfig)
-    assert config.targets == r".*\.(query|value)" and config.alpha == 1.0 and config.export == ["adapter", "peft"]
-    listed = LoraPlugin(OmegaConf.merge(OmegaConf.structured(LoraConfig), {"targets": ["query"]})).config
+    cfg = load_config(["plugin=[lora]", "plugin.lora.rank=4", "plugin.lora.alpha=1", "plugin.lora.scaling=sqrt_rank",
+                       r'plugin.lora.targets=".*\.(query|value)"'])
+    config = OmegaConf.to_object(validate_plugins(cfg.plugin)["lora"])
+    assert config == LoraConfig(targets=r".*\.(query|value)", rank=4, alpha=1.0, scaling="sqrt_rank")
+    listed = LoraPlugin(load_config(["plugin=[lora]", "plugin.lora.targets=[query]"]).plugin.lora).config
     assert listed.targets == ["query"] and type(listed.targets) is list
+    with pytest.raises(UserError, match="unknown LoRA scaling 'foo'"):
+        validate_plugins(load_config(["plugin=[lora]", "plugin.lora.scaling=foo"]).plugin)
 
 
 @pytest.mark.parametrize("change, message", [
