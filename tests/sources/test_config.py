@@ -56,6 +56,29 @@ def test_interpolations_resolve_against_the_whole_config():
     assert validate_data_config(root.data).path == "/data/t.pt"
 
 
+def test_resolver_not_ready_yet_is_deferred():
+    """``${data_info:num_labels}`` can only resolve once the data is loaded, after validation."""
+    known = {}
+
+    def later(key):
+        if key not in known:
+            raise UserError(f"{key} is not known yet")
+        return known[key]
+
+    OmegaConf.register_new_resolver("bt_test_later", later)
+    try:
+        root = OmegaConf.create({"model": {"kind": "transformers", "id": "x",
+                                           "kwargs": {"num_labels": "${bt_test_later:num_labels}"}}})
+        validated = validate_model_config(root.model)
+        known["num_labels"] = 7
+        assert validated.kwargs.num_labels == 7
+        root.model.revision = "${no_such_key}"
+        with pytest.raises(UserError, match="cannot resolve model.revision: Interpolation key 'no_such_key' not found"):
+            validate_model_config(root.model)
+    finally:
+        OmegaConf.clear_resolver("bt_test_later")
+
+
 @pytest.mark.parametrize("node,message", [
     ({"kind": "onnx", "id": "x"}, "unknown model.kind 'onnx'. Valid kinds: transformers, gguf, timm"),
     ({"id": "x"}, "model.kind is not set. Valid kinds: transformers, gguf, timm"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blocktrain.trainer.errors import UserError
-from blocktrain.trainer.sources.models import gguf_to_clean_model, load_model
+from blocktrain.trainer.sources.models import gguf_to_clean_model, load_model, load_processor
 from tests.sources.fixtures import (CORPUS, make_bpe_tokenizer, save_tiny_bert, save_tiny_llama, tiny_timm_vit,
                                     write_llama_gguf)
 
@@ -69,7 +69,7 @@ def test_llama_dtype_and_pad_token(llama_dir):
     loaded = load_model({"kind": "transformers", "id": str(path), "auto_class": "AutoModelForCausalLM",
                          "dtype": "bfloat16"})
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
-    assert loaded.info["dtype"] == "bfloat16" and loaded.info["pad_token_added"] is True
+    assert loaded.info["dtype"] == "bfloat16" and loaded.info["pad_token"] == "<|endoftext|>"
     assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token == "<|endoftext|>"
     assert loaded.model.config.pad_token_id == loaded.tokenizer.eos_token_id
     reference = saved.state_dict()
@@ -78,6 +78,20 @@ def test_llama_dtype_and_pad_token(llama_dir):
     ids = _ids(tokenizer)["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits.float(), saved(ids).logits, rtol=0, atol=0.05)
+
+
+def test_processor_first_then_model(llama_dir):
+    path, saved, tokenizer = llama_dir
+    cfg = {"kind": "transformers", "id": str(path), "auto_class": "AutoModelForSequenceClassification",
+           "kwargs": {"num_labels": 4}}
+    tok = load_processor(cfg)
+    assert tok.pad_token == tok.eos_token and tok("the fox")["input_ids"] == tokenizer("the fox")["input_ids"]
+    loaded = load_model(cfg, processor=tok)
+    assert loaded.tokenizer is tok and loaded.model.score.out_features == 4
+    assert loaded.model.config.pad_token_id == tok.eos_token_id  # needed to pool the last non-pad token
+    torch.testing.assert_close(loaded.model.model.embed_tokens.weight, saved.model.embed_tokens.weight, rtol=0, atol=0)
+    assert load_processor({"kind": "timm", "name": "resnet18"}) is None
+    assert load_processor({**cfg, "processor": "none"}) is None
 
 
 def test_gguf_file_loads_to_a_clean_saveable_model(llama_dir, tmp_path):

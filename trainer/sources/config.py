@@ -195,8 +195,9 @@ def validate_data_config(cfg: Any, allow_missing: bool = False) -> DictConfig:
 
 
 def _validate(cfg: Any, group: str, kinds: Dict[str, type], allow_missing: bool) -> DictConfig:
+    deferred: set = set()
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg, deferred = _resolve(cfg, group)
     if not isinstance(cfg, dict):
         raise UserError(f"{group} must be a mapping with a 'kind' key, got {cfg!r}")
     kind = cfg.get("kind")
@@ -210,14 +211,14 @@ def _validate(cfg: Any, group: str, kinds: Dict[str, type], allow_missing: bool)
         if key not in fields:
             raise UserError(f"unknown key '{group}.{key}' for {group} kind '{kind}'. "
                             f"Valid keys: {', '.join(fields)}")
-        if value != MISSING and not _type_ok(value, hints[key]):
+        if key not in deferred and value != MISSING and not _type_ok(value, hints[key]):
             raise UserError(f"{group}.{key} must be {_type_name(hints[key])}, got {value!r}")
     merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-    missing = sorted(OmegaConf.missing_keys(merged))
+    missing = [name for name in fields if OmegaConf.is_missing(merged, name)]
     if missing and not allow_missing:
         raise UserError(f"missing required value {group}.{missing[0]} (set it, e.g. {group}.{missing[0]}=...)")
     for name, f in fields.items():
-        if OmegaConf.is_missing(merged, name):
+        if name in deferred or OmegaConf.is_missing(merged, name):
             continue
         value = merged[name]
         if "choices" in f.metadata and value not in f.metadata["choices"]:
@@ -229,6 +230,37 @@ def _validate(cfg: Any, group: str, kinds: Dict[str, type], allow_missing: bool)
                 raise UserError(f"{group}.{name} must be {description}, got {value!r}")
     OmegaConf.set_struct(merged, True)
     return merged
+
+
+def _resolve(node: DictConfig, group: str) -> tuple[dict, set]:
+    """Plain values of ``node`` with interpolations resolved against the whole config. A key whose
+    resolver is not ready yet (it raised ``UserError``, e.g. ``${data_info:num_labels}`` before the data
+    is loaded) keeps its interpolation and is checked when it resolves."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    values, deferred = {}, set()
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            values[key] = MISSING
+            continue
+        try:
+            value = node[key]
+            values[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except InterpolationResolutionError as e:
+            if not _raised_by_resolver(e):
+                raise UserError(f"cannot resolve {group}.{key}: {str(e).splitlines()[0]}") from e
+            values[key] = OmegaConf.to_container(node, resolve=False)[key]
+            deferred.add(key)
+    return values, deferred
+
+
+def _raised_by_resolver(e: BaseException) -> bool:
+    """Whether a ``UserError`` (a resolver saying it is not ready) is behind ``e``."""
+    while e is not None:
+        if isinstance(e, UserError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -27,12 +27,26 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
-def load_model(cfg: Any) -> LoadedModel:
-    """Load the model a ``model`` config node describes (validated here, so a plain dict works)."""
+def load_model(cfg: Any, processor: Any = None) -> LoadedModel:
+    """Load the model a ``model`` config node describes (validated here, so a plain dict works).
+
+    ``processor``: one already returned by ``load_processor(cfg)`` (e.g. to tokenise the data before
+    the model's config can be completed from it); loaded here when None.
+    """
     cfg = validate_model_config(cfg)
     if cfg.kind == "timm":
         return _load_timm(cfg)
-    return _load_transformers(cfg)
+    return _load_transformers(cfg, processor)
+
+
+def load_processor(cfg: Any):
+    """The tokenizer / image processor / processor of a transformers-kind model node (None for timm
+    or ``processor: none``). A tokenizer without a pad token gets its EOS token as pad."""
+    cfg = validate_model_config(cfg)
+    if cfg.kind == "timm" or cfg.processor == "none":
+        return None
+    location, local, gguf_file = _locate(cfg)
+    return _load_processor(cfg, location, gguf_file)
 
 
 # -- transformers ------------------------------------------------------------------------------
@@ -62,9 +76,9 @@ def resolve_model_id(model_id: str) -> tuple[str, bool]:
     return model_id, False
 
 
-def _load_transformers(cfg) -> LoadedModel:
-    import torch
-
+def _locate(cfg) -> tuple[str, bool, str | None]:
+    """``(location, is_local, gguf_file)`` of a transformers-kind node; a path to a .gguf file as id
+    stands for its folder plus ``gguf_file``."""
     location, local = resolve_model_id(cfg.id)
     gguf_file = cfg.gguf_file
     if local and Path(location).is_file() and location.endswith(".gguf") and gguf_file is None:
@@ -74,7 +88,13 @@ def _load_transformers(cfg) -> LoadedModel:
     if local and gguf_file is None and not (Path(location) / "config.json").is_file():
         raise UserError(f"{location} is not a transformers model directory: it has no config.json "
                         f"(expected {LOCAL_DIR_HINT.split(' ', 1)[1]})")
+    return location, local, gguf_file
 
+
+def _load_transformers(cfg, processor) -> LoadedModel:
+    import torch
+
+    location, local, gguf_file = _locate(cfg)
     model_cls = _transformers_class(cfg.auto_class)
     kwargs = dict(cfg.kwargs)
     if cfg.revision is not None:
@@ -100,7 +120,11 @@ def _load_transformers(cfg) -> LoadedModel:
     if gguf_file is not None:
         model = gguf_to_clean_model(model)
 
-    processor = _load_processor(cfg, location, local, gguf_file)
+    if processor is None and cfg.processor != "none":
+        processor = _load_processor(cfg, location, gguf_file)
+    pad_id = getattr(processor, "pad_token_id", None) if cfg.processor == "tokenizer" else None
+    if pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id  # e.g. *ForSequenceClassification on a causal LM
     info = {
         "kind": cfg.kind,
         "id": str(cfg.id),
@@ -115,7 +139,7 @@ def _load_transformers(cfg) -> LoadedModel:
         "processor": type(processor).__name__ if processor is not None else None,
     }
     if cfg.processor == "tokenizer":
-        info["pad_token_added"] = _ensure_pad_token(model, processor)
+        info["pad_token"] = processor.pad_token
     if gguf_file is not None:
         source = f"gguf:{Path(location) / gguf_file}" if local else f"gguf:{cfg.id}/{gguf_file}"
     else:
@@ -134,9 +158,7 @@ def _transformers_class(name: str):
     return cls
 
 
-def _load_processor(cfg, location: str, local: bool, gguf_file: str | None):
-    if cfg.processor == "none":
-        return None
+def _load_processor(cfg, location: str, gguf_file: str | None):
     import transformers
 
     cls = {"tokenizer": transformers.AutoTokenizer, "image_processor": transformers.AutoImageProcessor,
@@ -156,20 +178,14 @@ def _load_processor(cfg, location: str, local: bool, gguf_file: str | None):
         processor = cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"cannot load the {cfg.processor} from {source}: {_first_line(e)} {hint}") from e
-    # transformers 5 builds a tokenizer of special tokens only when it finds no vocabulary files
-    if cfg.processor == "tokenizer" and len(processor) <= len(set(processor.all_special_ids)):
-        raise UserError(f"cannot load the tokenizer from {source}: it has no vocabulary (no tokenizer files). {hint}")
+    if cfg.processor == "tokenizer":
+        # transformers 5 builds a tokenizer of special tokens only when it finds no vocabulary files
+        if len(processor) <= len(set(processor.all_special_ids)):
+            raise UserError(f"cannot load the tokenizer from {source}: it has no vocabulary (no tokenizer files). "
+                            f"{hint}")
+        if processor.pad_token is None and processor.eos_token is not None:
+            processor.pad_token = processor.eos_token  # causal LMs batch with EOS as pad
     return processor
-
-
-def _ensure_pad_token(model, tokenizer) -> bool:
-    """Give a tokenizer without a pad token its EOS token as pad (as causal LMs need for batching)."""
-    if tokenizer is None or tokenizer.pad_token is not None or tokenizer.eos_token is None:
-        return False
-    tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return True
 
 
 def gguf_to_clean_model(model):
