@@ -1,0 +1,6 @@
+"""Shared kernel ops: a PyTorch reference and a Triton kernel per op, chosen by one dispatch."""
+
+from blocktrain.kernels.dispatch import get_backend, set_backend, use_backend
+from blocktrain.kernels.lora_linear import lora_linear
+
+__all__ = ["get_backend", "lora_linear", "set_backend", "use_backend"]

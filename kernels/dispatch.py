@@ -1,0 +1,129 @@
+"""Backend choice for every kernel op: Triton on CUDA, the PyTorch reference elsewhere.
+
+The choice is, in order: the value set by :func:`set_backend` / :func:`use_backend` (process-wide),
+else the environment variable ``BLOCKTRAIN_KERNELS`` (``auto``, ``triton`` or ``reference``), else
+``auto``. ``auto`` picks Triton for CUDA tensors of a supported dtype when Triton imports, and the
+reference otherwise. Forcing ``triton`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1``
+(Triton's interpreter, used by the parity tests).
+
+Ops allocate their Triton outputs with :func:`empty`, so :func:`poisoned_outputs` can fill them with
+NaN (or an integer dtype's largest value) and a kernel that leaves an element unwritten fails its
+parity test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "TRITON_DTYPES",
+    "empty",
+    "get_backend",
+    "interpret_mode",
+    "poisoned_outputs",
+    "select",
+    "set_backend",
+    "triton_available",
+    "use_backend",
+]
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "BLOCKTRAIN_KERNELS"
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_override: str | None = None
+_poison = False
+
+
+def _checked(name: str, source: str) -> str:
+    value = name.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r} from {source}; expected one of {', '.join(BACKENDS)}")
+    return value
+
+
+def get_backend() -> str:
+    """The requested backend: ``auto``, ``triton`` or ``reference``."""
+    if _override is not None:
+        return _override
+    return _checked(os.environ.get(ENV_VAR, "auto") or "auto", f"${ENV_VAR}")
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for the whole process; ``None`` returns to ``$BLOCKTRAIN_KERNELS`` / auto."""
+    global _override
+    _override = None if name is None else _checked(name, "set_backend()")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`; restores the previous choice on exit."""
+    previous = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works here."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpret_mode() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (same parsing as Triton)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def select(device: torch.device, dtype: torch.dtype) -> str:
+    """``"triton"`` or ``"reference"`` for an op whose inputs live on ``device`` with ``dtype``."""
+    requested = get_backend()
+    if requested == "reference":
+        return "reference"
+    on_cuda = device.type == "cuda"
+    if requested == "auto":
+        return "triton" if on_cuda and dtype in TRITON_DTYPES and triton_available() else "reference"
+    if not triton_available():
+        raise RuntimeError("the 'triton' kernel backend is forced but Triton cannot be imported; "
+                           f"install triton or set {ENV_VAR}=auto")
+    if not on_cuda and not (device.type == "cpu" and interpret_mode()):
+        raise RuntimeError(f"the 'triton' kernel backend is forced but the inputs are on {device}: Triton needs "
+                           "CUDA tensors, or TRITON_INTERPRET=1 (set before Triton is imported) to run CPU "
+                           f"tensors through its interpreter; set {ENV_VAR}=auto to use the reference")
+    if dtype not in TRITON_DTYPES:
+        raise RuntimeError(f"the 'triton' kernel backend is forced but the inputs are {dtype}; "
+                           f"the Triton kernels take {', '.join(map(str, TRITON_DTYPES))}")
+    return "triton"
+
+
+def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output buffer for a Triton kernel; under :func:`poisoned_outputs` it is filled
+    with NaN (floating dtypes) or the dtype's largest value (integer dtypes)."""
+    if _poison:
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Poison every buffer made by :func:`empty` (parity tests)."""
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
