@@ -1,0 +1,83 @@
+"""Per-sample gradients of one Linear from a single backward, through hooks.
+
+For y = x Wᵀ + b and a loss Σ_n ℓ_n over independent samples n, sample n's gradient is
+∇_W ℓ_n = Σ_t δ_{n,t} x_{n,t}ᵀ with δ = ∂(Σ_n ℓ_n)/∂y; a block of weights (row r_i, column c_i) needs
+only G[n, i] = Σ_t δ_{n,t,r_i} x_{n,t,c_i}.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["capture_io_grads", "mean_weight_grad", "per_sample_block_grads", "causal_lm_sample_losses"]
+
+
+def capture_io_grads(model: nn.Module, module: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                     batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x [N, T, in] and output gradients δ [N, T, out] (fp32) of ``module`` for ``loss_fn(model, batch)``.
+
+    ``loss_fn`` returns one loss per sample, shape [N]; the module's inputs must have the samples first.
+    Calls of the module within one forward are concatenated along T. The backward stops at the module.
+    """
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+
+    def hook(mod, args, out):
+        inputs.append(args[0].detach())
+        out = out.detach().requires_grad_(True)
+        outputs.append(out)
+        return out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            losses = loss_fn(model, batch)
+    finally:
+        handle.remove()
+    if losses.dim() != 1:
+        raise ValueError(f"loss_fn must return one loss per sample (shape [N]), got shape {tuple(losses.shape)}")
+    if not outputs:
+        raise ValueError("the target layer did not run in loss_fn's forward")
+    n = losses.shape[0]
+    if any(x.shape[0] != n for x in inputs):
+        raise ValueError(f"the layer's inputs must have the {n} samples as their first dimension")
+    grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+    grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
+    x = torch.cat([i.reshape(n, -1, i.shape[-1]).float() for i in inputs], dim=1)
+    delta = torch.cat([g.reshape(n, -1, g.shape[-1]).float() for g in grads], dim=1)
+    return x, delta
+
+
+def mean_weight_grad(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of the per-sample weight gradients, [out, in]."""
+    return delta.flatten(0, 1).T @ x.flatten(0, 1) / x.shape[0]
+
+
+def per_sample_block_grads(x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                           max_elems: int = 1 << 26) -> torch.Tensor:
+    """G [N, b]: sample n's gradient of the weights (rows[i], cols[i]), in chunks of ≤ ``max_elems`` products."""
+    n, t, _ = x.shape
+    chunk = max(1, max_elems // (n * t))
+    return torch.cat([(delta[:, :, rows[s:s + chunk]] * x[:, :, cols[s:s + chunk]]).sum(1)
+                      for s in range(0, rows.numel(), chunk)], dim=1)
+
+
+def causal_lm_sample_losses(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM, averaged over each sequence's tokens: shape [N].
+
+    ``batch`` has ``input_ids`` and optionally ``attention_mask`` and ``labels`` (-100 = ignored); without
+    labels, the input ids at attended positions are the targets.
+    """
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    valid = (targets != -100).float()
+    return (nll.view_as(valid) * valid).sum(1) / valid.sum(1).clamp(min=1)
