@@ -14,7 +14,6 @@ parity test.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator, Sequence
 
@@ -39,6 +38,7 @@ ENV_VAR = "BLOCKTRAIN_KERNELS"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _override: str | None = None
+_triton_importable: bool | None = None
 _poison = False
 
 
@@ -73,14 +73,17 @@ def use_backend(name: str | None) -> Iterator[None]:
         set_backend(previous)
 
 
-@functools.cache
 def triton_available() -> bool:
-    """Whether ``import triton`` works here."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Whether ``import triton`` works here (tried once)."""
+    global _triton_importable
+    if _triton_importable is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_importable = True
+        except Exception:
+            _triton_importable = False
+    return _triton_importable
 
 
 def interpret_mode() -> bool:
