@@ -49,8 +49,9 @@ class _InterruptAt(pl.Callback):
             raise KeyboardInterrupt
 
 
-def _final_state(run_dir: Path) -> tuple[dict, dict]:
+def _final_state(run_dir: Path, step: int) -> tuple[dict, dict]:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == step
     return ckpt["state_dict"], ckpt["optimizer_states"][0]
 
 
@@ -68,7 +69,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(lora_args, tmp_path):
     run(load_config([*common, f"run_dir={resumed}", "resume=auto"]))
     assert read_metrics(resumed)["status"] == "finished"
 
-    (w_a, opt_a), (w_b, opt_b) = _final_state(straight), _final_state(resumed)
+    (w_a, opt_a), (w_b, opt_b) = _final_state(straight, 10), _final_state(resumed, 10)
     assert w_a.keys() == w_b.keys()
     trained = [k for k in w_a if "lora_" in k]
     assert trained

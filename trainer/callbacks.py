@@ -64,15 +64,18 @@ class DataPositionCallback(pl.Callback):
         trainer.datamodule.position["batches"] += 1
 
 
-class CheckpointOnInterrupt(pl.Callback):
-    """On Ctrl-C, write ``last.ckpt`` so that ``resume=auto`` continues where the run stopped."""
+class LastCheckpoint(pl.Callback):
+    """Writes ``last.ckpt`` when fit ends and on Ctrl-C, so ``resume=auto`` continues from the last step."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.saved = False
+        self.saved_on_interrupt = False
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path)
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
             trainer.save_checkpoint(self.path)
-            self.saved = True
+            self.saved_on_interrupt = True
             print(f"\ninterrupted at step {trainer.global_step}; checkpoint written to {self.path}", file=sys.stderr)

@@ -62,7 +62,9 @@ def register_recipes(args: list[str]) -> list[str]:
     from omegaconf import OmegaConf
 
     from blocktrain.trainer.registry import builtin_recipes, resolve_recipe
+    from blocktrain.trainer.resolvers import register_resolvers
 
+    register_resolvers()
     store = ConfigStore.instance()
 
     def register(name: str, path: Path) -> None:

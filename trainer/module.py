@@ -29,6 +29,9 @@ class RunModule(pl.LightningModule):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def on_train_start(self):
+        self.model.train()  # hub models load in eval mode; Lightning keeps the mode it finds
+
     def objective(self, batch) -> torch.Tensor:
         for plugin in self.plugins:
             loss = plugin.loss(self.model, batch, self.run)
@@ -66,7 +69,7 @@ class RunModule(pl.LightningModule):
         names = sorted(self._eval_sums)
         sums = torch.tensor([self._eval_sums[n] for n in names], dtype=torch.float64, device=self.device)
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        means = {n: (s / c).item() for n, (s, c) in zip(names, sums.tolist()) if c > 0}
+        means = {n: s / c for n, (s, c) in zip(names, sums.tolist()) if c > 0}
         for name, value in self.task.finalize(means).items():
             self.log(f"val/{name}", value, on_epoch=True, sync_dist=False, rank_zero_only=True)
 

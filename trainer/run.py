@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from blocktrain.trainer.callbacks import CheckpointOnInterrupt, DataPositionCallback, RunStats, count_parameters
+from blocktrain.trainer.callbacks import LastCheckpoint, DataPositionCallback, RunStats, count_parameters
 from blocktrain.trainer.checkpoint import AtomicCheckpointIO, checkpoint_dir, load_weights, resolve_resume
 from blocktrain.trainer.context import RunContext
 from blocktrain.trainer.data_module import RunDataModule
@@ -20,6 +20,7 @@ from blocktrain.trainer.io import atomic_path
 from blocktrain.trainer.loggers import JsonMetricsLogger, build_loggers, finish_wandb
 from blocktrain.trainer.module import RunModule
 from blocktrain.trainer.registry import load_plugin_class
+from blocktrain.trainer.resolvers import register_resolvers, set_data_info
 from blocktrain.trainer.validation import STAGES, validate_config
 
 
@@ -43,12 +44,14 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise UserError(f"unknown key '{unknown[0]}' in trainer. Valid keys: {', '.join(sorted(valid))}")
-    return {k: v for k, v in kwargs.items() if v is not None or k in ("max_epochs",)}
+    return kwargs
 
 
-def _progress_callbacks() -> list[pl.Callback]:
+def _progress_callbacks(enabled: bool) -> list[pl.Callback]:
     from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 
+    if not enabled:
+        return []
     return [RichProgressBar()] if sys.stderr.isatty() else [TQDMProgressBar(refresh_rate=50)]
 
 
@@ -69,21 +72,23 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     run_dir = resolve_run_dir(cfg).resolve()
     _check_fresh_run_dir(run_dir, cfg.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
     tkw = trainer_kwargs(cfg)
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     from blocktrain.trainer.sources.data import build_datasets
-    from blocktrain.trainer.sources.models import load_model
+    from blocktrain.trainer.sources.models import load_model, load_processor
     from blocktrain.trainer.tasks import build_task
 
-    loaded = load_model(cfg.model)
-    datasets = build_datasets(cfg.data, tokenizer=loaded.tokenizer, seed=cfg.seed) if cfg.data is not None else None
-    loggers = build_loggers(cfg, run_dir, config_dict)
+    register_resolvers()
+    processor = load_processor(cfg.model)
+    datasets = build_datasets(cfg.data, tokenizer=processor, seed=cfg.seed) if cfg.data is not None else None
+    set_data_info(datasets.info if datasets is not None else {})
+    with atomic_path(run_dir / "config.yaml") as tmp:  # resolved, now that the data info is known
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    loaded = load_model(cfg.model, processor=processor)
+    loggers = build_loggers(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
     metrics = next(lg for lg in loggers if isinstance(lg, JsonMetricsLogger))
     ctx = RunContext(cfg=cfg, run_dir=run_dir, metrics=None, tokenizer=loaded.tokenizer, data=datasets)
     ctx.metrics = _ContextMetrics(loggers, ctx)
@@ -103,8 +108,8 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
         data_cfg = cfg.data
         datamodule = RunDataModule(datasets, data_cfg.batch_size, data_cfg.get("eval_batch_size"),
                                    data_cfg.get("num_workers", 0), cfg.seed)
-    interrupt = CheckpointOnInterrupt(checkpoint_dir(run_dir) / "last.ckpt")
-    callbacks = [DataPositionCallback(), interrupt, *_progress_callbacks(), *(extra_callbacks or [])]
+    last_checkpoint = LastCheckpoint(checkpoint_dir(run_dir) / "last.ckpt")
+    callbacks = [DataPositionCallback(), last_checkpoint, *_progress_callbacks(tkw.get("enable_progress_bar", True)), *(extra_callbacks or [])]
     if task is not None:
         callbacks.append(RunStats(task))
     for plugin in plugins:
@@ -127,13 +132,13 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     sigint = signal.getsignal(signal.SIGINT)
     exit_code = 1
     try:
-        _run_stages(cfg, trainer, module, datamodule, plugins, model, ctx, run_dir, interrupt)
+        _run_stages(cfg, trainer, module, datamodule, plugins, model, ctx, run_dir)
         exit_code = 0
     except KeyboardInterrupt:
         metrics.set_status("interrupted")
         raise RunInterrupted(_interrupt_message(cfg, run_dir)) from None
     except BaseException as exc:
-        interrupted = isinstance(exc, SystemExit) and interrupt.saved
+        interrupted = isinstance(exc, SystemExit) and last_checkpoint.saved_on_interrupt
         metrics.set_status("interrupted" if interrupted else "failed")
         if interrupted:
             raise RunInterrupted(_interrupt_message(cfg, run_dir)) from None
@@ -164,12 +169,12 @@ class _ContextMetrics:
             lg.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
 
-def _run_stages(cfg, trainer, module, datamodule, plugins, model, ctx, run_dir, interrupt) -> None:
+def _run_stages(cfg, trainer, module, datamodule, plugins, model, ctx, run_dir) -> None:
     stages = [s for s in STAGES if s in cfg.stages]
     for stage in stages:
         if stage == "fit":
             ckpt = resolve_resume(cfg.resume, run_dir)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
         elif stage == "calibrate":
             model.eval()
             for plugin in plugins:

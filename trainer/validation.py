@@ -143,9 +143,10 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
         valid = _valid_keys(parent, overrides)
         hint = f" Valid keys{' in ' + parent if parent else ''}: {', '.join(valid)}." if valid else ""
         return f"unknown config key '{key}'.{hint} To add a new key use +{key}=..."
-    match = re.search(r"Could not find '([^']+)'", text)
+    match = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", text)
     if match:
-        return _first_paragraphs(text)
+        group, option = match.groups()
+        return f"unknown {group} '{option}'. Valid choices for {group}: {', '.join(_group_options(group))}"
     if "mismatched input" in text or "extraneous input" in text or "no viable alternative" in text:
         return f"cannot parse the command-line override: {_first_paragraphs(text)}"
     return _first_paragraphs(text)
@@ -165,6 +166,20 @@ def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
     except Exception:  # noqa: BLE001 - a hint only; never mask the original error
         return []
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
+def _group_options(group: str) -> list[str]:
+    """The options of a config group: YAML files under conf/<group>, plus registered plugins."""
+    from importlib import resources
+
+    from blocktrain.trainer.registry import available_plugins, builtin_recipes
+
+    if group == "plugin":
+        return sorted(available_plugins())
+    if group == "recipe":
+        return sorted(builtin_recipes())
+    folder = resources.files("blocktrain.conf").joinpath(group)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")) if folder.is_dir() else []
 
 
 def _quoted(text: str) -> str | None:
