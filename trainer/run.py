@@ -111,7 +111,7 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     last_checkpoint = LastCheckpoint(checkpoint_dir(run_dir) / "last.ckpt")
     callbacks = [DataPositionCallback(), last_checkpoint, *_progress_callbacks(tkw.get("enable_progress_bar", True)), *(extra_callbacks or [])]
     if task is not None:
-        callbacks.append(RunStats(task))
+        callbacks += [RunStats(task), *task.callbacks()]
     for plugin in plugins:
         callbacks.extend(plugin.callbacks(ctx))
     if "fit" in cfg.stages:

@@ -16,6 +16,10 @@ class Task:
     def setup(self, model: torch.nn.Module, run) -> None:
         """Prepare anything the task needs from the model (e.g. tokenised prompts)."""
 
+    def callbacks(self) -> list:
+        """Lightning callbacks the task needs (e.g. a zero-shot evaluation before training)."""
+        return []
+
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         raise NotImplementedError
 
