@@ -6,4 +6,6 @@ the module only when the plugin is used, so listing stays fast.
 
 BUILTIN: dict[str, tuple[str, str]] = {
     "lora": ("blocktrain.plugins.lora.plugin:LoraPlugin", "LoRA adapters on chosen Linear layers of any transformers/timm model"),
+    "blocklora": ("blocktrain.plugins.blocklora.plugin:BlockLoraPlugin",
+                  "Block-LoRA (One Head Eight Arms): LoRA with one down-projection shared by n input blocks"),
 }
