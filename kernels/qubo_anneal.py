@@ -15,13 +15,14 @@ zeros (``pos`` is its inverse), so a uniform partner is ``perm[k + ⌊U·(b-k)�
 Both paths consume the same pre-drawn uniforms (two per move and chain, drawn level-chunk by
 level-chunk from a generator seeded with ``seed``), so the torch reference (the CPU path) and the
 Triton kernel (CUDA; one program per chain, the state held in registers) follow identical trajectories.
-``backend`` or the environment variable ``BLOCKTRAIN_KERNEL_BACKEND`` (``torch`` | ``triton``) forces a path.
+The path follows ``blocktrain.kernels.dispatch`` (``$BLOCKTRAIN_KERNELS``, ``set_backend``), or ``backend``
+(``auto`` | ``triton`` | ``reference``) per call.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from blocktrain.kernels import dispatch
 
 __all__ = ["qubo_anneal", "beta_schedule"]
 
@@ -76,7 +77,7 @@ def _draw_moves(gen, betas, n_moves: int, restarts: int, b: int, k: int, device)
     return slots.contiguous(), thr.contiguous()
 
 
-def _levels_torch(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> None:
+def _levels_reference(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> None:
     """Run one chunk of levels on every chain, in place on ``st`` (the reference; vectorised over chains).
 
     A rejected swap is turned into the no-op swap of p with itself, so every chain takes the same ops.
@@ -203,14 +204,11 @@ def _levels_triton(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> 
 
 
 def _pick_backend(Q: torch.Tensor, backend: str | None) -> str:
-    backend = backend or os.environ.get("BLOCKTRAIN_KERNEL_BACKEND", "auto")
-    if backend == "auto":
-        return "triton" if (Q.is_cuda and triton is not None) else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" and triton is None:
-        raise RuntimeError("backend 'triton' requested but triton is not installed")
-    return backend
+    """``"triton"`` or ``"reference"``: the shared dispatch's choice, or ``backend`` when given."""
+    if backend is None:
+        return dispatch.select(Q.device, torch.float32)
+    with dispatch.use_backend(backend):
+        return dispatch.select(Q.device, torch.float32)
 
 
 _LEVELS_PER_CHUNK = 8
@@ -225,7 +223,7 @@ def _anneal(Q: torch.Tensor, x0: torch.Tensor, k: int, restarts: int, seed: int,
     diag = Q.diagonal().contiguous()
     st = _init_state(Q, x0, restarts)
     betas = beta_schedule(beta0, beta1, beta_factor)
-    levels = _levels_triton if _pick_backend(Q, backend) == "triton" else _levels_torch
+    levels = _levels_triton if _pick_backend(Q, backend) == "triton" else _levels_reference
     gen = torch.Generator(device=Q.device).manual_seed(seed)
     for start in range(0, betas.shape[0], _LEVELS_PER_CHUNK):
         if not bool(st["active"].any()):

@@ -1,0 +1,114 @@
+"""Mask rules, magnitude and Wanda against computations written here independently."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocktrain.plugins.sparsity import (apply_masks, find_linear_names, layer_groups, magnitude_prune,
+                                         mask_from_scores, sparsity_report, wanda_prune)
+
+from .conftest import input_square_sums_by_hand, row_topk_mask_by_hand, tiny_llama, token_batches
+
+DENSITY = 0.5
+
+
+def test_layer_mask_keeps_the_largest_scores():
+    scores = torch.randn(6, 10).abs()
+    keep = mask_from_scores(scores, 0.3, "layer")
+    threshold = sorted(scores.flatten().tolist(), reverse=True)[17]  # round(60 * 0.3) = 18 kept
+    assert int(keep.sum()) == 18
+    assert torch.equal(keep, scores >= threshold)
+
+
+def test_row_mask_keeps_the_same_count_per_row():
+    scores = torch.randn(5, 12)
+    keep = mask_from_scores(scores, 0.25, "row")
+    assert torch.equal(keep, row_topk_mask_by_hand(scores, 3))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_nm_mask_keeps_n_largest_of_every_m(n, m):
+    scores = torch.randn(7, 4 * m)
+    keep = mask_from_scores(scores, pattern=f"{n}:{m}")
+    groups = keep.reshape(7, 4, m)
+    assert (groups.sum(-1) == n).all() and ((~groups).sum(-1) == m - n).all()
+    assert torch.equal(groups, row_topk_mask_by_hand(scores.reshape(-1, m), n).reshape(7, 4, m))
+
+
+def test_bad_patterns_are_rejected():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        mask_from_scores(torch.randn(3, 6), pattern="2:4")
+    with pytest.raises(ValueError, match="pattern"):
+        mask_from_scores(torch.randn(3, 8), 0.5, "columns")
+
+
+def test_targets_skip_lm_head_and_groups_follow_shared_inputs():
+    model = tiny_llama()
+    names = find_linear_names(model)
+    assert len(names) == 14 and "lm_head" not in names
+    groups, once = layer_groups(model, names, token_batches(1)[0])
+    assert once
+    assert [len(g) for g in groups] == [3, 1, 2, 1] * 2
+    assert groups[0] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+
+
+@pytest.mark.parametrize("pattern", ["layer", "row", "2:4"])
+def test_magnitude_prune_matches_hand_computation(pattern):
+    model = tiny_llama()
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in find_linear_names(model)}
+    masks = magnitude_prune(model, DENSITY, pattern=pattern)
+    for name, w in originals.items():
+        if pattern == "layer":
+            want = mask_from_scores(w.abs(), DENSITY, "layer")
+            assert torch.equal(want, w.abs() >= torch.sort(w.abs().flatten(), descending=True).values[w.numel() // 2 - 1])
+        elif pattern == "row":
+            want = row_topk_mask_by_hand(w.abs(), w.shape[1] // 2)
+        else:
+            want = row_topk_mask_by_hand(w.abs().reshape(-1, 4), 2).reshape(w.shape)
+        assert torch.equal(masks[name], want), name
+        assert torch.equal(model.get_submodule(name).weight, w * want)
+
+
+def test_wanda_one_pass_matches_hand_computation():
+    model, batches = tiny_llama(), token_batches(3)
+    reference = tiny_llama()
+    masks = wanda_prune(model, batches, density=DENSITY, pattern="row", sequential=False)
+    for name in find_linear_names(reference):
+        w = reference.get_submodule(name).weight.detach().double()
+        scores = w.abs() * input_square_sums_by_hand(reference, name, batches).sqrt()
+        assert torch.equal(masks[name], row_topk_mask_by_hand(scores, w.shape[1] // 2)), name
+
+
+def test_sequential_wanda_sees_inputs_of_the_model_pruned_so_far():
+    model, batches = tiny_llama(), token_batches(3)
+    masks = wanda_prune(model, batches, density=DENSITY, pattern="row", sequential=True)
+    reference = tiny_llama()
+    for name in find_linear_names(reference):  # one layer at a time, in order, no shortcuts
+        w = reference.get_submodule(name).weight
+        scores = w.detach().double().abs() * input_square_sums_by_hand(reference, name, batches).sqrt()
+        want = row_topk_mask_by_hand(scores, w.shape[1] // 2)
+        assert torch.equal(masks[name], want), name
+        apply_masks(reference, {name: want})
+    one_pass = wanda_prune(tiny_llama(), batches, density=DENSITY, pattern="row", sequential=False)
+    assert any(not torch.equal(masks[n], one_pass[n]) for n in masks)
+    assert set(sparsity_report(model).values()) == {DENSITY}
+
+
+def test_wanda_nm_and_layer_patterns_are_exact():
+    model = tiny_llama()
+    masks = wanda_prune(model, token_batches(2), density=DENSITY, pattern="4:8")
+    for name, keep in masks.items():
+        assert (keep.reshape(keep.shape[0], -1, 8).sum(-1) == 4).all()
+        assert int((model.get_submodule(name).weight != 0).sum()) == keep.numel() // 2
+    model = tiny_llama()
+    wanda_prune(model, token_batches(2), density=0.3, pattern="layer")
+    report = sparsity_report(model)
+    for name in report:
+        numel = model.get_submodule(name).weight.numel()
+        assert report[name] == round(numel * 0.3) / numel
+
+
+def test_one_shot_batches_generator_is_rejected():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="re-iterable"):
+        wanda_prune(model, (b for b in token_batches(2)), density=DENSITY)
