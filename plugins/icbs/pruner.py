@@ -64,7 +64,7 @@ class ICBSConfig:
     faithful: bool = True  # reproduce the official Q[Q <= cutoff] = 0 (else |Q| <= cutoff)
     cutoff: float = 1e-12
     seed: int = 0
-    backend: str | None = None  # annealer path: None/"auto", "torch", "triton"
+    backend: str | None = None  # annealer path: None (the kernels dispatch), "auto", "reference", "triton"
 
     def __post_init__(self):
         if not 0.0 < self.density < 1.0:
