@@ -34,17 +34,20 @@ def _triton():
 # dropout masks
 
 
-def _reference_keep(seed: int, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
-    """Reference keep-mask: 16-bit uniforms from a generator seeded with ``seed``; P(keep) = round((1-p)·2¹⁶)/2¹⁶.
+def _reference_mask(seed: int, rows: int, cols: int, p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Reference dropout mask, 1 = keep and 0 = drop, in ``dtype``, from a generator seeded with ``seed``.
 
-    One 64-bit draw gives four 16-bit lanes, so this costs a quarter of the generator calls of
-    ``bernoulli_`` (which draws a double per element, serially, on non-Intel CPUs).
+    Each element gets a 16-bit uniform draw w (four per 64-bit generator call, a quarter of the calls
+    of ``bernoulli_``, which draws a double per element, serially on non-Intel CPUs) and is kept iff
+    w < kept - 2¹⁵, P(keep) = kept / 2¹⁶ with kept = round((1-p)·2¹⁶). For integers that test is
+    clamp(kept - 2¹⁵ - w, 0, 1), computed in float: torch's bool-operand kernels are 4x slower here.
     """
     numel = rows * cols
     gen = torch.Generator(device=device).manual_seed(seed)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
     kept = min(_LEVELS - 1, max(1, round((1.0 - p) * _LEVELS)))
-    return words.view(torch.int16)[:numel].view(rows, cols) < kept - _LEVELS // 2
+    draws = words.view(torch.int16)[:numel].view(rows, cols)
+    return draws.float().neg_().add_(kept - _LEVELS // 2).clamp_(0, 1).to(dtype)
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device | str = "cpu",
@@ -54,7 +57,7 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.d
         return _triton().keep_mask(torch.tensor(seed, dtype=torch.int64, device=device), rows, cols, p).bool()
     if backend != "reference":
         raise ValueError(f"backend must be 'reference' or 'triton', got {backend!r}")
-    return _reference_keep(seed, rows, cols, p, torch.device(device))
+    return _reference_mask(seed, rows, cols, p, torch.float32, torch.device(device)).bool()
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +74,7 @@ def _forward_reference(x2, weight, bias, lora_a, lora_b, scaling, n_blocks, p, s
     if seed is None:
         xs = x2 if n_blocks == 1 else x2.view(m, n_blocks, -1).sum(1)
     else:
-        dropped = torch.where(_reference_keep(int(seed), m, width, p, x2.device), x2, 0)
+        dropped = _reference_mask(int(seed), m, width, p, x2.dtype, x2.device).mul_(x2)
         xs = dropped if n_blocks == 1 else dropped.view(m, n_blocks, -1).sum(1)
         xs.mul_(1.0 / (1.0 - p))
     u = xs @ lora_a.t()
@@ -88,16 +91,17 @@ def _forward_triton(x2, weight, bias, lora_a, lora_b, scaling, n_blocks, p, seed
 
 
 def _backward_reference(g2, weight, lora_a, lora_b, xs2, u, scaling, n_blocks, p, seed, need_x):
-    gb = g2 @ lora_b
-    grad_b = (g2.t() @ u.to(g2.dtype)).mul_(scaling)
+    # skinny products in the operand layouts that CPU BLAS runs fast (g·B as written is ~10x slower)
+    gb = g2 @ lora_b.t().contiguous().t()
+    grad_b = (u.t().to(g2.dtype) @ g2).mul_(scaling).t().contiguous()
     grad_a = (gb.t() @ xs2).mul_(scaling)
     if not need_x:
         return None, grad_a, grad_b
     m, k = g2.shape[0], lora_a.shape[1]
     t = (gb @ lora_a).mul_(scaling if seed is None else scaling / (1.0 - p))
     if seed is not None:
-        keep = _reference_keep(int(seed), m, n_blocks * k, p, g2.device).view(m, n_blocks, k)
-        lora_part = torch.where(keep, t.unsqueeze(1), 0).view(m, n_blocks * k)
+        mask = _reference_mask(int(seed), m, n_blocks * k, p, g2.dtype, g2.device).view(m, n_blocks, k)
+        lora_part = mask.mul_(t.unsqueeze(1)).view(m, n_blocks * k)
     else:
         lora_part = t if n_blocks == 1 else t.repeat(1, n_blocks)
     return lora_part.addmm_(g2, weight), grad_a, grad_b
