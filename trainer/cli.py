@@ -92,12 +92,15 @@ def register_recipes(args: list[str]) -> list[str]:
 
 def _register_third_party_plugin_configs(store) -> None:
     """Entry-point plugins ship no YAML in our tree: their config dataclass becomes `plugin/NAME`."""
+    from omegaconf import OmegaConf
+
     from blocktrain.trainer.registry import available_plugins, load_plugin_class
+    from blocktrain.trainer.validation import PLUGIN_MARKER
 
     for name, entry in available_plugins().items():
         if entry.origin != "built-in":
-            cls = load_plugin_class(name)
-            store.store(group="plugin", name=name, node=cls.config_class, package=f"plugin.{name}")
+            defaults = OmegaConf.to_container(OmegaConf.structured(load_plugin_class(name).config_class))
+            store.store(group="plugin", name=name, node={PLUGIN_MARKER: name, **defaults}, package=f"plugin.{name}")
 
 
 def compose_config(overrides: list[str]):

@@ -29,8 +29,9 @@ class RunModule(pl.LightningModule):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def on_train_start(self):
-        self.model.train()  # hub models load in eval mode; Lightning keeps the mode it finds
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.model.train()  # hub models load in eval mode; Lightning keeps the mode it finds
 
     def objective(self, batch) -> torch.Tensor:
         for plugin in self.plugins:

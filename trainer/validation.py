@@ -6,6 +6,7 @@ ones, wrong types name the key, the expected type and the value given.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -14,6 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from blocktrain.trainer.errors import UserError
 
+PLUGIN_MARKER = "_plugin_"  # set by each conf/plugin/NAME.yaml: `_plugin_: NAME`
 STAGES = ("fit", "calibrate", "evaluate", "sample", "export")
 TOP_LEVEL = ("name", "seed", "stages", "optimized_metric", "optimize_direction", "run_dir", "resume", "init_from",
              "checkpoint", "matmul_precision", "trainer", "logger", "optim", "scheduler", "model", "data", "task",
@@ -121,12 +123,21 @@ def validate_config(cfg: DictConfig, load_plugins: bool = True) -> dict[str, Dic
 
 
 def validate_plugins(section: Any) -> dict[str, DictConfig]:
-    """Check each plugin's config against its dataclass and the pipeline order; return validated configs."""
+    """Check each selected plugin's config against its dataclass and the pipeline order.
+
+    A plugin is selected when its group config (``plugin=[a,b]``) was loaded, which leaves the
+    ``_plugin_`` marker; settings a recipe left for a plugin that is no longer selected are ignored.
+    """
     from blocktrain.trainer.registry import load_plugin_class
 
     validated, instances = {}, []
     for name, node in section.items():
+        if node is None or node.get(PLUGIN_MARKER) != name:
+            print(f"warning: plugin.{name} is configured but '{name}' is not in the plugin list; ignored "
+                  f"(select it with plugin=[...,{name}])", file=sys.stderr)
+            continue
         cls = load_plugin_class(name)
+        node = OmegaConf.masked_copy(node, [k for k in node if k != PLUGIN_MARKER])
         validated[name] = validate_node(node, cls.config_class, f"plugin.{name}")
         plugin = cls(OmegaConf.to_object(validated[name]))
         plugin.check_pipeline(instances)

@@ -19,7 +19,7 @@ YAML = Path(blocktrain.conf.__file__).parent / "plugin" / "lora.yaml"
 
 def test_yaml_lists_the_dataclass_defaults():
     assert YAML.read_text().splitlines()[0] == "# @package plugin.lora"
-    assert OmegaConf.to_container(OmegaConf.load(YAML)) == dataclasses.asdict(LoraConfig())
+    assert OmegaConf.to_container(OmegaConf.load(YAML)) == {"_plugin_": "lora", **dataclasses.asdict(LoraConfig())}
 
 
 def test_config_module_imports_no_torch():
@@ -38,7 +38,7 @@ def test_config_composes_and_validates_through_the_engine():
                        r'plugin.lora.targets=".*\.(query|value)"'])
     config = OmegaConf.to_object(validate_plugins(cfg.plugin)["lora"])
     assert config == LoraConfig(targets=r".*\.(query|value)", rank=4, alpha=1.0, scaling="sqrt_rank")
-    listed = LoraPlugin(load_config(["plugin=[lora]", "plugin.lora.targets=[query]"]).plugin.lora).config
+    listed = OmegaConf.to_object(validate_plugins(load_config(["plugin=[lora]", "plugin.lora.targets=[query]"]).plugin)["lora"])
     assert listed.targets == ["query"] and type(listed.targets) is list
     with pytest.raises(UserError, match="unknown LoRA scaling 'foo'"):
         validate_plugins(load_config(["plugin=[lora]", "plugin.lora.scaling=foo"]).plugin)
