@@ -166,6 +166,8 @@ def main() -> None:
                 ideal = max(moved / bandwidth, flops / peak)
                 line += (f"; {moved / seconds[name] / 1e9:.0f} GB/s, {flops / seconds[name] / 1e12:.1f} "
                          f"TFLOP/s, {ideal / seconds[name]:.0%} of roofline")
+            if name == "peft":
+                line += f"; lora_linear [{backends[0]}] is x{seconds['peft'] / seconds[backends[0]]:.2f} faster"
             print(line)
 
 
