@@ -85,3 +85,17 @@ def test_missing_local_model_path(tmp_path):
     data.write_text("text,label\na,0\nb,1\n")
     _fails_with(train("recipe=lora_text_classifier", f"model.id={tmp_path}/no_such_model", f"data.train={data}",
                       f"run_dir={tmp_path}/run"), "no_such_model")
+
+
+def test_unreachable_hub_id_names_it_and_shows_a_local_path(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\na,0\nb,1\n")
+    _fails_with(train("recipe=lora_text_classifier", "model.id=someorg/not-a-model", f"data.train={data}",
+                      f"run_dir={tmp_path}/run"), "'someorg/not-a-model'", "model.id=/path/to/dir")
+
+
+def test_empty_data_directory(tiny_bert_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    _fails_with(train("recipe=lora_text_classifier", f"model.id={tiny_bert_dir}", f"data.train={tmp_path}/empty",
+                      f"run_dir={tmp_path}/run"), "empty data directory", str(tmp_path / "empty"))
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -103,8 +103,17 @@ class PadCollate:
                 "labels": torch.as_tensor([it["labels"] for it in items], dtype=torch.long)}
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
 def read_records(path: Path, key: str) -> list[dict]:
-    """Records of a ``.csv``, ``.tsv``, ``.jsonl`` or ``.json`` (a list of objects) file."""
+    """Records of a ``.csv``, ``.tsv``, ``.jsonl`` or ``.json`` (a list of objects) file, or of every such
+    file in a directory."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in TABLE_SUFFIXES)
+        if not files:
+            raise UserError(f"empty data directory: no {', '.join(TABLE_SUFFIXES)} files in {path} (data.{key})")
+        return [record for f in files for record in read_records(f, key)]
     suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8")
     if suffix in (".csv", ".tsv"):

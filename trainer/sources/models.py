@@ -176,7 +176,12 @@ def _load_processor(cfg, location: str, gguf_file: str | None):
             "for a model without one")
     try:
         processor = cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, TypeError) as e:
+    except OSError as e:
+        if not resolve_model_id(source)[1]:
+            raise UserError(f"cannot load '{source}' from the Hugging Face hub: {_first_line(e)} If the model is on "
+                            f"disk, pass its directory: {LOCAL_DIR_HINT}") from e
+        raise UserError(f"cannot load the {cfg.processor} from {source}: {_first_line(e)} {hint}") from e
+    except (ValueError, TypeError) as e:
         raise UserError(f"cannot load the {cfg.processor} from {source}: {_first_line(e)} {hint}") from e
     if cfg.processor == "tokenizer":
         # transformers 5 builds a tokenizer of special tokens only when it finds no vocabulary files
