@@ -1,0 +1,98 @@
+"""The ``blocklora`` plugin: binds the Block-LoRA core to a run (surgery, export, ``init_from``).
+
+This module imports no torch, so a run's config is validated before anything heavy loads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+from blocktrain.plugins.blocklora.checks import (check_block_lora_args, check_encoder, check_layers,
+                                                 check_targets)
+from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.plugin import Plugin, PluginConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from blocktrain.trainer.context import RunContext
+
+EXPORT_FORMATS = ("adapter", "merged")  # each is written to out_dir/<format>/
+ADAPTER_PLUGINS = ("lora", "blocklora")  # each wraps the same Linear layers: one of them per model
+
+
+@dataclass
+class BlockLoraConfig(PluginConfig):
+    """``plugin.blocklora``: Block-LoRA's hyper-parameters, where it goes and what the export stage writes."""
+
+    rank: int = 2
+    n_blocks: int = 8
+    alpha: float = 1.0
+    scaling: str = "sqrt_rank"  # sqrt_rank: alpha/sqrt(r) (CLIP-LoRA); rank: alpha/r
+    dropout: float = 0.25  # on the adapter input only
+    dropout_position: str = "before_sum"  # before_sum (spec) | after_sum (n x smaller mask, other regulariser)
+    mode: str = "tile_input"  # tile_input = Reading A | sum_rank = Reading B
+    targets: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])  # names (suffix match) or a regex
+    encoder: str = "both"  # vision | text | both (CLIP models; ignored otherwise)
+    layers: Optional[list[int]] = None  # [start, end) encoder-layer range; null = all
+    export: list[str] = field(default_factory=lambda: ["adapter", "merged"])
+
+    def __post_init__(self):
+        check_block_lora_args(self.rank, self.alpha, self.dropout, self.scaling, self.n_blocks, self.mode,
+                              self.dropout_position)
+        check_encoder(self.encoder)
+        span = check_layers(self.layers)
+        self.layers = None if span is None else list(span)
+        self.targets = check_targets(self.targets, "plugin.blocklora.targets")
+        self.export = [str(f) for f in self.export]
+        unknown = [f for f in self.export if f not in EXPORT_FORMATS]
+        if unknown:
+            raise UserError(f"unknown plugin.blocklora.export format {unknown[0]!r}. Valid formats: "
+                            f"{', '.join(EXPORT_FORMATS)}")
+
+
+class BlockLoraPlugin(Plugin):
+    """Block-LoRA adapters on q/k/v of CLIP's towers (or any Linear layers); exports our adapter and the merged model."""
+
+    name = "blocklora"
+    description = "Block-LoRA (One Head Eight Arms): LoRA with one down-projection shared by n input blocks"
+    config_class = BlockLoraConfig
+
+    def __init__(self, config: BlockLoraConfig):
+        super().__init__(config if isinstance(config, BlockLoraConfig) else BlockLoraConfig(**dict(config)))
+
+    def check_pipeline(self, before: list[Plugin]) -> None:
+        adapters = [p.name for p in before if p.name in ADAPTER_PLUGINS]
+        if adapters:
+            raise UserError(f"plugin blocklora cannot follow {adapters[0]}: a model takes one (Block-)LoRA adapter")
+
+    def apply(self, model: "torch.nn.Module", run: "RunContext") -> "torch.nn.Module":
+        from blocktrain.plugins.blocklora.surgery import apply_block_lora
+
+        c = self.config
+        return apply_block_lora(model, targets=c.targets, rank=c.rank, n_blocks=c.n_blocks, alpha=c.alpha,
+                                scaling=c.scaling, dropout=c.dropout, dropout_position=c.dropout_position,
+                                mode=c.mode, encoder=c.encoder, layers=c.layers)
+
+    def export(self, model: "torch.nn.Module", out_dir: Path, run: "RunContext") -> Iterable[Path]:
+        from blocktrain.plugins.blocklora.export import save_block_adapter, save_block_merged
+
+        writers = {"adapter": save_block_adapter, "merged": save_block_merged}
+        written = []
+        for fmt in self.config.export:
+            written += writers[fmt](model, Path(out_dir) / fmt)
+        tokenizer = getattr(run, "tokenizer", None)
+        if "merged" in self.config.export and hasattr(tokenizer, "save_pretrained"):
+            written += [Path(p) for p in tokenizer.save_pretrained(Path(out_dir) / "merged")]
+        return written
+
+    def load_weights(self, model: "torch.nn.Module", path: Path) -> bool:
+        """Load our adapter from ``path``: an adapter folder, or an export folder holding one (``[blocklora/]adapter``)."""
+        from blocktrain.plugins.blocklora.export import is_block_adapter_dir, load_block_adapter
+
+        path = Path(path)
+        for folder in (path, path / "adapter", path / self.name / "adapter"):
+            if is_block_adapter_dir(folder):
+                load_block_adapter(model, folder)
+                return True
+        return False
