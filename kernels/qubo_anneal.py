@@ -12,13 +12,16 @@ Bookkeeping per chain: the field v = 2Qx (so a swap's ΔE costs O(1) and its upd
 permutation ``perm`` whose first k entries are the positions of the ones and the rest those of the
 zeros (``pos`` is its inverse), so a uniform partner is ``perm[k + ⌊U·(b-k)⌋]`` or ``perm[⌊U·k⌋]``.
 
-Both paths consume the same pre-drawn uniforms (two per move and chain, drawn level-chunk by
-level-chunk from a generator seeded with ``seed``), so the torch reference (the CPU path) and the
-Triton kernel (CUDA; one program per chain, the state held in registers) follow identical trajectories.
+Both paths consume the same pre-drawn moves (a partner slot and a Metropolis threshold per move and
+chain, drawn level-chunk by level-chunk from a generator seeded with ``seed``), so the torch reference
+(the CPU path) and the Triton kernel (CUDA; one program per chain, its state held in registers) follow
+identical trajectories.
 The path follows ``blocktrain.kernels.dispatch`` (``$BLOCKTRAIN_KERNELS``, ``set_backend``), or ``backend``
 (``auto`` | ``triton`` | ``reference``) per call.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -64,10 +67,10 @@ def _init_state(Q: torch.Tensor, x0: torch.Tensor, restarts: int) -> dict[str, t
 
 
 def _draw_moves(gen, betas, n_moves: int, restarts: int, b: int, k: int, device):
-    """Pre-draw one level chunk: partner slots ``M`` [L, n, R, 2] and Metropolis thresholds ``thr`` [L, n, R].
+    """Pre-draw one level chunk: partner slots [L, n, R, 2] and Metropolis thresholds ``thr`` [L, n, R].
 
-    ``M[..., 1]`` is the slot in ``perm`` of a uniform zero (used when x_i = 1), ``M[..., 0]`` that of a
-    uniform one. A move is accepted iff ΔE < thr = -log(U)/β, i.e. U < exp(-βΔE) (always when ΔE ≤ 0).
+    ``slots[..., 1]`` is the place in ``perm`` of a uniform zero (used when x_i = 1), ``slots[..., 0]`` that
+    of a uniform one. A move is accepted iff ΔE < thr = -log(U)/β, i.e. U < exp(-βΔE) (always when ΔE ≤ 0).
     """
     rand = torch.rand((betas.shape[0], n_moves, restarts, 2), generator=gen, device=device)
     nz = b - k
@@ -77,11 +80,29 @@ def _draw_moves(gen, betas, n_moves: int, restarts: int, b: int, k: int, device)
     return slots.contiguous(), thr.contiguous()
 
 
-def _levels_reference(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> None:
-    """Run one chunk of levels on every chain, in place on ``st`` (the reference; vectorised over chains).
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run the block on one intra-op thread when on the CPU: the reference issues many small ops per move,
+    for which thread start-up and synchronisation cost more than they save (10x on a busy 2-core host)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
-    A rejected swap is turned into the no-op swap of p with itself, so every chain takes the same ops.
-    """
+
+def _levels_reference(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> None:
+    """Run one chunk of levels on every chain, in place on ``st`` (the reference; vectorised over chains,
+    the O(b) updates restricted to the chains that accepted their move)."""
+    with _one_cpu_thread(Q.device):
+        _levels_reference_impl(Q, diag, slots, thr, k, st)
+
+
+def _levels_reference_impl(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> None:
     b = Q.shape[0]
     R = st["x"].shape[0]
     x = st["x"].bool().flatten()
@@ -90,8 +111,6 @@ def _levels_reference(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) 
     perm, pos = st["perm"].long().flatten(), st["pos"].long().flatten()
     active = st["active"].bool()
     ro = torch.arange(R, device=Q.device) * b
-    zeros = torch.zeros(R, dtype=torch.bool, device=Q.device)
-    ones = torch.ones_like(zeros)
     Q2 = 2.0 * Q
     Q2f = Q2.flatten()
     idx = torch.arange(b, device=Q.device)[:, None].expand(b, R)
@@ -107,27 +126,28 @@ def _levels_reference(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) 
             j = perm.take(torch.where(xi, flat_slots[t, :, 1], flat_slots[t, :, 0]))
             p = torch.where(xi, idx[i], j)
             q = torch.where(xi, j, idx[i])
-            pf = p + ro
-            dE = diag.take(p) + diag.take(q) - Q2f.take(p * b + q) - v.take(pf) + v.take(q + ro)
+            dE = diag.take(p) + diag.take(q) - Q2f.take(p * b + q) - v.take(p + ro) + v.take(q + ro)
             acc = dE < lthr[t]
             if not bool(acc.any()):
                 continue
-            q = torch.where(acc, q, p)
-            qf = q + ro
-            x.put_(pf, zeros)
-            x.put_(qf, ones)
-            v.view(R, b).add_(Q2.index_select(0, q) - Q2.index_select(0, p))
-            a, c = pos.take(pf), pos.take(qf)
-            perm.put_(a + ro, q)
-            perm.put_(c + ro, p)
-            pos.put_(pf, c)
-            pos.put_(qf, a)
-            E += torch.where(acc, dE, 0.0)
-            changed |= acc & (dE != 0.0)
-            better = E < best_E
-            if bool(better.any()):
-                best_E.copy_(torch.where(better, E, best_E))
-                best_x.copy_(torch.where(better[:, None], xv, best_x.bool()))
+            r = torch.nonzero(acc).flatten()
+            pr, qr, ror = p[r], q[r], ro[r]
+            fp, fq = pr + ror, qr + ror
+            x[fp] = False
+            x[fq] = True
+            v.view(R, b).index_add_(0, r, Q2.index_select(0, qr) - Q2.index_select(0, pr))
+            a, c = pos[fp], pos[fq]
+            perm[a + ror] = qr
+            perm[c + ror] = pr
+            pos[fp] = c
+            pos[fq] = a
+            dEr = dE[r]
+            E.index_add_(0, r, dEr)
+            changed[r[dEr != 0.0]] = True
+            better = torch.nonzero(E < best_E).flatten()
+            if better.numel():
+                best_E[better] = E[better]
+                best_x[better] = xv[better].to(torch.int8)
         active &= changed
     st["x"].copy_(xv)
     st["perm"].copy_(perm.view(R, b))
@@ -219,11 +239,12 @@ def _anneal(Q: torch.Tensor, x0: torch.Tensor, k: int, restarts: int, seed: int,
     b = Q.shape[0]
     if k in (0, b):
         return x0.clone(), (x0.double() @ Q.double() @ x0.double())
-    Q = (0.5 * (Q + Q.T)).to(torch.float32).contiguous()
+    Q = Q.to(torch.float32)
+    Q = (0.5 * (Q + Q.T)).contiguous()
     diag = Q.diagonal().contiguous()
     st = _init_state(Q, x0, restarts)
     betas = beta_schedule(beta0, beta1, beta_factor)
-    levels = _levels_triton if _pick_backend(Q, backend) == "triton" else _levels_reference
+    levels = _levels_triton if backend == "triton" else _levels_reference
     gen = torch.Generator(device=Q.device).manual_seed(seed)
     for start in range(0, betas.shape[0], _LEVELS_PER_CHUNK):
         if not bool(st["active"].any()):
@@ -239,8 +260,7 @@ def _anneal(Q: torch.Tensor, x0: torch.Tensor, k: int, restarts: int, seed: int,
 @torch.library.custom_op("blocktrain::qubo_anneal", mutates_args=())
 def _qubo_anneal_op(Q: torch.Tensor, x0: torch.Tensor, k: int, restarts: int, seed: int, beta0: float,
                     beta1: float, beta_factor: float, sweeps: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x, energy = _anneal(Q, x0, k, restarts, seed, beta0, beta1, beta_factor, sweeps, backend)
-    return x.clone(), energy.clone()
+    return _anneal(Q, x0, k, restarts, seed, beta0, beta1, beta_factor, sweeps, backend)
 
 
 @_qubo_anneal_op.register_fake

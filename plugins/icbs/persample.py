@@ -27,9 +27,8 @@ def capture_io_grads(model: nn.Module, module: nn.Module, loss_fn: Callable[[nn.
 
     def hook(mod, args, out):
         inputs.append(args[0].detach())
-        out = out.detach().requires_grad_(True)
-        outputs.append(out)
-        return out
+        outputs.append(out.detach().requires_grad_(True))
+        return outputs[-1].clone()  # a non-leaf, so in-place ops after the layer stay legal
 
     handle = module.register_forward_hook(hook)
     try:

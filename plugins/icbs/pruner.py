@@ -18,6 +18,7 @@ Build the pruner on the model's original weights: they are captured as w0 (on th
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
@@ -235,7 +236,8 @@ class ICBSPruner:
         if state["names"] != self.names:
             raise ValueError("the saved iCBS state covers different layers")
         for n in self.names:
-            if tuple(state["w0_checksums"][n]) != _checksum(self.w0[n]):
+            saved, current = state["w0_checksums"][n], _checksum(self.w0[n])
+            if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, current)):
                 raise ValueError(f"layer {n}: the pruner must be built on the model's original (unpruned) weights")
         self.layers = {}
         for n, s in state["layers"].items():

@@ -37,7 +37,8 @@ def quadratic_loss_change(delta: torch.Tensor, g: torch.Tensor, H: torch.Tensor,
     return float(grad_multiplier * g @ delta + 0.5 * delta @ (H @ delta) + ridge_multiplier * delta @ delta)
 
 
-def scale_and_cutoff(Q: torch.Tensor, faithful: bool = True, cutoff: float = 1e-12) -> tuple[torch.Tensor, float | None]:
+def scale_and_cutoff(Q: torch.Tensor, faithful: bool = True,
+                     cutoff: float = 1e-12) -> tuple[torch.Tensor, float | None]:
     """Scale Q to mean|Q_nonzero| = 1, then zero the small entries. Returns (Q', scaling) with Q' = scaling·Q
     before the cutoff; scaling is None when Q is all zero.
 

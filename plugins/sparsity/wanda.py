@@ -55,7 +55,8 @@ def magnitude_prune(model: nn.Module, density: float = 0.5, names: list[str] | N
 
 
 def wanda_prune(model: nn.Module, batches: Iterable, forward: Callable = default_forward, density: float = 0.5,
-                names: list[str] | None = None, pattern: str = "row", sequential: bool = True) -> dict[str, torch.Tensor]:
+                names: list[str] | None = None, pattern: str = "row",
+                sequential: bool = True) -> dict[str, torch.Tensor]:
     """Wanda: keep the highest |W|·‖X‖₂ under ``pattern``, layer by layer (inputs from the model pruned so far
     when ``sequential``). Zeroes the weights in place and returns the keep-masks."""
     masks: dict[str, torch.Tensor] = {}

@@ -33,7 +33,7 @@ def _levels_case(device, b, k, restarts, sweeps, betas) -> None:
         levels(Q, Q.diagonal().contiguous(), slots, thr, k, states[name])
     ref, tri = states["reference"], states["triton"]
     for key in ref:
-        assert torch.equal(ref[key], tri[key]), f"{key} differs: reference {ref[key].tolist()} triton {tri[key].tolist()}"
+        assert torch.equal(ref[key], tri[key]), f"{key}: reference {ref[key].tolist()}, triton {tri[key].tolist()}"
     assert not torch.equal(ref["x"], start["x"]), "no move was accepted: the case checks nothing"
     assert (ref["x"].sum(1) == k).all() and (ref["best_x"].sum(1) == k).all()
 
