@@ -67,6 +67,11 @@ class ICBSConfig:
     seed: int = 0
     backend: str | None = None  # annealer path: None (the kernels dispatch), "auto", "reference", "triton"
 
+    @property
+    def block_k(self) -> int:
+        """Currently-pruned candidates per block."""
+        return self.block_size // 2 if self.k is None else self.k
+
     def __post_init__(self):
         if not 0.0 < self.density < 1.0:
             raise ValueError(f"density must be in (0, 1), got {self.density}")
@@ -74,9 +79,7 @@ class ICBSConfig:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
         if not 1 <= self.block_size <= MAX_BLOCK:
             raise ValueError(f"block_size must be in [1, {MAX_BLOCK}], got {self.block_size}")
-        if self.k is None:
-            self.k = self.block_size // 2
-        if not 0 <= self.k <= self.block_size:
+        if not 0 <= self.block_k <= self.block_size:
             raise ValueError(f"k must be in [0, block_size], got {self.k}")
         for name in ("tabu_frac", "fix_frac_prune", "fix_frac_keep"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -172,7 +175,7 @@ class ICBSPruner:
         w0 = self.w0[name]
         scores = (w0.float() * mean_weight_grad(x, delta).cpu()).abs().flatten()
         idx, k = select_block(scores, state.pruned, state.frozen, None if state.tabu is None else state.tabu.mask(),
-                              cfg.block_size, cfg.k)
+                              cfg.block_size, cfg.block_k)
         seed = int(torch.randint(2 ** 62, (1,), generator=self.generator))
         dev = x.device
         idx_dev = idx.to(dev)

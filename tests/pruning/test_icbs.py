@@ -87,6 +87,14 @@ def test_resume_needs_the_original_weights():
         ICBSPruner(pruner.model, causal_lm_sample_losses, config=pruner.config).load_state_dict(pruner.state_dict())
 
 
+def test_config_overrides_derive_k_from_the_block_size():
+    assert ICBSConfig().block_k == 2048
+    pruner = ICBSPruner(tiny_llama(), causal_lm_sample_losses, config=ICBSConfig(), block_size=16)
+    assert pruner.config.block_k == 8
+    with pytest.raises(ValueError, match="k must be"):
+        ICBSConfig(block_size=16, k=17)
+
+
 def test_magnitude_init_needs_no_calibration_data():
     model = tiny_llama()
     pruner = ICBSPruner(model, causal_lm_sample_losses, init="magnitude", density=0.3, **FAST)
