@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -221,7 +221,6 @@ class ICBSPruner:
     def state_dict(self) -> dict:
         """Everything needed to continue identically: masks, frozen sets, tabu lists, plan, counters, RNG, dL."""
         return {
-            "config": asdict(self.config),
             "names": list(self.names),
             "w0_checksums": {n: _checksum(self.w0[n]) for n in self.names},
             "layers": {n: {"pruned": s.pruned.clone(), "frozen": s.frozen.clone(),

@@ -86,6 +86,5 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 @torch.no_grad()
 def sparsity_report(model: nn.Module, names: list[str] | None = None) -> dict[str, float]:
     """Density (fraction of non-zero weights) of each named layer (default: every Linear but lm_head)."""
-    names = find_linear_names(model) if names is None else names
-    return {name: float(model.get_submodule(name).weight.count_nonzero()) / model.get_submodule(name).weight.numel()
-            for name in names}
+    weights = {n: model.get_submodule(n).weight for n in (find_linear_names(model) if names is None else names)}
+    return {n: float(w.count_nonzero()) / w.numel() for n, w in weights.items()}
