@@ -31,7 +31,7 @@ def sentiment_rows(n: int, seed: int) -> list[tuple[str, str]]:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT sequence classifier (2 labels, no dropout) and its tokenizer, saved locally."""
-    from tests.sources.fixtures import save_tiny_bert
+    from blocktrain.trainer.testing import save_tiny_bert
 
     path = tmp_path_factory.mktemp("tiny_bert")
     model, _ = save_tiny_bert(path, num_labels=2)

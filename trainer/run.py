@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from blocktrain import kernels
 from blocktrain.trainer.callbacks import LastCheckpoint, DataPositionCallback, RunStats, count_parameters
 from blocktrain.trainer.checkpoint import AtomicCheckpointIO, checkpoint_dir, load_weights, resolve_resume
 from blocktrain.trainer.context import RunContext
@@ -76,6 +77,7 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
+    kernels.set_backend(None if cfg.kernel_backend == "auto" else cfg.kernel_backend)  # auto: $BLOCKTRAIN_KERNELS
 
     from blocktrain.trainer.sources.data import build_datasets
     from blocktrain.trainer.sources.models import load_model, load_processor

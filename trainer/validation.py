@@ -18,7 +18,7 @@ from blocktrain.trainer.errors import UserError
 PLUGIN_MARKER = "_plugin_"  # set by each conf/plugin/NAME.yaml: `_plugin_: NAME`
 STAGES = ("fit", "calibrate", "evaluate", "sample", "export")
 TOP_LEVEL = ("name", "seed", "stages", "optimized_metric", "optimize_direction", "run_dir", "resume", "init_from",
-             "checkpoint", "matmul_precision", "trainer", "logger", "optim", "scheduler", "model", "data", "task",
+             "checkpoint", "matmul_precision", "kernel_backend", "trainer", "logger", "optim", "scheduler", "model", "data", "task",
              "plugin")
 
 
@@ -98,6 +98,8 @@ def validate_config(cfg: DictConfig, load_plugins: bool = True) -> dict[str, Dic
         raise UserError(f"unknown stage '{bad[0]}'. Valid stages: {', '.join(STAGES)}")
     if cfg.resume not in (None, "auto") and not isinstance(cfg.resume, str):
         raise UserError(f"resume must be null, 'auto' or a checkpoint path, got {cfg.resume!r}")
+    if cfg.kernel_backend not in ("auto", "triton", "reference"):
+        raise UserError(f"kernel_backend must be auto, triton or reference, got {cfg.kernel_backend!r}")
     if cfg.optimize_direction not in ("maximize", "minimize"):
         raise UserError(f"optimize_direction must be maximize or minimize, got {cfg.optimize_direction!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):

@@ -70,7 +70,7 @@ def test_plugin_apply_export_and_load_weights(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tests.sources.fixtures import make_wordpiece_tokenizer
+    from blocktrain.trainer.testing import make_wordpiece_tokenizer
 
     base = tiny_bert()
     plugin = LoraPlugin(LoraConfig(targets=["query", "value"], rank=2, alpha=4, modules_to_save=["classifier"],

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.sources.data import build_datasets
-from tests.sources.fixtures import (CORPUS, make_bpe_tokenizer, make_wordpiece_tokenizer, write_food101,
+from blocktrain.trainer.testing import (CORPUS, make_bpe_tokenizer, make_wordpiece_tokenizer, write_food101,
                                     write_image_folder, write_mnist_raw)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.sources.models import gguf_to_clean_model, load_model, load_processor
-from tests.sources.fixtures import (CORPUS, make_bpe_tokenizer, save_tiny_bert, save_tiny_llama, tiny_timm_vit,
+from blocktrain.trainer.testing import (CORPUS, make_bpe_tokenizer, save_tiny_bert, save_tiny_llama, tiny_timm_vit,
                                     write_llama_gguf)
 
 

@@ -1,4 +1,4 @@
-"""Builders of tiny real models, tokenizers and datasets for offline tests (reusable by any test).
+"""Tiny real models, tokenizers and datasets built locally, for tests and benchmarks (no network).
 
 Everything is built locally with the real classes (transformers, tokenizers, timm, gguf, torchvision
 file formats); nothing touches the network.
