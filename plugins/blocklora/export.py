@@ -33,7 +33,8 @@ def block_adapter_config(model: nn.Module) -> dict:
     if not layers:
         raise UserError(f"{type(model).__name__} has no Block-LoRA layers: nothing to export")
     if len(block_lora_layers(model)) != len(layers):
-        raise UserError(f"{type(model).__name__} has plain LoRA layers (not Block-LoRA): export them with the lora plugin")
+        raise UserError(f"{type(model).__name__} has plain LoRA layers (not Block-LoRA): "
+                        "export them with the lora plugin")
     settings = {(m.mode, m.dropout_position) for m in layers.values()}
     if len(settings) > 1:
         raise UserError("the Block-LoRA layers differ in mode/dropout_position; an adapter holds one setting")

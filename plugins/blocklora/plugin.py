@@ -52,7 +52,7 @@ class BlockLoraConfig(PluginConfig):
 
 
 class BlockLoraPlugin(Plugin):
-    """Block-LoRA adapters on q/k/v of CLIP's towers (or any Linear layers); exports our adapter and the merged model."""
+    """Block-LoRA on q/k/v of CLIP's towers (or any Linear layers); exports our adapter and the merged model."""
 
     name = "blocklora"
     description = "Block-LoRA (One Head Eight Arms): LoRA with one down-projection shared by n input blocks"
@@ -87,7 +87,7 @@ class BlockLoraPlugin(Plugin):
         return written
 
     def load_weights(self, model: "torch.nn.Module", path: Path) -> bool:
-        """Load our adapter from ``path``: an adapter folder, or an export folder holding one (``[blocklora/]adapter``)."""
+        """Load our adapter from ``path``: an adapter folder or an export folder holding ``[blocklora/]adapter``."""
         from blocktrain.plugins.blocklora.export import is_block_adapter_dir, load_block_adapter
 
         path = Path(path)

@@ -70,6 +70,8 @@ def _pick_layers(names: list[str], span: tuple[int, int], scopes: dict[str, list
     start, end = span
     chosen = [n for n in names if (i := layer_index(n)) is not None and start <= i < end]
     for scope, prefixes in scopes.items():
+        if not any(_inside(n, prefixes) for n in names):
+            continue  # e.g. the text tower when only vision targets were named
         indices = sorted({layer_index(n) for n in names if _inside(n, prefixes)} - {None})
         if not indices:
             raise UserError(f"Block-LoRA layers [{start}, {end}): no target of the {scope} lies in a numbered "
@@ -77,6 +79,8 @@ def _pick_layers(names: list[str], span: tuple[int, int], scopes: dict[str, list
         if not any(_inside(n, prefixes) for n in chosen):
             raise UserError(f"Block-LoRA layers [{start}, {end}) selects no target of the {scope}: its targets "
                             f"are in layers {indices[0]}..{indices[-1]}")
+    if not chosen:
+        raise UserError(f"Block-LoRA layers [{start}, {end}): none of the targets lies in a numbered layer")
     outside = [n for n in names if layer_index(n) is None]
     if outside:
         log.info("Block-LoRA: layers=[%d, %d) leaves out %d targets outside numbered layers (e.g. %s)",

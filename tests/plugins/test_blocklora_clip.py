@@ -52,7 +52,8 @@ def tiny_clip(**kwargs):
 
 def clip_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(3, 99, (3, 7), generator=g), "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    return {"input_ids": torch.randint(3, 99, (3, 7), generator=g),
+            "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
 
 
 def randomize(layers, seed=1):
@@ -143,6 +144,7 @@ def names(tower, layers, projections=QKV, prefix=None):
     ("vision", [1, 3], QKV, names("vision", [1, 2])),
     ("both", [0, 1], ["v_proj"], names("vision", [0], ["v_proj"]) + names("text", [0], ["v_proj"])),
     ("text", [1, 5], r".*\.(q|v)_proj", names("text", [1], ["q_proj", "v_proj"])),
+    ("both", [2, 3], r"vision_model\..*\.q_proj", names("vision", [2], ["q_proj"])),
 ])
 def test_encoder_and_layers_pick_exactly_these_modules(encoder, layers, targets, expected):
     model = apply_block_lora(tiny_clip(), targets=targets, encoder=encoder, layers=layers)
@@ -166,6 +168,8 @@ def test_selection_errors_are_clear():
     with pytest.raises(UserError, match=r"layers \[2, 4\) selects no target of the text tower: its targets are "
                                         r"in layers 0..1"):
         apply_block_lora(tiny_clip(), layers=[2, 4])
+    with pytest.raises(UserError, match=r"layers \[0, 2\): none of the targets lies in a numbered layer"):
+        apply_block_lora(tiny_clip(), targets=["visual_projection"], layers=[0, 2])
     with pytest.raises(UserError, match=r"in_features 36 is not divisible by n_blocks 8"):
         apply_block_lora(tiny_clip(vision_hidden=36), n_blocks=8)
     with pytest.raises(UserError, match=r"target vision_model\.encoder\.layers\.0\.self_attn\.[qkv]_proj: "
@@ -188,7 +192,8 @@ def test_other_models_ignore_encoder_with_a_log_line(caplog):
 
     with caplog.at_level(logging.INFO, logger="blocktrain.plugins.blocklora"):
         model = apply_block_lora(tiny_bert(), targets=["query", "value"], encoder="vision", layers=[1, 2], n_blocks=4)
-    assert "BertForSequenceClassification is not a CLIP model" in caplog.text and "encoder=vision is ignored" in caplog.text
+    assert "BertForSequenceClassification is not a CLIP model" in caplog.text
+    assert "encoder=vision is ignored" in caplog.text
     assert sorted(block_lora_layers(model)) == [f"bert.encoder.layer.1.attention.self.{p}" for p in ("query", "value")]
     vit = tiny_vit()
     x = torch.randn(2, 3, 32, 32)

@@ -69,8 +69,9 @@ def test_one_block_is_lora_outputs_and_gradients(mode, dropout):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("mode, rank, n_blocks, delta", [("tile_input", 2, 8, tile_delta), ("tile_input", 3, 4, tile_delta),
-                                                        ("sum_rank", 8, 4, sum_rank_delta), ("sum_rank", 6, 3, sum_rank_delta)])
+@pytest.mark.parametrize("mode, rank, n_blocks, delta", [
+    ("tile_input", 2, 8, tile_delta), ("tile_input", 3, 4, tile_delta),
+    ("sum_rank", 8, 4, sum_rank_delta), ("sum_rank", 6, 3, sum_rank_delta)])
 def test_forward_and_gradients_equal_the_definition(mode, rank, n_blocks, delta, bias):
     layer = make(mode, rank, n_blocks, bias=bias).train()
     a_shape = (rank, IN // n_blocks) if mode == "tile_input" else (rank // n_blocks, IN)
@@ -143,6 +144,18 @@ def test_after_sum_drops_the_chunk_sum():
     assert "dropout_position=after_sum" in repr(layer)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode, rank, n_blocks, position", [
+    ("tile_input", 2, 8, "before_sum"), ("tile_input", 2, 8, "after_sum"), ("sum_rank", 8, 4, "before_sum")])
+def test_cuda_matches_cpu(mode, rank, n_blocks, position):
+    layer = make(mode, rank, n_blocks, dropout_position=position).train()
+    on_cuda = copy.deepcopy(layer).cuda()
+    x, g = torch.randn(4, 9, IN), torch.randn(4, 9, OUT)
+    for got, want in zip(run(on_cuda, x.cuda(), g.cuda()), run(layer, x, g)):
+        torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
+
+
 def test_argument_errors_are_clear():
     with pytest.raises(UserError, match=r"n_blocks must divide rank: rank=2, n_blocks=8"):
         block_lora_layer(base_linear(), "sum_rank", 2, 1.0, n_blocks=8)
@@ -204,7 +217,11 @@ class ToyAttentionModel(nn.Module):
         return x
 
 
-def test_split_attention_adapts_and_merges_back_into_the_fused_layout():
+def test_split_attention_adapts_and_merges_back_into_the_fused_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    from blocktrain.plugins.blocklora import save_block_merged
+
     plain = ToyAttentionModel().eval()
     x = torch.randn(5, 2, 16)
     with pytest.raises(UserError, match="uses its out_proj weight without calling the layer"):
@@ -219,10 +236,12 @@ def test_split_attention_adapts_and_merges_back_into_the_fused_layout():
             layer.lora_B.normal_(std=0.2)
     y = model(x)
     assert not torch.allclose(y, plain(x), atol=1e-3)
+    assert save_block_merged(model, tmp_path) == [tmp_path / "model.safetensors"]
     merged = copy.deepcopy(plain)
+    merged.load_state_dict(load_file(str(tmp_path / "model.safetensors")))  # strict: the plain model's keys
+    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
     state = fused_state_dict(model, merge_lora(model).state_dict())
-    state = {k: v for k, v in state.items() if ".lora_" not in k}
-    merged.load_state_dict(state)  # strict: exactly the plain model's keys
+    merged.load_state_dict({k: v for k, v in state.items() if ".lora_" not in k})
     torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
     unmerge_lora(model)
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The `blocklora` plugin: config (YAML, dataclass, validation) and apply → export → init_from on a tiny CLIPModel."""
+"""The `blocklora` plugin: config (YAML, dataclass, validation); apply → export → init_from on a tiny CLIPModel."""
 import copy
 import dataclasses
 import json
