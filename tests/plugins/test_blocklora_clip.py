@@ -188,18 +188,19 @@ def test_selection_errors_are_clear():
 
 
 def test_other_models_ignore_encoder_with_a_log_line(caplog):
-    from tests.plugins.test_lora_core import tiny_bert, tiny_vit
+    from blocktrain.trainer.testing import tiny_bert_classifier, tiny_timm_vit
 
     with caplog.at_level(logging.INFO, logger="blocktrain.plugins.blocklora"):
-        model = apply_block_lora(tiny_bert(), targets=["query", "value"], encoder="vision", layers=[1, 2], n_blocks=4)
+        model = apply_block_lora(tiny_bert_classifier(100), targets=["query", "value"], encoder="vision",
+                                 layers=[1, 2], n_blocks=4)
     assert "BertForSequenceClassification is not a CLIP model" in caplog.text
     assert "encoder=vision is ignored" in caplog.text
     assert sorted(block_lora_layers(model)) == [f"bert.encoder.layer.1.attention.self.{p}" for p in ("query", "value")]
-    vit = tiny_vit()
+    vit = tiny_timm_vit()
     x = torch.randn(2, 3, 32, 32)
     y = vit(x)
-    apply_block_lora(vit, targets=["qkv"], layers=[10, 20])
-    assert sorted(block_lora_layers(vit)) == ["blocks.10.attn.qkv", "blocks.11.attn.qkv"]  # timm: 12 blocks
+    apply_block_lora(vit, targets=["qkv"], layers=[1, 20])
+    assert sorted(block_lora_layers(vit)) == ["blocks.1.attn.qkv"]  # two blocks: 0 and 1
     torch.testing.assert_close(vit(x), y, rtol=0, atol=0)
 
 
