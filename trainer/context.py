@@ -21,6 +21,7 @@ class RunContext:
     data: Any = None
     device: str = "cpu"
     trainer: Any = None  # the Lightning Trainer, once built
+    resuming: bool = False  # resume=auto/PATH: plugins continue from their saved state (load_state)
     extras: dict = field(default_factory=dict)
 
     def log(self, values: dict[str, float], step: int | None = None) -> None:

@@ -73,7 +73,6 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     run_dir = resolve_run_dir(cfg).resolve()
     _check_fresh_run_dir(run_dir, cfg.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tkw = trainer_kwargs(cfg)
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -87,12 +86,14 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     processor = load_processor(cfg.model)
     datasets = build_datasets(cfg.data, tokenizer=processor, seed=cfg.seed) if cfg.data is not None else None
     set_data_info(datasets.info if datasets is not None else {})
+    tkw = trainer_kwargs(cfg)  # after the data: trainer keys may read ${data_info:...} (e.g. few-shot steps)
     with atomic_path(run_dir / "config.yaml") as tmp:  # resolved, now that the data info is known
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     loaded = load_model(cfg.model, processor=processor)
     loggers = build_loggers(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
     metrics = next(lg for lg in loggers if isinstance(lg, JsonMetricsLogger))
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, metrics=None, tokenizer=loaded.tokenizer, data=datasets)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, metrics=None, tokenizer=loaded.tokenizer, data=datasets,
+                     resuming=cfg.resume is not None)
     ctx.metrics = _ContextMetrics(loggers, ctx)
 
     model = loaded.model
@@ -108,7 +109,8 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     datamodule = None
     if datasets is not None:
         data_cfg = cfg.data
-        datamodule = RunDataModule(datasets, data_cfg.batch_size, data_cfg.get("eval_batch_size"),
+        batch_size = datasets.info.get("batch_size", data_cfg.batch_size)  # a source may lower it (few-shot pools)
+        datamodule = RunDataModule(datasets, batch_size, data_cfg.get("eval_batch_size"),
                                    data_cfg.get("num_workers", 0), cfg.seed)
     last_checkpoint = LastCheckpoint(checkpoint_dir(run_dir) / "last.ckpt")
     callbacks = [DataPositionCallback(), last_checkpoint, *_progress_callbacks(tkw.get("enable_progress_bar", True)), *(extra_callbacks or [])]
