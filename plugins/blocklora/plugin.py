@@ -5,20 +5,19 @@ This module imports no torch, so a run's config is validated before anything hea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from blocktrain.plugins.blocklora.checks import (check_block_lora_args, check_encoder, check_layers,
                                                  check_targets)
+from blocktrain.plugins.lora.plugin import LoraPlugin
 from blocktrain.trainer.errors import UserError
-from blocktrain.trainer.plugin import Plugin, PluginConfig
+from blocktrain.trainer.plugin import PluginConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from blocktrain.trainer.context import RunContext
 
 EXPORT_FORMATS = ("adapter", "merged")  # each is written to out_dir/<format>/
-ADAPTER_PLUGINS = ("lora", "blocklora")  # each wraps the same Linear layers: one of them per model
 
 
 @dataclass
@@ -51,20 +50,12 @@ class BlockLoraConfig(PluginConfig):
                             f"{', '.join(EXPORT_FORMATS)}")
 
 
-class BlockLoraPlugin(Plugin):
+class BlockLoraPlugin(LoraPlugin):
     """Block-LoRA on q/k/v of CLIP's towers (or any Linear layers); exports our adapter and the merged model."""
 
     name = "blocklora"
     description = "Block-LoRA (One Head Eight Arms): LoRA with one down-projection shared by n input blocks"
     config_class = BlockLoraConfig
-
-    def __init__(self, config: BlockLoraConfig):
-        super().__init__(config if isinstance(config, BlockLoraConfig) else BlockLoraConfig(**dict(config)))
-
-    def check_pipeline(self, before: list[Plugin]) -> None:
-        adapters = [p.name for p in before if p.name in ADAPTER_PLUGINS]
-        if adapters:
-            raise UserError(f"plugin blocklora cannot follow {adapters[0]}: a model takes one (Block-)LoRA adapter")
 
     def apply(self, model: "torch.nn.Module", run: "RunContext") -> "torch.nn.Module":
         from blocktrain.plugins.blocklora.surgery import apply_block_lora
@@ -74,25 +65,12 @@ class BlockLoraPlugin(Plugin):
                                 scaling=c.scaling, dropout=c.dropout, dropout_position=c.dropout_position,
                                 mode=c.mode, encoder=c.encoder, layers=c.layers)
 
-    def export(self, model: "torch.nn.Module", out_dir: Path, run: "RunContext") -> Iterable[Path]:
+    def writers(self) -> dict[str, Callable]:
         from blocktrain.plugins.blocklora.export import save_block_adapter, save_block_merged
 
-        writers = {"adapter": save_block_adapter, "merged": save_block_merged}
-        written = []
-        for fmt in self.config.export:
-            written += writers[fmt](model, Path(out_dir) / fmt)
-        tokenizer = getattr(run, "tokenizer", None)
-        if "merged" in self.config.export and hasattr(tokenizer, "save_pretrained"):
-            written += [Path(p) for p in tokenizer.save_pretrained(Path(out_dir) / "merged")]
-        return written
+        return {"adapter": save_block_adapter, "merged": save_block_merged}
 
-    def load_weights(self, model: "torch.nn.Module", path: Path) -> bool:
-        """Load our adapter from ``path``: an adapter folder or an export folder holding ``[blocklora/]adapter``."""
+    def adapter_reader(self) -> tuple[Callable, Callable]:
         from blocktrain.plugins.blocklora.export import is_block_adapter_dir, load_block_adapter
 
-        path = Path(path)
-        for folder in (path, path / "adapter", path / self.name / "adapter"):
-            if is_block_adapter_dir(folder):
-                load_block_adapter(model, folder)
-                return True
-        return False
+        return is_block_adapter_dir, load_block_adapter

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from blocktrain.plugins.lora.checks import check_lora_args
 from blocktrain.trainer.errors import UserError
@@ -53,14 +53,24 @@ class LoraConfig(PluginConfig):
 
 
 class LoraPlugin(Plugin):
-    """LoRA adapters on chosen Linear layers; exports our adapter, a PEFT adapter and/or the merged model."""
+    """LoRA adapters on chosen Linear layers; exports our adapter, a PEFT adapter and/or the merged model.
+
+    Adapter plugins that wrap the same Linear layers (``blocklora``) subclass it for config handling,
+    the one-adapter rule, export and ``init_from``.
+    """
 
     name = "lora"
     description = "LoRA adapters on chosen Linear layers of any transformers/timm model"
     config_class = LoraConfig
 
-    def __init__(self, config: LoraConfig):
-        super().__init__(config if isinstance(config, LoraConfig) else LoraConfig(**dict(config)))
+    def __init__(self, config):
+        cls = self.config_class
+        super().__init__(config if isinstance(config, cls) else cls(**dict(config)))
+
+    def check_pipeline(self, before: list[Plugin]) -> None:
+        adapters = [p.name for p in before if isinstance(p, LoraPlugin)]
+        if adapters:
+            raise UserError(f"plugin {self.name} cannot follow {adapters[0]}: a model takes one (Block-)LoRA adapter")
 
     def apply(self, model: "torch.nn.Module", run: "RunContext") -> "torch.nn.Module":
         from blocktrain.plugins.lora.surgery import apply_lora
@@ -69,10 +79,20 @@ class LoraPlugin(Plugin):
         return apply_lora(model, targets=c.targets, rank=c.rank, alpha=c.alpha, dropout=c.dropout,
                           scaling=c.scaling, modules_to_save=c.modules_to_save)
 
-    def export(self, model: "torch.nn.Module", out_dir: Path, run: "RunContext") -> Iterable[Path]:
+    def writers(self) -> dict[str, Callable]:
+        """Export format name -> ``writer(model, out_dir) -> paths``."""
         from blocktrain.plugins.lora import export
 
-        writers = {"adapter": export.save_adapter, "peft": export.save_peft_adapter, "merged": export.save_merged}
+        return {"adapter": export.save_adapter, "peft": export.save_peft_adapter, "merged": export.save_merged}
+
+    def adapter_reader(self) -> tuple[Callable, Callable]:
+        """(is_adapter_dir, load_adapter) for this plugin's own adapter format."""
+        from blocktrain.plugins.lora.export import is_adapter_dir, load_adapter
+
+        return is_adapter_dir, load_adapter
+
+    def export(self, model: "torch.nn.Module", out_dir: Path, run: "RunContext") -> Iterable[Path]:
+        writers = self.writers()
         written = []
         for fmt in self.config.export:
             written += writers[fmt](model, Path(out_dir) / fmt)
@@ -82,9 +102,8 @@ class LoraPlugin(Plugin):
         return written
 
     def load_weights(self, model: "torch.nn.Module", path: Path) -> bool:
-        """Load our adapter from ``path``: an adapter folder, or an export folder holding one (``[lora/]adapter``)."""
-        from blocktrain.plugins.lora.export import is_adapter_dir, load_adapter
-
+        """Load our adapter from ``path``: an adapter folder, or an export folder holding one (``[NAME/]adapter``)."""
+        is_adapter_dir, load_adapter = self.adapter_reader()
         path = Path(path)
         for folder in (path, path / "adapter", path / self.name / "adapter"):
             if is_adapter_dir(folder):
