@@ -17,7 +17,7 @@ from torch import nn
 
 from blocktrain.plugins.blocklora.attention import fused_state_dict, split_attention_modules
 from blocktrain.plugins.blocklora.surgery import apply_block_lora, block_lora_layers, split_multihead_attention
-from blocktrain.plugins.lora.export import (ADAPTER_CONFIG, MERGED_WEIGHTS, _exactly, _save_tensors, is_adapter_dir,
+from blocktrain.plugins.lora.export import (ADAPTER_CONFIG, MERGED_WEIGHTS, exact_names, save_tensors, is_adapter_dir,
                                             load_adapter, merged_state_dict, save_adapter, save_merged)
 from blocktrain.plugins.lora.surgery import lora_layers
 from blocktrain.trainer.errors import UserError
@@ -72,7 +72,7 @@ def load_block_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if not lora_layers(model):
         lora = json.loads((path / ADAPTER_CONFIG).read_text())
         split_multihead_attention(model, config["split_attention"])
-        apply_block_lora(model, targets=_exactly(lora["targets"]), rank=lora["rank"], n_blocks=lora["n_blocks"],
+        apply_block_lora(model, targets=exact_names(lora["targets"]), rank=lora["rank"], n_blocks=lora["n_blocks"],
                          alpha=lora["alpha"], scaling=lora["scaling"], dropout=lora["dropout"],
                          dropout_position=config["dropout_position"], mode=config["mode"], split_attention=False)
     have = block_adapter_config(model)
@@ -87,5 +87,5 @@ def save_block_merged(model: nn.Module, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     if not split_attention_modules(model):
         return save_merged(model, out_dir)
-    _save_tensors(fused_state_dict(model, merged_state_dict(model)), out_dir / MERGED_WEIGHTS)
+    save_tensors(fused_state_dict(model, merged_state_dict(model)), out_dir / MERGED_WEIGHTS)
     return [out_dir / MERGED_WEIGHTS]

@@ -16,7 +16,7 @@ from torch import nn
 from blocktrain.plugins.blocklora.attention import SplitMultiheadAttention
 from blocktrain.plugins.blocklora.checks import check_block_lora_args, check_encoder, check_layers
 from blocktrain.plugins.blocklora.layers import BlockLoraLinear, SumRankLoraLinear, block_lora_layer
-from blocktrain.plugins.lora.surgery import Targets, _tied_weight_names, lora_layers, select_linears
+from blocktrain.plugins.lora.surgery import Targets, lora_layers, select_linears, wrap_linears
 from blocktrain.trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -161,26 +161,9 @@ def apply_block_lora(model: nn.Module, targets: Targets = ("q_proj", "k_proj", "
     if split_attention:
         split_multihead_attention(model)
     names = select_block_lora_targets(model, targets, encoder, layers)
-    modules = dict(model.named_modules())
-    tied = _tied_weight_names(model)
-    for name in names:
-        parent = modules[name.rpartition(".")[0]]
-        if isinstance(parent, nn.MultiheadAttention):
-            raise UserError(f"Block-LoRA target {name}: nn.MultiheadAttention uses its out_proj weight without "
-                            "calling the layer, so an adapter there would be ignored; pass split_attention=True")
-        if f"{name}.weight" in tied:
-            raise UserError(f"Block-LoRA target {name} shares its weight with another module (tied weights); "
-                            "merging would change both. Choose other targets")
-        width = modules[name].in_features
-        if mode == "tile_input" and width % n_blocks:
-            raise UserError(f"Block-LoRA target {name}: in_features {width} is not divisible by n_blocks "
-                            f"{n_blocks} (mode tile_input cuts the input into n_blocks equal chunks)")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, block_lora_layer(modules[name], mode, rank, alpha, dropout, scaling,
-                                                              n_blocks, dropout_position))
+    wrap_linears(model, names, lambda linear: block_lora_layer(linear, mode, rank, alpha, dropout, scaling, n_blocks,
+                                                               dropout_position),
+                 "Block-LoRA", input_blocks=n_blocks if mode == "tile_input" else 1)
     towers = clip_towers(model)
     per_tower = ", ".join(f"{kind} {sum(_inside(n, p) for n in names)}" for kind, p in towers.items())
     log.info("Block-LoRA (%s, r=%d, n=%d): adapted %d Linear layers%s", mode, rank, n_blocks, len(names),

@@ -32,7 +32,7 @@ _TASK_SUFFIXES = (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAU
                   ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
 
 
-def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
 
@@ -41,7 +41,7 @@ def _base_model_name(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
-def _exactly(names: list[str]) -> str:
+def exact_names(names: list[str]) -> str:
     """A regex matching exactly these qualified names."""
     return "|".join(re.escape(name) for name in names)
 
@@ -64,7 +64,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> list[Path]:
     """Write our adapter format (config JSON + safetensors of ``lora_state_dict``); return the paths."""
     out_dir = Path(out_dir)
     config = adapter_config(model)
-    _save_tensors(lora_state_dict(model), out_dir / ADAPTER_WEIGHTS)
+    save_tensors(lora_state_dict(model), out_dir / ADAPTER_WEIGHTS)
     write_json(out_dir / ADAPTER_CONFIG, config)
     return [out_dir / ADAPTER_CONFIG, out_dir / ADAPTER_WEIGHTS]
 
@@ -87,9 +87,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if config.get("format") != FORMAT:
         raise UserError(f"{path / ADAPTER_CONFIG} is not a {FORMAT} config (format={config.get('format')!r})")
     if not lora_layers(model):
-        apply_lora(model, targets=_exactly(config["targets"]), rank=config["rank"], alpha=config["alpha"],
+        apply_lora(model, targets=exact_names(config["targets"]), rank=config["rank"], alpha=config["alpha"],
                    dropout=config["dropout"], scaling=config["scaling"], n_blocks=config["n_blocks"],
-                   modules_to_save=_exactly(config["modules_to_save"]) if config["modules_to_save"] else ())
+                   modules_to_save=exact_names(config["modules_to_save"]) if config["modules_to_save"] else ())
     have = adapter_config(model)
     for key in ("targets", "modules_to_save", "rank", "alpha", "scaling", "n_blocks"):
         if have[key] != config[key]:
@@ -155,7 +155,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    _save_tensors(state, out_dir / PEFT_WEIGHTS)
+    save_tensors(state, out_dir / PEFT_WEIGHTS)
     write_json(out_dir / PEFT_CONFIG, peft_config)
     return [out_dir / PEFT_CONFIG, out_dir / PEFT_WEIGHTS]
 
@@ -186,7 +186,7 @@ def save_merged(model: nn.Module, out_dir: str | Path) -> list[Path]:
     if hasattr(model, "save_pretrained") and hasattr(model, "config"):
         model.save_pretrained(out_dir, state_dict=state)
         return sorted(p for p in out_dir.iterdir() if p.is_file())
-    _save_tensors(state, out_dir / MERGED_WEIGHTS)
+    save_tensors(state, out_dir / MERGED_WEIGHTS)
     if hasattr(model, "pretrained_cfg"):
         from timm.models._hub import save_config_for_hf
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 import torch
 from torch import nn
@@ -103,29 +103,46 @@ def apply_lora(model: nn.Module, targets: Targets, rank: int = 8, alpha: float =
         raise UserError(f"{type(model).__name__} already has LoRA layers; apply LoRA once")
     names = select_linears(model, targets)
     saved = _select_modules_to_save(model, modules_to_save)
-    modules = dict(model.named_modules())
-    tied = _tied_weight_names(model)
     for name in names:
         inside = [s for s in saved if name == s or name.startswith(s + ".")]
         if inside:
             raise UserError(f"LoRA target {name} is in modules_to_save ({inside[0]}): "
                             "a module is either adapted or fully trained, not both")
-        if f"{name}.weight" in tied:
-            raise UserError(f"LoRA target {name} shares its weight with another module (tied weights); "
-                            "merging would change both. Choose other targets")
-        width = modules[name].in_features
-        if width % n_blocks:
-            raise UserError(f"LoRA target {name}: in_features {width} is not divisible by n_blocks {n_blocks}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        layer = LoraLinear(modules[name], rank, alpha, dropout, scaling, n_blocks)
-        setattr(modules[parent_name], child, layer)
+    wrap_linears(model, names, lambda linear: LoraLinear(linear, rank, alpha, dropout, scaling, n_blocks), "LoRA",
+                 input_blocks=n_blocks)
+    modules = dict(model.named_modules())
     for name in saved:
         setattr(modules[name], SAVE_FLAG, True)
         modules[name].requires_grad_(True)
     return model
+
+
+def wrap_linears(model: nn.Module, names: list[str], make_layer: Callable[[nn.Linear], nn.Module], what: str,
+                 input_blocks: int = 1) -> None:
+    """Freeze ``model`` and replace each named ``nn.Linear`` by ``make_layer(linear)``, after checking all of them.
+
+    Refused: a Linear that ``nn.MultiheadAttention`` reads without calling it (its ``out_proj``), a
+    Linear whose weight is tied to another module, an input width not divisible by ``input_blocks``.
+    Shared by the LoRA-style surgeries (``lora``, ``blocklora``).
+    """
+    modules = dict(model.named_modules())
+    tied = _tied_weight_names(model)
+    for name in names:
+        if isinstance(modules[name.rpartition(".")[0]], nn.MultiheadAttention):
+            raise UserError(f"{what} target {name}: nn.MultiheadAttention uses its out_proj weight without calling "
+                            "the layer, so an adapter there would be ignored; split the attention first")
+        if f"{name}.weight" in tied:
+            raise UserError(f"{what} target {name} shares its weight with another module (tied weights); "
+                            "merging would change both. Choose other targets")
+        width = modules[name].in_features
+        if width % input_blocks:
+            raise UserError(f"{what} target {name}: in_features {width} is not divisible by n_blocks {input_blocks} "
+                            "(the input is cut into n_blocks equal chunks)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name], child, make_layer(modules[name]))
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
