@@ -136,7 +136,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(lora_args, t
 
 def test_ctrl_c_writes_checkpoint_and_resume_auto_finishes(lora_args, tmp_path):
     args = [a for a in lora_args if not a.startswith("trainer.max_steps=")]
-    args += ["logger=none", "trainer.max_steps=400", "checkpoint.every_n_steps=1000", "trainer.enable_progress_bar=false"]
+    args += ["trainer.max_steps=400", "checkpoint.every_n_steps=1000", "trainer.enable_progress_bar=false"]
     cmd = [sys.executable, "-m", "blocktrain.trainer.cli", *args]
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "run"
@@ -155,6 +155,9 @@ def test_ctrl_c_writes_checkpoint_and_resume_auto_finishes(lora_args, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_metrics(run_dir)["status"] == "finished"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stopped_at + 3
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    runs = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the resumed run continues the W&B run
 
 
 def read_step(run_dir: Path) -> int:
