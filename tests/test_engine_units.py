@@ -77,3 +77,24 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("preset", sorted(p.name[:-5] for p in resources.files("blocktrain.conf").joinpath("trainer")
+                                          .iterdir() if p.name.endswith(".yaml")))
+def test_trainer_presets_are_lightning_arguments(preset):
+    from blocktrain.trainer.cli import load_config
+    from blocktrain.trainer.run import trainer_kwargs
+
+    kwargs = trainer_kwargs(load_config([f"trainer={preset}"]))
+    assert {"accelerator", "devices", "strategy", "precision", "max_steps"} <= set(kwargs)
+    expected = {"ddp": "ddp", "fsdp": "fsdp"}.get(preset, "auto")
+    assert kwargs["strategy"] == expected
+
+
+def test_unknown_trainer_key_lists_lightning_arguments():
+    from blocktrain.trainer.cli import load_config
+    from blocktrain.trainer.errors import UserError
+    from blocktrain.trainer.run import trainer_kwargs
+
+    with pytest.raises(UserError, match="unknown key 'max_stepz' in trainer. Valid keys: .*max_steps"):
+        trainer_kwargs(load_config(["+trainer.max_stepz=3"]))
