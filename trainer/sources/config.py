@@ -174,12 +174,37 @@ class TensorsDataConfig(DataConfig):
     y_key: str = "y"
 
 
+@dataclass
+class FewShotDataConfig(DataConfig):
+    """K images per class for CLIP few-shot learning (CoOp / CLIP-LoRA protocol); see sources/few_shot.py."""
+
+    kind: str = "few_shot"
+    dataset: str = MISSING  # imagenet, caltech101, oxford_pets, stanford_cars, flowers102, food101, fgvc_aircraft,
+    #                         sun397, dtd, eurosat, ucf101, fashion_mnist, or any name of an image folder under root
+    source: Optional[str] = field(default=None, metadata=_choices(None, "torchvision", "image_folder", "idx"))
+    root: str = "~/.cache/blocktrain/data"  # torchvision download dir; folder datasets live in root/<folder>
+    path: Optional[str] = None  # this dataset's own directory; null = the catalogue's place under root
+    download: bool = True  # torchvision sources download where the network allows
+    train_split: Optional[str] = None  # split(s) the shots are drawn from, "a+b" pools; null = the dataset's
+    test_split: Optional[str] = None  # evaluated split; null = the dataset's
+    test_fraction: float = field(default=0.3, metadata={"check": (lambda v: 0 < v < 1, "a number in (0, 1)")})
+    shots: int = field(default=16, metadata=_POSITIVE)
+    sampling_seed: Optional[int] = None  # null = the run's seed
+    max_test: Optional[int] = field(default=None, metadata=_POSITIVE)  # cap on test images (fixed subset)
+    image_size: int = field(default=224, metadata=_POSITIVE)
+    class_names: Optional[List[str]] = None  # override, in label order
+    class_names_file: Optional[str] = None  # one name per line, or "folder_name class name" lines
+    templates: Optional[List[str]] = None  # evaluation prompts; null = the dataset's CoOp template
+    steps_per_shot: int = field(default=500, metadata=_POSITIVE)  # info.train_steps = steps_per_shot * shots
+
+
 DATA_KINDS: Dict[str, type] = {
     "text_classification": TextClassificationDataConfig,
     "text_corpus": TextCorpusDataConfig,
     "torchvision": TorchvisionDataConfig,
     "image_folder": ImageFolderDataConfig,
     "tensors": TensorsDataConfig,
+    "few_shot": FewShotDataConfig,
 }
 
 

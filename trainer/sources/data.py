@@ -34,9 +34,9 @@ def build_datasets(cfg: Any, tokenizer: Any = None, seed: int = 0) -> Datasets:
     """Build the datasets a ``data`` config node describes (validated here, so a plain dict works)."""
     cfg = validate_data_config(cfg)
     builders = {"text_classification": _text_classification, "text_corpus": _text_corpus,
-                "torchvision": _torchvision, "image_folder": _image_folder, "tensors": _tensors}
+                "torchvision": _torchvision, "image_folder": _image_folder, "tensors": _tensors, "few_shot": _few_shot}
     data = builders[cfg.kind](cfg, tokenizer, seed)
-    if len(data.train) < cfg.batch_size:
+    if len(data.train) < data.info.get("batch_size", cfg.batch_size):  # a source may lower it (few-shot pools)
         raise UserError(f"the {cfg.kind} train split has {len(data.train)} samples, fewer than one batch "
                         f"(data.batch_size={cfg.batch_size}); lower data.batch_size or add data")
     if data.val is not None and len(data.val) == 0:
@@ -400,6 +400,12 @@ def _image_folder(cfg, tokenizer, seed) -> Datasets:
     _probe(train, str(cfg.path))
     return Datasets(train=train, val=val, collate_fn=None,
                     info={"class_names": classes, "num_labels": len(classes), "image_size": cfg.image_size})
+
+
+def _few_shot(cfg, tokenizer, seed) -> Datasets:
+    from blocktrain.trainer.sources.few_shot import build_few_shot
+
+    return build_few_shot(cfg, seed)
 
 
 # -- tensors -----------------------------------------------------------------------------------
