@@ -55,6 +55,7 @@ class TransformersModelConfig:
     processor: str = field(default="tokenizer",
                            metadata=_choices("tokenizer", "image_processor", "processor", "none"))
     gguf_file: Optional[str] = None  # a .gguf file name inside id: loaded and dequantized
+    unreachable_hint: Optional[str] = None  # added to "cannot find/reach the model" errors (e.g. an offline recipe)
 
 
 @dataclass

@@ -79,7 +79,10 @@ def resolve_model_id(model_id: str) -> tuple[str, bool]:
 def _locate(cfg) -> tuple[str, bool, str | None]:
     """``(location, is_local, gguf_file)`` of a transformers-kind node; a path to a .gguf file as id
     stands for its folder plus ``gguf_file``."""
-    location, local = resolve_model_id(cfg.id)
+    try:
+        location, local = resolve_model_id(cfg.id)
+    except UserError as e:
+        raise UserError(_hinted(cfg, str(e))) from None
     gguf_file = cfg.gguf_file
     if local and Path(location).is_file() and location.endswith(".gguf") and gguf_file is None:
         location, gguf_file = str(Path(location).parent), Path(location).name
@@ -113,8 +116,8 @@ def _load_transformers(cfg, processor) -> LoadedModel:
         if local:
             raise UserError(f"cannot load model {what} from {location}: {_first_line(e)}") from e
         hint = f"model.id=/path/to/dir (the folder holding {gguf_file})" if gguf_file else LOCAL_DIR_HINT
-        raise UserError(f"cannot load model {what} from the Hugging Face hub: {_first_line(e)} "
-                        f"If the model is on disk, pass its directory: {hint}") from e
+        raise UserError(_hinted(cfg, f"cannot load model {what} from the Hugging Face hub: {_first_line(e)} "
+                                     f"If the model is on disk, pass its directory: {hint}")) from e
     except (ValueError, TypeError) as e:
         raise UserError(f"cannot load model {what} as {cfg.auto_class}: {_first_line(e)}") from e
     if gguf_file is not None:
@@ -178,8 +181,8 @@ def _load_processor(cfg, location: str, gguf_file: str | None):
         processor = cls.from_pretrained(source, **kwargs)
     except OSError as e:
         if not resolve_model_id(source)[1]:
-            raise UserError(f"cannot load '{source}' from the Hugging Face hub: {_first_line(e)} If the model is on "
-                            f"disk, pass its directory: {LOCAL_DIR_HINT}") from e
+            raise UserError(_hinted(cfg, f"cannot load '{source}' from the Hugging Face hub: {_first_line(e)} If the "
+                                         f"model is on disk, pass its directory: {LOCAL_DIR_HINT}")) from e
         raise UserError(f"cannot load the {cfg.processor} from {source}: {_first_line(e)} {hint}") from e
     except (ValueError, TypeError) as e:
         raise UserError(f"cannot load the {cfg.processor} from {source}: {_first_line(e)} {hint}") from e
@@ -294,6 +297,12 @@ def _load_timm_checkpoint(model, name: str, path: str, num_classes_set: bool) ->
                         f"with these settings ({detail})")
     model.load_state_dict(state, strict=not dropped)
     return bool(dropped)
+
+
+def _hinted(cfg, message: str) -> str:
+    """``message`` plus the recipe's ``model.unreachable_hint`` (e.g. an offline alternative), if any."""
+    hint = cfg.get("unreachable_hint")
+    return f"{message} {hint}" if hint else message
 
 
 def _first_line(e: BaseException) -> str:
