@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Optional
 
 from blocktrain.trainer.errors import UserError
 
@@ -27,10 +28,23 @@ class ImageClassificationTaskConfig:
     label_smoothing: float = 0.0
 
 
+@dataclass
+class ClipFewShotTaskConfig:
+    """CLIP few-shot classification (CLIP-LoRA): CE on logit_scale·cos(image, text) over all class prompts."""
+
+    kind: str = "clip_few_shot"
+    logit_scale: float = 100.0  # fixed, as CLIP-LoRA; the model's learned logit_scale is not used
+    train_template: str = "a photo of a {}."  # prompts recomputed every step; evaluation uses data_info templates
+    text_chunk_size: Optional[int] = None  # prompts per text-tower call; null = all at once
+    text_checkpointing: bool = False  # recompute the text tower in backward, chunk by chunk (bounds memory)
+    zero_shot: bool = True  # evaluate before training, logged as val/zero_shot_acc
+
+
 TASKS: dict[str, tuple[type, str]] = {
     "sequence_classification": (SequenceClassificationTaskConfig, "blocktrain.trainer.tasks.classification:SequenceClassificationTask"),
     "causal_lm": (CausalLMTaskConfig, "blocktrain.trainer.tasks.language:CausalLMTask"),
     "image_classification": (ImageClassificationTaskConfig, "blocktrain.trainer.tasks.classification:ImageClassificationTask"),
+    "clip_few_shot": (ClipFewShotTaskConfig, "blocktrain.trainer.tasks.clip:ClipFewShotTask"),
 }
 
 
