@@ -171,7 +171,7 @@ def hold_out(labels: Sequence[int], num_classes: int, fraction: float) -> tuple[
 
 
 # -- transforms ----------------------------------------------------------------------------------
-def train_transform(size: int):
+def augment_transform(size: int):
     """CLIP-LoRA's training augmentation."""
     from torchvision import transforms as T
 
@@ -179,7 +179,7 @@ def train_transform(size: int):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def test_transform(size: int):
+def eval_transform(size: int):
     """CLIP's preprocess: shortest side to ``size`` (bicubic), centre crop, normalise."""
     from torchvision import transforms as T
 
@@ -371,8 +371,8 @@ def build_few_shot(cfg, seed: int):
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise UserError(f"data.templates: '{bad[0]}' has no {{}} for the class name")
-    train = FewShotImages(train_pool, train_transform(cfg.image_size))
-    test = FewShotImages(test_pool, test_transform(cfg.image_size))
+    train = FewShotImages(train_pool, augment_transform(cfg.image_size))
+    test = FewShotImages(test_pool, eval_transform(cfg.image_size))
     info = {"dataset": cfg.dataset, "shots": cfg.shots, "class_names": class_names, "num_labels": len(class_names),
             "templates": templates, "train_steps": cfg.steps_per_shot * cfg.shots, "image_size": cfg.image_size,
             "sampling_seed": sampling_seed, "num_test": len(test),

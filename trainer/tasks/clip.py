@@ -60,7 +60,12 @@ class ClipFewShotTask(Task):
         tokenizer = getattr(run.tokenizer, "tokenizer", run.tokenizer)  # a CLIPProcessor holds its tokenizer
         if not callable(tokenizer):
             raise UserError("task clip_few_shot needs the model's tokenizer: set model.processor=tokenizer (or processor)")
-        max_length = clip_model(model).config.text_config.max_position_embeddings
+        config = clip_model(model).config
+        size, wanted = self.info.get("image_size"), config.vision_config.image_size
+        if size is not None and size != wanted:
+            raise UserError(f"the model takes {wanted}x{wanted} images but the data gives {size}x{size}: "
+                            f"set data.image_size={wanted}")
+        max_length = config.text_config.max_position_embeddings
 
         def encode(template: str) -> tuple[torch.Tensor, torch.Tensor]:
             enc = tokenizer([template.format(name) for name in self.class_names], padding=True, truncation=True,

@@ -1,0 +1,84 @@
+"""The CLIP few-shot recipes end to end through the `train` CLI, offline: a tiny random CLIPModel learns a
+synthetic colour-naming task (an image folder written here) with Block-LoRA; a tiny grid writes its tables."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from blocktrain.trainer.sources.tiny_clip import save_tiny_clip
+from tests.helpers import read_metrics, train, wandb_history
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+
+
+def write_colour_folder(root: Path, per_class: dict[str, int], seed: int) -> None:
+    """root/<split>/<colour>/i.png: noisy images of one colour per class (learnable from any crop)."""
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 30, (36, 36, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root holding the 'colours' and 'tints' datasets, tiny CLIP dir)."""
+    root = tmp_path_factory.mktemp("clip_data")
+    write_colour_folder(root / "colours", {"train": 8, "test": 10}, seed=0)
+    write_colour_folder(root / "tints", {"train": 4, "test": 6}, seed=1)
+    model = save_tiny_clip(root / "tiny_clip", list(COLOURS), ["a photo of a {}."], image_size=32, patch_size=8,
+                           width=32, layers=2, heads=2, projection_dim=16)
+    return root, model
+
+
+def test_blocklora_clip_learns_few_shot_through_the_cli(colour_data, tmp_path):
+    root, model = colour_data
+    run_dir = tmp_path / "run"
+    result = train("recipe=blocklora_clip_demo", f"model.id={model}", "data.dataset=colours", f"data.root={root}",
+                   "data.shots=8", "data.steps_per_shot=8", f"run_dir={run_dir}", "logger=csv",
+                   "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    assert metrics["status"] == "finished" and metrics["optimized_metric"] == "val/acc"
+    values = metrics["metrics"]
+    assert values["val/zero_shot_acc"] <= 0.5  # a random CLIP: chance is 0.25
+    assert values["val/acc"] >= 0.9 and values["val/acc"] == metrics["optimized_value"]
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 64  # trainer.max_steps = ${data_info:train_steps} = 8 steps/shot x 8 shots
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    config = OmegaConf.load(run_dir / "config.yaml")
+    assert config.trainer.max_steps == 64 and config.plugin.blocklora.n_blocks == 8
+    assert values["params/trainable"] < 0.05 * values["params/total"]
+    assert (run_dir / "export" / "blocklora" / "adapter").is_dir()
+    assert (run_dir / "export" / "blocklora" / "merged" / "model.safetensors").is_file()
+
+
+def test_grid_multirun_writes_csv_markdown_and_a_wandb_table(colour_data, tmp_path):
+    root, model = colour_data
+    sweep = tmp_path / "sweep"
+    result = train("-m", "recipe=lora_clip", "trainer=cpu", "trainer.precision=32-true", f"model.id={model}",
+                   f"data.root={root}", "data.image_size=32", "data.dataset=colours,tints", "data.shots=1,2", "seed=0",
+                   "data.steps_per_shot=6", "optim.lr=1e-2", "data.num_workers=0", "trainer.enable_progress_bar=false",
+                   "checkpoint.every_n_steps=100", "stages=[fit]", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(sweep / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["dataset"], r["shots"]) for r in rows) == [("colours", "1"), ("colours", "2"), ("tints", "1"),
+                                                                ("tints", "2")]
+    assert all(r["status"] == "finished" and r["method"] == "lora" and 0 <= float(r["acc"]) <= 1 for r in rows)
+    table = (sweep / "results.md").read_text()
+    assert "| colours |" in table and "| tints |" in table and "**average (2 datasets)**" in table
+    mean = np.mean([100 * float(r["acc"]) for r in rows if r["shots"] == "1"])
+    average_row = next(line for line in table.splitlines() if line.startswith("| **average"))
+    assert f"{mean:.1f}" == average_row.split("|")[3].strip()  # columns: dataset, zero-shot, 1 shot, 2 shots
+    logged = [row for row in wandb_history(sweep) if row.get("few_shot/runs/_type") == "table-file"]
+    assert logged and logged[0]["few_shot/runs/nrows"] == 4 and logged[0]["few_shot/summary/nrows"] == 4 + 2

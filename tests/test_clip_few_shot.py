@@ -1,0 +1,262 @@
+"""CLIP few-shot protocol: the K-shot sampler and pools of the few_shot data kind, and the clip_few_shot task's
+logits, text features and chunking/checkpointing, on a tiny random CLIPModel built and saved locally."""
+from __future__ import annotations
+
+import copy
+import gzip
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.sources.class_names import coop_class_names
+from blocktrain.trainer.sources.data import build_datasets
+from blocktrain.trainer.sources.few_shot import augment_transform, eval_transform, hold_out, sample_shots
+from blocktrain.trainer.sources.tiny_clip import save_tiny_clip
+from blocktrain.trainer.tasks import build_task
+from blocktrain.trainer.testing import write_food101
+
+NAMES = ["red", "green", "blue", "yellow"]
+
+
+def write_folder(root: Path, counts: dict[str, int], size=(20, 26), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def few_shot(**overrides) -> dict:
+    return {"kind": "few_shot", "batch_size": 4, "image_size": 16, **overrides}
+
+
+@pytest.fixture(scope="module")
+def folder_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("few_shot_data")
+    write_folder(root / "toys" / "train", {"cat": 7, "dog": 5, "fox": 9})
+    write_folder(root / "toys" / "test", {"cat": 3, "dog": 4, "fox": 2}, seed=1)
+    return root
+
+
+# -- sampling ------------------------------------------------------------------------------------------------
+def test_sampler_draws_exactly_k_per_class_and_repeats_with_the_seed():
+    labels = [i % 5 for i in range(103)]
+    names = [f"c{i}" for i in range(5)]
+    picked = sample_shots(labels, names, 4, seed=3, what="t")
+    assert [sum(labels[i] == c for i in picked) for c in range(5)] == [4] * 5
+    assert len(set(picked)) == 20
+    assert picked == sample_shots(labels, names, 4, seed=3, what="t")
+    assert picked != sample_shots(labels, names, 4, seed=4, what="t")
+
+
+def test_sampler_names_the_class_with_too_few_images():
+    labels = [0] * 6 + [1] * 2 + [2] * 3
+    with pytest.raises(UserError, match=r"class 'dog' has 2 training images, fewer than data.shots=3"):
+        sample_shots(labels, ["cat", "dog", "fox"], 3, seed=0, what="t")
+
+
+def test_folder_source_gives_k_shots_the_full_test_split_and_info(folder_root):
+    data = build_datasets(few_shot(dataset="toys", root=str(folder_root), shots=4), seed=5)
+    assert [data.train.labels.count(c) for c in range(3)] == [4, 4, 4]
+    assert sorted(data.val.labels) == [0] * 3 + [1] * 4 + [2] * 2
+    info = data.info
+    assert info["class_names"] == ["cat", "dog", "fox"] and info["num_labels"] == 3
+    assert info["templates"] == ["a photo of a {}."] and info["dataset"] == "toys" and info["shots"] == 4
+    assert info["train_steps"] == 500 * 4 and info["sampling_seed"] == 5 and info["batch_size"] == 4
+    image, label = data.train[0]
+    assert image.shape == (3, 16, 16) and label == 0
+    again = build_datasets(few_shot(dataset="toys", root=str(folder_root), shots=4), seed=5)
+    other = build_datasets(few_shot(dataset="toys", root=str(folder_root), shots=4, sampling_seed=6), seed=5)
+    assert again.train.pool.refs == data.train.pool.refs
+    assert other.train.pool.refs != data.train.pool.refs
+
+
+def test_too_few_images_is_one_clear_error(folder_root):
+    with pytest.raises(UserError, match=r"data.dataset=toys: class 'dog' has 5 training images, fewer than "
+                                        r"data.shots=6"):
+        build_datasets(few_shot(dataset="toys", root=str(folder_root), shots=6))
+
+
+def test_a_pool_smaller_than_a_batch_is_one_batch(folder_root):
+    data = build_datasets(few_shot(dataset="toys", root=str(folder_root), shots=1, batch_size=32))
+    assert len(data.train) == 3 and data.info["batch_size"] == 3
+
+
+def test_max_test_keeps_a_fixed_subset(folder_root):
+    a = build_datasets(few_shot(dataset="toys", root=str(folder_root), shots=1, max_test=5), seed=0)
+    b = build_datasets(few_shot(dataset="toys", root=str(folder_root), shots=1, max_test=5), seed=9)
+    assert len(a.val) == 5 and a.val.pool.refs == b.val.pool.refs
+
+
+def test_imagenet_layout_with_a_class_names_file(tmp_path):
+    wnids = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
+    write_folder(tmp_path / "imagenet" / "train", {w: 3 for w in wnids})
+    write_folder(tmp_path / "imagenet" / "val", {w: 2 for w in wnids}, seed=1)
+    names = tmp_path / "classnames.txt"
+    names.write_text("".join(f"{w} {n}\n" for w, n in reversed(wnids.items())))
+    data = build_datasets(few_shot(dataset="imagenet", root=str(tmp_path), shots=2, class_names_file=str(names)))
+    assert data.info["class_names"] == ["tench", "goldfish", "great white shark"]
+    assert len(data.train) == 6 and len(data.val) == 6
+
+
+def test_torchvision_source_with_coop_names_and_template(tmp_path):
+    write_food101(tmp_path, classes=("apple_pie", "bibimbap", "club_sandwich"), per_split=3)
+    data = build_datasets(few_shot(dataset="food101", root=str(tmp_path), download=False, shots=2))
+    assert data.info["class_names"] == ["apple pie", "bibimbap", "club sandwich"]
+    assert data.info["templates"] == ["a photo of {}, a type of food."]
+    assert len(data.train) == 6 and len(data.val) == 9
+    with pytest.raises(UserError, match="cannot open torchvision Food101"):
+        build_datasets(few_shot(dataset="food101", root=str(tmp_path / "absent"), download=False, shots=2))
+
+
+def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_source_reads_fashion_mnist_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("t10k", 20)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 0x803)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, 0x801)
+    data = build_datasets(few_shot(dataset="fashion_mnist", path=str(tmp_path), shots=3, image_size=32))
+    assert data.info["class_names"][0] == "T-shirt/top" and data.info["num_labels"] == 10
+    assert len(data.train) == 30 and len(data.val) == 20 and data.train[0][0].shape == (3, 32, 32)
+    with pytest.raises(UserError, match="apt-get install -y dataset-fashion-mnist"):
+        build_datasets(few_shot(dataset="fashion_mnist", path=str(tmp_path / "none"), shots=1))
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").exists(),
+                    reason="Debian dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)")
+def test_real_fashion_mnist_from_the_debian_package():
+    data = build_datasets(few_shot(dataset="fashion_mnist", shots=2, image_size=28))
+    assert len(data.train) == 20 and len(data.val) == 10_000
+    assert sorted(data.train.labels) == sorted(list(range(10)) * 2)
+
+
+def test_hold_out_is_per_class_disjoint_and_fixed():
+    labels = [i % 3 for i in range(30)]
+    train, test = hold_out(labels, 3, 0.3)
+    assert not set(train) & set(test) and len(train) + len(test) == 30
+    assert [sum(labels[i] == c for i in test) for c in range(3)] == [3, 3, 3]
+    assert (train, test) == hold_out(labels, 3, 0.3)
+
+
+def test_coop_class_names():
+    assert coop_class_names("caltech101", ["Faces", "Faces_easy", "airplanes", "water_lilly"]) == \
+        ["face", None, "airplane", "water lilly"]
+    assert coop_class_names("stanford_cars", ["AM General Hummer SUV 2000"]) == ["2000 AM General Hummer SUV"]
+    assert coop_class_names("sun397", ["apartment_building/outdoor", "abbey"]) == \
+        ["outdoor apartment building", "abbey"]
+    assert coop_class_names("eurosat", ["SeaLake", "AnnualCrop"]) == ["Sea or Lake", "Annual Crop Land"]
+    assert coop_class_names("oxford_pets", ["American Bulldog"]) == ["american bulldog"]
+
+
+def test_preprocessing_is_clip_lora_s():
+    image = Image.fromarray(np.zeros((40, 80, 3), dtype=np.uint8))
+    steps = [type(t).__name__ for t in augment_transform(224).transforms]
+    assert steps == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    crop = augment_transform(224).transforms[0]
+    assert crop.scale == (0.08, 1.0) and crop.interpolation.value == "bicubic"
+    resize, center = eval_transform(32).transforms[:2]
+    assert resize.size == 32 and resize.interpolation.value == "bicubic"  # shortest side, aspect kept
+    assert eval_transform(32)(image).shape == (3, 32, 32) and center.size == (32, 32)
+
+
+# -- the task ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random CLIPModel and its word-level tokenizer, saved and loaded through the model source."""
+    from blocktrain.trainer.sources.models import load_model
+
+    path = save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), NAMES, ["a photo of a {}.", "a {} texture."],
+                          image_size=32, patch_size=8, width=32, layers=2, heads=2, projection_dim=16)
+    loaded = load_model({"kind": "transformers", "id": str(path), "auto_class": "CLIPModel"})
+    return loaded.model, loaded.tokenizer
+
+
+def make_task(model, tokenizer, templates=("a photo of a {}.",), **config):
+    task = build_task(OmegaConf.create({"kind": "clip_few_shot", **config}),
+                      {"class_names": NAMES, "templates": list(templates)})
+    task.setup(model, SimpleNamespace(tokenizer=tokenizer))
+    return task
+
+
+def _by_hand(model, tokenizer, prompts, images):
+    enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    text = model.text_projection(model.text_model(**enc).pooler_output)
+    image = model.visual_projection(model.vision_model(pixel_values=images).pooler_output)
+    return image, text
+
+
+def test_logits_are_100_cos_of_image_and_prompt_features(tiny):
+    model, tokenizer = tiny
+    task = make_task(model, tokenizer)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = task.logits(model, images, task.text_features(model, "train"))
+        image, text = _by_hand(model, tokenizer, [f"a photo of a {n}." for n in NAMES], images)
+    cos = (image @ text.T) / (image.norm(dim=-1, keepdim=True) * text.norm(dim=-1)[None])
+    assert logits.shape == (3, 4)
+    torch.testing.assert_close(logits, 100 * cos, rtol=1e-5, atol=1e-4)
+
+
+def test_evaluation_ensembles_the_dataset_templates(tiny):
+    model, tokenizer = tiny
+    templates = ["a photo of a {}.", "a {} texture."]
+    task = make_task(model, tokenizer, templates=templates)
+    with torch.no_grad():
+        got = task.text_features(model, "eval")
+        units = [torch.nn.functional.normalize(_by_hand(model, tokenizer, [t.format(n) for n in NAMES],
+                                                        torch.zeros(1, 3, 32, 32))[1], dim=-1) for t in templates]
+    torch.testing.assert_close(got, torch.nn.functional.normalize(units[0] + units[1], dim=-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk, checkpointing", [(3, False), (1, True), (2, True)])
+def test_text_chunking_and_checkpointing_change_nothing_but_memory(tiny, chunk, checkpointing):
+    from blocktrain.plugins.lora import apply_lora
+
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    adapted = apply_lora(copy.deepcopy(model), targets=["q_proj", "k_proj", "v_proj"], rank=2,
+                         alpha=1.0, dropout=0.0, scaling="sqrt_rank")
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    batch = (images, torch.tensor([0, 1, 2, 3]))
+    results = []
+    for config in ({}, {"text_chunk_size": chunk, "text_checkpointing": checkpointing}):
+        task = make_task(adapted, tokenizer, **config)
+        adapted.zero_grad()
+        loss = task.loss(adapted, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad}
+        assert any(g.abs().sum() > 0 for n, g in grads.items() if "text_model" in n)  # gradients reach the text tower
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_task_config_mistakes_are_user_errors(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(UserError, match="needs class_names and templates"):
+        build_task(OmegaConf.create({"kind": "clip_few_shot"}), {"num_labels": 4})
+    with pytest.raises(UserError, match="has no {}"):
+        make_task(model, tokenizer, train_template="a photo")
+    with pytest.raises(UserError, match="needs a CLIP model"):
+        make_task(torch.nn.Linear(2, 2), tokenizer)
+    task = build_task(OmegaConf.create({"kind": "clip_few_shot"}),
+                      {"class_names": NAMES, "templates": ["{}"], "image_size": 224})
+    with pytest.raises(UserError, match="takes 32x32 images but the data gives 224x224: set data.image_size=32"):
+        task.setup(model, SimpleNamespace(tokenizer=tokenizer))
