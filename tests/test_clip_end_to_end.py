@@ -7,10 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from blocktrain.trainer.cli import load_config
+from blocktrain.trainer.run import RunInterrupted, run
 from blocktrain.trainer.sources.tiny_clip import save_tiny_clip
+from blocktrain.trainer.tasks.clip import ZeroShotEvaluation
 from tests.helpers import read_metrics, train, wandb_history
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
@@ -82,3 +87,32 @@ def test_grid_multirun_writes_csv_markdown_and_a_wandb_table(colour_data, tmp_pa
     assert f"{mean:.1f}" == average_row.split("|")[3].strip()  # columns: dataset, zero-shot, 1 shot, 2 shots
     logged = [row for row in wandb_history(sweep) if row.get("few_shot/runs/_type") == "table-file"]
     assert logged and logged[0]["few_shot/runs/nrows"] == 4 and logged[0]["few_shot/summary/nrows"] == 4 + 2
+
+
+class _InterruptAt(pl.Callback):
+    """Simulates Ctrl-C right after optimizer step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_restores_the_zero_shot_accuracy_instead_of_measuring_trained_weights(colour_data, tmp_path,
+                                                                                      monkeypatch):
+    root, model = colour_data
+    run_dir = tmp_path / "run"
+    args = ["recipe=blocklora_clip_demo", f"model.id={model}", "data.dataset=colours", f"data.root={root}",
+            "data.shots=4", "data.steps_per_shot=2", f"run_dir={run_dir}", "logger=none",
+            "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2"]
+    with pytest.raises(RunInterrupted):
+        run(load_config(args), extra_callbacks=[_InterruptAt(3)])
+    zero_shot = read_metrics(run_dir)["metrics"]["val/zero_shot_acc"]
+    monkeypatch.setattr(ZeroShotEvaluation, "_evaluate", lambda *a: pytest.fail("zero-shot evaluation on resume"))
+    run(load_config([*args, "resume=auto"]))
+    metrics = read_metrics(run_dir)
+    assert metrics["status"] == "finished"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert metrics["metrics"]["val/zero_shot_acc"] == zero_shot and "val/acc" in metrics["metrics"]

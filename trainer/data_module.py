@@ -74,6 +74,8 @@ class RunDataModule(pl.LightningDataModule):
         sampler.epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if self._resume_position and self._resume_position["epoch"] == sampler.epoch:
             sampler.skip = self._resume_position["batches"] * self.batch_size
+            if sampler.skip >= len(sampler._indices()):  # saved after the epoch's last batch: Lightning moves on
+                sampler.skip = 0  # (an empty loader would end the fit with "No training batches")
             self.position = dict(self._resume_position)
         self._resume_position = None
         return self._loader(train, self.batch_size, sampler)

@@ -150,7 +150,7 @@ class ZeroShotEvaluation(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         if not self.task.config.zero_shot or trainer.datamodule is None:
             return
-        if trainer.global_step == 0:
+        if trainer.ckpt_path is None:  # resuming: the weights are trained, the result came with the checkpoint
             self.result = self._evaluate(trainer, pl_module)
         if self.result:
             pl_module.run.log(self.result, step=0)
