@@ -19,6 +19,7 @@ from blocktrain.trainer.tasks.clip import ZeroShotEvaluation
 from tests.helpers import read_metrics, train, wandb_history
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the tiny model gains nothing from two, which stall on busy shared cores
 
 
 def write_colour_folder(root: Path, per_class: dict[str, int], seed: int) -> None:
@@ -49,7 +50,7 @@ def test_blocklora_clip_learns_few_shot_through_the_cli(colour_data, tmp_path):
     run_dir = tmp_path / "run"
     result = train("recipe=blocklora_clip_demo", f"model.id={model}", "data.dataset=colours", f"data.root={root}",
                    "data.shots=8", "data.steps_per_shot=8", f"run_dir={run_dir}", "logger=csv",
-                   "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false")
+                   "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", **ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(run_dir)
     assert metrics["status"] == "finished" and metrics["optimized_metric"] == "val/acc"
@@ -73,7 +74,7 @@ def test_grid_multirun_writes_csv_markdown_and_a_wandb_table(colour_data, tmp_pa
     result = train("-m", "recipe=lora_clip", "trainer=cpu", "trainer.precision=32-true", f"model.id={model}",
                    f"data.root={root}", "data.image_size=32", "data.dataset=colours,tints", "data.shots=1,2", "seed=0",
                    "data.steps_per_shot=6", "optim.lr=1e-2", "data.num_workers=0", "trainer.enable_progress_bar=false",
-                   "checkpoint.every_n_steps=100", "stages=[fit]", f"hydra.sweep.dir={sweep}")
+                   "checkpoint.every_n_steps=100", "stages=[fit]", f"hydra.sweep.dir={sweep}", **ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
