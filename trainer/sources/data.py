@@ -206,17 +206,23 @@ def _text_classification(cfg, tokenizer, seed) -> Datasets:
 
 # -- text corpus -------------------------------------------------------------------------------
 class TokenBlocks(Dataset):
-    """Fixed-length token sequences; items are ``{"input_ids": x, "labels": x}``."""
+    """Fixed-length token sequences; items are ``{"input_ids": x, "labels": x}``. With ``scored_from``, window
+    i's labels are -100 before position ``scored_from[i]`` (tokens an earlier window already scores)."""
 
-    def __init__(self, blocks: torch.Tensor):
+    def __init__(self, blocks: torch.Tensor, scored_from: torch.Tensor | None = None):
         self.blocks = blocks
+        self.scored_from = scored_from
 
     def __len__(self):
         return self.blocks.shape[0]
 
     def __getitem__(self, i):
         x = self.blocks[i]
-        return {"input_ids": x, "labels": x}
+        if self.scored_from is None or not self.scored_from[i]:
+            return {"input_ids": x, "labels": x}
+        labels = x.clone()
+        labels[:int(self.scored_from[i])] = -100
+        return {"input_ids": x, "labels": labels}
 
 
 def corpus_files(entries: list[str], pattern: str) -> list[Path]:
@@ -257,14 +263,19 @@ def tokenize_corpus(files: list[Path], tokenizer, add_eos: bool, lines_per_call:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _blocks(stream: torch.Tensor, seq_len: int, stride: int, limit: int | None, seed: int) -> torch.Tensor:
+def _blocks(stream: torch.Tensor, seq_len: int, stride: int, limit: int | None,
+            seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of ``seq_len`` every ``stride`` tokens (a seeded subset of ``limit``) and, per window, how many of
+    its leading tokens the previous kept window covers (for scoring every token once)."""
     if stream.numel() < seq_len:
-        return stream.new_zeros((0, seq_len))
-    blocks = stream.unfold(0, seq_len, stride)
-    if limit is not None and blocks.shape[0] > limit:
-        keep = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
-        blocks = blocks[keep.sort().values]
-    return blocks.contiguous()
+        return stream.new_zeros((0, seq_len)), stream.new_zeros((0,))
+    starts = torch.arange(0, stream.numel() - seq_len + 1, stride)
+    if limit is not None and starts.numel() > limit:
+        keep = torch.randperm(starts.numel(), generator=torch.Generator().manual_seed(seed))[:limit]
+        starts = starts[keep.sort().values]
+    covered = torch.zeros_like(starts)
+    covered[1:] = (starts[:-1] + seq_len - starts[1:]).clamp(min=0)
+    return stream.unfold(0, seq_len, stride)[starts // stride].contiguous(), covered
 
 
 def _text_corpus(cfg, tokenizer, seed) -> Datasets:
@@ -274,20 +285,20 @@ def _text_corpus(cfg, tokenizer, seed) -> Datasets:
     stride = cfg.stride or cfg.seq_len
     n_val = int(stream.numel() * cfg.val_fraction)
     train_stream, val_stream = stream[:stream.numel() - n_val], stream[stream.numel() - n_val:]
-    train = _blocks(train_stream, cfg.seq_len, stride, cfg.max_sequences, seed)
+    train, _ = _blocks(train_stream, cfg.seq_len, stride, cfg.max_sequences, seed)
     where = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
     if train.shape[0] == 0:
         raise UserError(f"the corpus {where} has {train_stream.numel()} training tokens, fewer than one "
                         f"sequence of data.seq_len={cfg.seq_len}")
     val = None
     if n_val:
-        val = _blocks(val_stream, cfg.seq_len, stride, cfg.max_sequences, seed + 1)
+        val, val_covered = _blocks(val_stream, cfg.seq_len, stride, cfg.max_sequences, seed + 1)
         if val.shape[0] == 0:
             raise UserError(f"the held-out tail of {where} has {n_val} tokens, fewer than one sequence of "
                             f"data.seq_len={cfg.seq_len}; raise data.val_fraction or lower data.seq_len")
     return Datasets(
         train=TokenBlocks(train),
-        val=TokenBlocks(val) if val is not None else None,
+        val=TokenBlocks(val, scored_from=val_covered) if val is not None else None,  # each token scored once
         collate_fn=None,
         info={"seq_len": cfg.seq_len, "stride": stride, "num_files": len(files),
               "num_tokens": stream.numel(), "num_val_tokens": n_val, "vocab_size": len(tokenizer)},

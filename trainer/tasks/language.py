@@ -10,11 +10,12 @@ from blocktrain.trainer.tasks.base import Task
 
 
 def token_nll(model, batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over the batch and the number of predicted tokens."""
+    """Summed next-token NLL over the batch and the number of predicted tokens (``labels``, where given, are the
+    targets, -100 = not scored; else the input ids)."""
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-    targets = input_ids[:, 1:]
+    targets = batch.get("labels", input_ids)[:, 1:]
     if mask is not None:
         targets = targets.masked_fill(mask[:, 1:] == 0, -100)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
