@@ -62,7 +62,7 @@ def build_plugins(cfg: DictConfig) -> list:
 
 
 def _check_fresh_run_dir(run_dir: Path, resume: str | None) -> None:
-    if resume is None and checkpoint_dir(run_dir).is_dir() and any(checkpoint_dir(run_dir).glob("*.ckpt")):
+    if resume is None and (any(checkpoint_dir(run_dir).glob("*.ckpt")) or any((run_dir / "state").glob("*.pt"))):
         raise UserError(f"{run_dir} already holds checkpoints of an earlier run: pass resume=auto to continue it, "
                         "or choose another run_dir")
 

@@ -1,0 +1,95 @@
+"""The per-layer sparsity report: counted from the weights (real zeros), written as a table and a bar chart,
+logged as scalars and, with W&B, as a table and an image."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from blocktrain.trainer.io import atomic_path, write_json
+
+__all__ = ["layer_densities", "density_chart", "report_sparsity"]
+
+
+@torch.no_grad()
+def layer_densities(model: torch.nn.Module, names: list[str]) -> list[dict]:
+    """One row per layer: name, shape, numel, nonzero (weights that are not exactly 0) and density."""
+    rows = []
+    for name in names:
+        weight = model.get_submodule(name).weight
+        nonzero = int(weight.count_nonzero())
+        rows.append({"layer": name, "shape": list(weight.shape), "numel": weight.numel(), "nonzero": nonzero,
+                     "density": nonzero / weight.numel()})
+    return rows
+
+
+def density_chart(rows: list[dict], target: float | None = None, height: int = 240):
+    """A PIL bar chart of the per-layer densities (layer index on x, density 0..1 on y; target as a line)."""
+    from PIL import Image, ImageDraw
+
+    bar, left, top, bottom = max(2, min(12, 1200 // max(len(rows), 1))), 40, 24, 20
+    width = max(360, left + bar * len(rows) + 10)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    plot = height - top - bottom
+    for value in (0.0, 0.5, 1.0):
+        y = top + plot * (1 - value)
+        draw.line([(left, y), (width - 5, y)], fill=(220, 220, 220))
+        draw.text((4, y - 6), f"{value:.1f}", fill="black")
+    for i, row in enumerate(rows):
+        x = left + i * bar
+        draw.rectangle([x, top + plot * (1 - row["density"]), x + bar - 2, top + plot], fill=(60, 110, 180))
+    if target is not None:
+        y = top + plot * (1 - target)
+        draw.line([(left, y), (width - 5, y)], fill=(200, 40, 40))
+    draw.text((left, 4), f"density per layer ({len(rows)} layers, in model order)", fill="black")
+    draw.text((left, height - bottom + 4), "layer", fill="black")
+    return image
+
+
+def _markdown(rows: list[dict], overall: float) -> str:
+    lines = ["| layer | shape | nonzero / numel | density |", "|---|---|---:|---:|"]
+    lines += [f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['nonzero']} / {r['numel']} | {r['density']:.4f} |"
+              for r in rows]
+    total = sum(r["numel"] for r in rows)
+    lines.append(f"| **all {len(rows)} layers** | | {sum(r['nonzero'] for r in rows)} / {total} | {overall:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_sparsity(model: torch.nn.Module, names: list[str], run, target: float | None = None) -> dict[str, float]:
+    """Write ``sparsity_report.{md,json,png}`` in the run dir, log the table and chart to W&B, and return the
+    metrics: ``sparsity/density`` (all target layers), min/max over layers and ``sparsity/density/<layer>``."""
+    rows = layer_densities(model, names)
+    total = sum(r["numel"] for r in rows)
+    overall = sum(r["nonzero"] for r in rows) / total
+    out = Path(run.run_dir)
+    with atomic_path(out / "sparsity_report.md") as tmp:
+        tmp.write_text(_markdown(rows, overall))
+    write_json(out / "sparsity_report.json", {"density": overall, "target_density": target, "layers": rows})
+    chart = density_chart(rows, target)
+    with atomic_path(out / "sparsity_report.png") as tmp:
+        chart.save(tmp, format="PNG")
+    _log_wandb(run, rows, chart)
+    densities = [r["density"] for r in rows]
+    print(f"sparsity: {len(rows)} layers, density {overall:.4f} (per layer {min(densities):.4f} .. "
+          f"{max(densities):.4f}); table: {out / 'sparsity_report.md'}", file=sys.stderr)
+    return {"sparsity/density": overall, "sparsity/min_layer_density": min(densities),
+            "sparsity/max_layer_density": max(densities),
+            **{f"sparsity/density/{r['layer']}": r["density"] for r in rows}}
+
+
+def _log_wandb(run, rows: list[dict], chart) -> None:
+    from pytorch_lightning.loggers import WandbLogger
+
+    trainer = getattr(run, "trainer", None)
+    for logger in getattr(trainer, "loggers", None) or []:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            table = wandb.Table(columns=["layer", "shape", "numel", "nonzero", "density"],
+                                data=[[r["layer"], json.dumps(r["shape"]), r["numel"], r["nonzero"], r["density"]]
+                                      for r in rows])
+            logger.experiment.log({"sparsity/layers": table,
+                                   "sparsity/density_chart": wandb.Image(chart, caption="density per layer")})
