@@ -8,4 +8,12 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "lora": ("blocktrain.plugins.lora.plugin:LoraPlugin", "LoRA adapters on chosen Linear layers of any transformers/timm model"),
     "blocklora": ("blocktrain.plugins.blocklora.plugin:BlockLoraPlugin",
                   "Block-LoRA (One Head Eight Arms): LoRA with one down-projection shared by n input blocks"),
+    "magnitude": ("blocktrain.plugins.sparsity.plugin:MagnitudePlugin",
+                  "Magnitude pruning (unstructured or N:M) of every Linear; the data-free baseline"),
+    "wanda": ("blocktrain.plugins.sparsity.plugin:WandaPlugin",
+              "Wanda pruning (|W|·‖X‖, unstructured or N:M) of every Linear; iCBS's starting mask"),
+    "sparsegpt": ("blocktrain.plugins.sparsity.plugin:SparseGPTPlugin",
+                  "SparseGPT one-shot pruning with OBS weight updates (unstructured or N:M) of every Linear"),
+    "icbs": ("blocktrain.plugins.icbs.plugin:ICBSPlugin",
+             "iCBS pruning: Wanda init, then block coordinate descent over QUBOs (long, resumable calibrate)"),
 }

@@ -1,12 +1,25 @@
-"""iCBS core: iterative Combinatorial Brain Surgeon pruning by block coordinate descent over QUBOs."""
-from .persample import capture_io_grads, causal_lm_sample_losses, mean_weight_grad, per_sample_block_grads
-from .pruner import ICBSConfig, ICBSPruner, icbs_prune
-from .qubo import block_qubo, move_delta, quadratic_loss_change, scale_and_cutoff
-from .selection import allocate_steps, select_block
-from .state import LayerState, TabuList, init_layer_state
+"""iCBS core: iterative Combinatorial Brain Surgeon pruning by block coordinate descent over QUBOs.
 
-__all__ = [
-    "allocate_steps", "block_qubo", "capture_io_grads", "causal_lm_sample_losses", "icbs_prune", "ICBSConfig",
-    "ICBSPruner", "init_layer_state", "LayerState", "mean_weight_grad", "move_delta", "per_sample_block_grads",
-    "quadratic_loss_change", "scale_and_cutoff", "select_block", "TabuList",
-]
+``plugin`` binds it to a run (plugin ``icbs``). Names are imported on first use, so loading the plugin's
+config class does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    **{n: "persample" for n in ("capture_io_grads", "causal_lm_sample_losses", "mean_weight_grad",
+                                "per_sample_block_grads")},
+    "ICBSConfig": "pruner", "ICBSPruner": "pruner", "icbs_prune": "pruner",
+    **{n: "qubo" for n in ("block_qubo", "move_delta", "quadratic_loss_change", "scale_and_cutoff")},
+    "allocate_steps": "selection", "select_block": "selection",
+    "LayerState": "state", "TabuList": "state", "init_layer_state": "state",
+    "ICBSPluginConfig": "plugin", "ICBSPlugin": "plugin",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

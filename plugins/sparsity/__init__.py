@@ -1,13 +1,26 @@
-"""Unstructured and N:M pruning cores: magnitude, Wanda, SparseGPT, and the mask utilities they share."""
-from .calibration import calibrate_layers, default_forward, layer_groups
-from .masks import (apply_masks, ascending_order, find_linear_names, keep_count, mask_from_scores, parse_pattern,
-                    row_keep_count, sparsity_report)
-from .sparsegpt import HessianAccumulator, cholesky_inverse_upper, sparsegpt_layer, sparsegpt_prune
-from .wanda import InputSquares, input_square_sums, magnitude_prune, magnitude_scores, wanda_prune, wanda_scores
+"""Unstructured and N:M pruning cores: magnitude, Wanda, SparseGPT, and the mask utilities they share.
 
-__all__ = [
-    "apply_masks", "ascending_order", "calibrate_layers", "cholesky_inverse_upper", "default_forward",
-    "find_linear_names", "HessianAccumulator", "input_square_sums", "InputSquares", "keep_count", "layer_groups",
-    "magnitude_prune", "magnitude_scores", "mask_from_scores", "parse_pattern", "row_keep_count", "sparsegpt_layer",
-    "sparsegpt_prune", "sparsity_report", "wanda_prune", "wanda_scores",
-]
+``plugin`` binds them to a run (plugins ``magnitude``, ``wanda``, ``sparsegpt``). Names are imported on first
+use, so loading a plugin's config class does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "calibrate_layers": "calibration", "default_forward": "calibration", "layer_groups": "calibration",
+    **{n: "masks" for n in ("apply_masks", "ascending_order", "find_linear_names", "keep_count", "mask_from_scores",
+                            "parse_pattern", "row_keep_count", "sparsity_report")},
+    **{n: "sparsegpt" for n in ("HessianAccumulator", "cholesky_inverse_upper", "sparsegpt_layer", "sparsegpt_prune")},
+    **{n: "wanda" for n in ("InputSquares", "input_square_sums", "magnitude_prune", "magnitude_scores", "wanda_prune",
+                            "wanda_scores")},
+    **{n: "plugin" for n in ("PruningConfig", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "PruningPlugin",
+                             "MagnitudePlugin", "WandaPlugin", "SparseGPTPlugin")},
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
