@@ -123,9 +123,9 @@ class ICBSPlugin(PruningPlugin):
             cal = c.calibration
             pruner.initialize(calibration_batches(run.data, cal.samples, cal.batch_size, self.seed(cal, run), run.device,
                                                   where="plugin.icbs.calibration"), calibration_forward)
-        batches = calibration_batches(run.data, c.pruning.samples, c.pruning.batch_size, self.seed(c.pruning, run),
-                                      run.device, where="plugin.icbs.pruning")
         total = pruner.remaining + max(0, c.epochs - pruner.epoch) * c.steps_per_epoch
+        batches = calibration_batches(run.data, c.pruning.samples, c.pruning.batch_size, self.seed(c.pruning, run),
+                                      run.device, where="plugin.icbs.pruning") if total else []
         cumulative = sum(pruner.dL_track)
         start = time.perf_counter()
         with state.steps(total, f"iCBS: {total} steps", pruner.state_dict) as step_done:

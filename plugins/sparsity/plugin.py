@@ -130,7 +130,8 @@ class PruningPlugin(Plugin):
         if lm.tasks:
             from blocktrain.trainer.compression.evaluation import lm_eval_scores
 
-            metrics.update(lm_eval_scores(model, run.tokenizer, list(lm.tasks), lm.num_fewshot, lm.batch_size, lm.limit))
+            metrics.update(lm_eval_scores(model, run.tokenizer, list(lm.tasks), lm.num_fewshot, lm.batch_size, lm.limit,
+                                          lm.include_path))
         return metrics
 
     def seed(self, calibration: CalibrationConfig, run: "RunContext") -> int:

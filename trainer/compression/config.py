@@ -31,6 +31,7 @@ class LmEvalConfig:
     num_fewshot: int = 0
     batch_size: int = 8
     limit: Optional[float] = None  # per task: a count (>= 1) or a fraction (< 1) of its examples; null = all
+    include_path: Optional[str] = None  # a folder of your own task YAMLs (e.g. local datasets, offline)
 
 
 def check_density(density: float, where: str) -> None:

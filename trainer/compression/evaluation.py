@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -45,13 +46,17 @@ def require_lm_eval(where: str) -> None:
 
 
 def lm_eval_scores(model: torch.nn.Module, tokenizer, tasks: list[str], num_fewshot: int = 0, batch_size: int = 8,
-                   limit: float | None = None) -> dict[str, float]:
-    """Zero/few-shot lm-eval accuracies ×100 (``acc,none``, as iCBS reports them) per task and their mean."""
+                   limit: float | None = None, include_path: str | None = None) -> dict[str, float]:
+    """Zero/few-shot lm-eval accuracies ×100 (``acc,none``, as iCBS reports them) per task and their mean;
+    ``include_path`` adds a folder of task YAMLs to the harness's own tasks."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)["results"]
+    manager = TaskManager(include_path=str(Path(include_path).expanduser())) if include_path else None
+    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                              task_manager=manager)["results"]
     scores = {f"lm_eval/{task}": 100.0 * float(results[task]["acc,none"]) for task in tasks if "acc,none" in results[task]}
     missing = [task for task in tasks if f"lm_eval/{task}" not in scores]
     if missing:
