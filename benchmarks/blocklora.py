@@ -139,11 +139,11 @@ def measure(spec: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def points(quick: bool) -> list[dict]:
+def points(quick: bool, grid_only: bool = False) -> list[dict]:
     if quick:
         return [dict(batch=2, classes=10, chunk=None, checkpointing=False)]
     grid = [dict(batch=b, classes=c, chunk=None, checkpointing=False) for b in (8, 32) for c in (10, 100)]
-    return grid + [dict(batch=32, classes=1000, chunk=None, checkpointing=False),
+    return grid if grid_only else grid + [dict(batch=32, classes=1000, chunk=None, checkpointing=False),
                    dict(batch=32, classes=1000, chunk=100, checkpointing=True)]
 
 
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per point (default 10; quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; quick 1)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--grid-only", action="store_true", help="skip the C = 1000 points (about 20 GB each on CPU)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -168,7 +169,7 @@ def main() -> None:
     memory = "peak CUDA GiB" if cuda else "peak RSS GiB (before 1st step)"
     print(f"| B | C | text | variant | trainable | step s | vs lora | {memory} | vs lora |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for point in points(args.quick):
+    for point in points(args.quick, args.grid_only):
         results = {v: measure({**point, "variant": v, "steps": steps, "warmup": warmup}) for v in args.variants}
         base = results.get("lora")
         text = f"chunk {point['chunk']} + ckpt" if point["checkpointing"] else "plain"
