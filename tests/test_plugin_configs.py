@@ -34,9 +34,9 @@ def test_plugin_yaml_equals_dataclass_defaults_and_validates(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_plugin_config_rejects_a_wrong_type(name):
-    fields = [f for f in dataclasses.fields(load_plugin_class(name).config_class) if f.type in (int, "int")]
-    if not fields:
-        pytest.skip(f"{name} has no integer field to mistype")
+    numeric = (int, float, "int", "float")
+    fields = [f for f in dataclasses.fields(load_plugin_class(name).config_class) if f.type in numeric]
+    assert fields, f"{name} has no numeric field to mistype"
     with pytest.raises(UserError, match=fields[0].name):
         validate_plugins(load_config([f"plugin=[{name}]", f"plugin.{name}.{fields[0].name}=abc"]).plugin)
 
