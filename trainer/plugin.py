@@ -6,6 +6,7 @@ Every hook is optional. This module imports nothing heavy, so listing plugins st
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
@@ -13,6 +14,22 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from blocktrain.trainer.context import RunContext
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]):
+    """A module ``__getattr__`` importing each public name from its submodule on first use.
+
+    ``exports`` maps a name to a submodule of ``package`` (or to an absolute module path), so a plugin
+    package can list its core without importing torch when only its config is needed.
+    """
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module = exports[name]
+        return getattr(importlib.import_module(module if "." in module else f"{package}.{module}"), name)
+
+    return __getattr__
 
 
 @dataclass

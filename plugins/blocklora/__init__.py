@@ -6,7 +6,7 @@ Names are imported on first use, so loading the plugin's config class does not i
 """
 from __future__ import annotations
 
-import importlib
+from blocktrain.trainer.plugin import lazy_exports
 
 _LORA = "blocktrain.plugins.lora.surgery"
 _EXPORTS = {
@@ -22,9 +22,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = _EXPORTS[name]
-    return getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ config class does not import torch.
 """
 from __future__ import annotations
 
-import importlib
+from blocktrain.trainer.plugin import lazy_exports
 
 _EXPORTS = {
     **{n: "persample" for n in ("capture_io_grads", "causal_lm_sample_losses", "mean_weight_grad",
@@ -18,8 +18,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ imported on first use, so loading the plugin's config class does not import torc
 """
 from __future__ import annotations
 
-import importlib
+from blocktrain.trainer.plugin import lazy_exports
 
 _EXPORTS = {
     "LoraLinear": "layers", "lora_scaling": "checks", "SCALINGS": "checks",
@@ -17,8 +17,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ use, so loading a plugin's config class does not import torch.
 """
 from __future__ import annotations
 
-import importlib
+from blocktrain.trainer.plugin import lazy_exports
 
 _EXPORTS = {
     "calibrate_layers": "calibration", "default_forward": "calibration", "layer_groups": "calibration",
@@ -19,8 +19,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
