@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import resource
 import statistics
@@ -34,20 +33,6 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 VARIANTS = ("blocklora", "lora", "peft")
 WORDS = ("red green blue small large striped spotted wild domestic tropical northern river mountain desert old "
          "new wooden metal glass paper stone bird fish cat dog flower tree car plane boat house").split()
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def class_names(count: int) -> list[str]:
@@ -163,8 +148,10 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     import torch
 
+    from blocktrain.trainer.testing import describe_machine
+
     cuda = torch.cuda.is_available()
-    print(f"machine: {machine()}; torch {torch.__version__}; {'fp16 autocast' if cuda else 'fp32'}; "
+    print(f"machine: {describe_machine()}; torch {torch.__version__}; {'fp16 autocast' if cuda else 'fp32'}; "
           f"median of {steps} steps after {warmup}; each point in a fresh process")
     memory = "peak CUDA GiB" if cuda else "peak RSS GiB (before 1st step)"
     print(f"| B | C | text | variant | trainable | step s | vs lora | {memory} | vs lora |")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
 import statistics
 import sys
 import time
@@ -27,20 +26,9 @@ import torch  # noqa: E402
 
 from blocktrain.kernels import dispatch, lora_linear  # noqa: E402
 from blocktrain.kernels.lora_linear import lora_linear_unfused  # noqa: E402
+from blocktrain.trainer.testing import describe_machine  # noqa: E402
 
 ROWS, WIDTH, RANK, DROPOUT = 32 * 197, 768, 2, 0.25
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def sync(device: torch.device) -> None:
@@ -130,7 +118,7 @@ def main() -> None:
     args.repeats = args.repeats or (50 if device.type == "cuda" else 5)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    print(f"machine: {machine(device)}; torch {torch.__version__}; {dtype}")
+    print(f"machine: {describe_machine(device)}; torch {torch.__version__}; {dtype}")
     print(f"shapes: x {ROWS}x{WIDTH}, W {WIDTH}x{WIDTH} frozen, r={RANK}, dropout={DROPOUT}; "
           f"forward+backward, median of {args.repeats}")
     backends = ["triton", "reference"] if dispatch.select(device, dtype) == "triton" else ["reference"]

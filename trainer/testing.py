@@ -202,3 +202,18 @@ def write_food101(root: Path, classes=("apple_pie", "bibimbap"), per_split: int 
                 meta[c].append(f"{c}/{name}")
         (base / "meta" / f"{split}.json").write_text(json.dumps(meta))
     return Path(root)
+
+
+def describe_machine(device: torch.device | None = None) -> str:
+    """The GPU name on CUDA, else the CPU model and torch's thread count (benchmark headers)."""
+    import platform
+
+    if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
