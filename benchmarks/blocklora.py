@@ -2,6 +2,7 @@
 
     python benchmarks/blocklora.py             # B in {8, 32} x C in {10, 100}, plus C = 1000, B = 32 with and
                                                # without text checkpointing + chunking (100 prompts per chunk)
+    python benchmarks/blocklora.py --points grid       # only the B x C grid; --points imagenet: only C = 1000
     python benchmarks/blocklora.py --quick     # smoke test: B = 2, C = 10, 2 timed steps
 
 A step is the clip_few_shot task's training step: text features of "a photo of a {}." over all C class names
@@ -116,20 +117,24 @@ def worker(spec: dict) -> dict:
             "loaded_gib": None if cuda else loaded_rss}
 
 
-def measure(spec: dict) -> dict:
+def measure(spec: dict) -> dict | None:
+    """Run one point in a fresh process; None (with the reason printed) when it fails, e.g. killed out of memory."""
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {spec} failed:\n{out.stderr[-3000:]}")
+        reason = "killed (out of memory?)" if out.returncode in (-9, 137) else f"exit {out.returncode}"
+        print(f"worker {spec} failed: {reason}\n{out.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return None
     return json.loads(lines[-1])
 
 
-def points(quick: bool, grid_only: bool = False) -> list[dict]:
-    if quick:
+def points(which: str) -> list[dict]:
+    if which == "quick":
         return [dict(batch=2, classes=10, chunk=None, checkpointing=False)]
     grid = [dict(batch=b, classes=c, chunk=None, checkpointing=False) for b in (8, 32) for c in (10, 100)]
-    return grid if grid_only else grid + [dict(batch=32, classes=1000, chunk=None, checkpointing=False),
-                   dict(batch=32, classes=1000, chunk=100, checkpointing=True)]
+    imagenet = [dict(batch=32, classes=1000, chunk=None, checkpointing=False),
+                dict(batch=32, classes=1000, chunk=100, checkpointing=True)]
+    return {"grid": grid, "imagenet": imagenet, "all": grid + imagenet}[which]
 
 
 def main() -> None:
@@ -138,7 +143,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per point (default 10; quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; quick 1)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--grid-only", action="store_true", help="skip the C = 1000 points (about 20 GB each on CPU)")
+    parser.add_argument("--points", choices=("all", "grid", "imagenet"), default="all",
+                        help="grid: B in {8, 32} x C in {10, 100}; imagenet: C = 1000, B = 32 with and without "
+                             "text checkpointing + chunking; all: both")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -156,11 +163,14 @@ def main() -> None:
     memory = "peak CUDA GiB" if cuda else "peak RSS GiB (before 1st step)"
     print(f"| B | C | text | variant | trainable | step s | vs lora | {memory} | vs lora |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for point in points(args.quick, args.grid_only):
+    for point in points("quick" if args.quick else args.points):
         results = {v: measure({**point, "variant": v, "steps": steps, "warmup": warmup}) for v in args.variants}
         base = results.get("lora")
         text = f"chunk {point['chunk']} + ckpt" if point["checkpointing"] else "plain"
         for variant, r in results.items():
+            if r is None:
+                print(f"| {point['batch']} | {point['classes']} | {text} | {variant} | failed (see stderr) |", flush=True)
+                continue
             mem = f"{r['peak_gib']:.2f}" + (f" ({r['loaded_gib']:.2f})" if r["loaded_gib"] is not None else "")
             time_ratio = f"{r['step_s'] / base['step_s']:.2f}x" if base else "—"
             mem_ratio = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base else "—"
