@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -104,6 +105,30 @@ def test_imagenet_layout_with_a_class_names_file(tmp_path):
     data = build_datasets(few_shot(dataset="imagenet", root=str(tmp_path), shots=2, class_names_file=str(names)))
     assert data.info["class_names"] == ["tench", "goldfish", "great white shark"]
     assert len(data.train) == 6 and len(data.val) == 6
+
+
+def test_coop_split_file_gives_its_train_and_test_lists_and_names(tmp_path):
+    images = write_folder(tmp_path / "images", {"airplanes": 6, "Faces_easy": 6})
+    rows = {split: [[f"{folder}/{i:03d}.png", label, name] for label, (folder, name) in
+                    enumerate([("airplanes", "airplane"), ("Faces_easy", "face")]) for i in picks]
+            for split, picks in {"train": range(0, 3), "val": range(3, 4), "test": range(4, 6)}.items()}
+    split_file = tmp_path / "split_zhou_Caltech101.json"
+    split_file.write_text(json.dumps(rows))
+    base = few_shot(dataset="caltech101", path=str(images), split_file=str(split_file))
+    data = build_datasets({**base, "shots": 3})
+    assert data.info["class_names"] == ["airplane", "face"]
+    assert data.info["templates"] == ["a photo of a {}."]
+    pool = data.train.pool
+    chosen = sorted(Path(pool.loaders[loader].paths[i]).name for loader, i in pool.refs)
+    assert chosen == ["000.png", "000.png", "001.png", "001.png", "002.png", "002.png"]  # the train list only
+    assert sorted(data.val.labels) == [0, 0, 1, 1] and len(data.val) == 4
+    with pytest.raises(UserError, match="has 3 training images, fewer than data.shots=4"):
+        build_datasets({**base, "shots": 4})
+    assert len(build_datasets({**base, "shots": 4, "train_split": "train+val"}).train) == 8
+    with pytest.raises(UserError, match=r"has no split 'trainval' \(it has: train, val, test\)"):
+        build_datasets({**base, "shots": 1, "train_split": "trainval"})
+    with pytest.raises(UserError, match="data.path must be the directory"):
+        build_datasets({**base, "shots": 1, "path": str(tmp_path)})
 
 
 def test_torchvision_source_with_coop_names_and_template(tmp_path):

@@ -185,6 +185,7 @@ class FewShotDataConfig(DataConfig):
     source: Optional[str] = field(default=None, metadata=_choices(None, "torchvision", "image_folder", "idx"))
     root: str = "~/.cache/blocktrain/data"  # torchvision download dir; folder datasets live in root/<folder>
     path: Optional[str] = None  # this dataset's own directory; null = the catalogue's place under root
+    split_file: Optional[str] = None  # CoOp's split_zhou_<Dataset>.json: its train/val/test lists (paths under path)
     download: bool = True  # torchvision sources download where the network allows
     train_split: Optional[str] = None  # split(s) the shots are drawn from, "a+b" pools; null = the dataset's
     test_split: Optional[str] = None  # evaluated split; null = the dataset's

@@ -4,7 +4,8 @@ A dataset's images form a *pool* (labels known without decoding any image). The 
 class from the training pool with ``random.Random(seed)``, so the same seed gives the same set; the test
 pool is evaluated in full (or a fixed subset of ``max_test``). Pools come from torchvision datasets
 (downloaded where the network allows), ``root/<split>/<class>/<image>`` folders (ImageNet, UCF101 mid
-frames, any ImageFolder tree) or idx files (Fashion-MNIST from Debian's ``dataset-fashion-mnist``).
+frames, any ImageFolder tree), idx files (Fashion-MNIST from Debian's ``dataset-fashion-mnist``), or CoOp's
+fixed split files (``split_zhou_<Dataset>.json``, the splits CLIP-LoRA's numbers are measured on).
 
 Preprocessing is CLIP-LoRA's: training images get ``RandomResizedCrop(scale=(0.08, 1), bicubic)`` and a
 horizontal flip, test images CLIP's resize (shortest side, bicubic) and centre crop; both CLIP's
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -274,6 +276,31 @@ def _idx_pool(directory: Path, split: str) -> Pool:
     return Pool([_ArrayImage(images)], [(0, i) for i in range(len(labels))], [int(y) for y in labels])
 
 
+def _coop_split_pools(split_file: str, image_dir: Path) -> tuple[dict[str, Pool], list[str]]:
+    """The pools of CoOp's ``split_zhou_*.json`` (``{split: [[path relative to image_dir, label, class name]]}``)
+    and its class names in label order."""
+    path = Path(split_file).expanduser()
+    if not path.is_file():
+        raise UserError(f"split file not found: {split_file} (data.split_file)")
+    try:
+        splits = json.loads(path.read_text())
+        items = {split: [(str(rel), int(label), str(name)) for rel, label, name in rows]
+                 for split, rows in splits.items()}
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{split_file} is not a CoOp split file ({{split: [[image path, label, class name], ...]}}): "
+                        f"{e}") from e
+    names = {label: name for rows in items.values() for _, label, name in rows}
+    if sorted(names) != list(range(len(names))):
+        raise UserError(f"{split_file}: labels must be 0..C-1, got {sorted(names)[:5]}...")
+    first = next((rel for rows in items.values() for rel, _, _ in rows), None)
+    if first is not None and not (image_dir / first).is_file():
+        raise UserError(f"image {image_dir / first} of {split_file} not found: data.path must be the directory "
+                        "that the split file's image paths are relative to")
+    pools = {split: Pool([_FileImage([str(image_dir / rel) for rel, _, _ in rows])], [(0, i) for i in range(len(rows))],
+                         [label for _, label, _ in rows]) for split, rows in items.items()}
+    return pools, [names[label] for label in range(len(names))]
+
+
 def _names_from_file(path: str, raw: list[str]) -> list[str]:
     """Lines "name" (in label order) or "raw_name class name" (matched to the raw names, e.g. wnids)."""
     p = Path(path).expanduser()
@@ -295,6 +322,8 @@ def _class_names(cfg, raw: list[str]) -> list[str | None]:
         return [str(n) for n in cfg.class_names]
     if cfg.class_names_file is not None:
         return _names_from_file(cfg.class_names_file, raw)
+    if cfg.split_file is not None:
+        return raw  # CoOp's own spelling
     if cfg.dataset == "fashion_mnist" and len(raw) == len(FASHION_MNIST):
         return list(FASHION_MNIST)
     if cfg.dataset == "imagenet" and len(raw) == 1000:
@@ -323,10 +352,20 @@ def load_pools(cfg) -> tuple[Pool, Pool, list[str]]:
     if entry is None:
         entry = CatalogueEntry(source, cfg.dataset if source == "torchvision" else None, ("train",), "test",
                                cfg.dataset)
+    if cfg.split_file is not None:
+        entry = CatalogueEntry("split_file", None, ("train",), "test", entry.folder)
     train_splits = _splits(cfg.train_split, entry.train)
     test_split = cfg.test_split if cfg.test_split is not None else entry.test
     root = Path(cfg.root).expanduser()
-    if source == "torchvision":
+    if cfg.split_file is not None:
+        directory = Path(cfg.path).expanduser() if cfg.path else root / (entry.folder or cfg.dataset)
+        pools, raw = _coop_split_pools(cfg.split_file, directory)
+        unknown = [s for s in (*train_splits, test_split) if s not in pools]
+        if unknown:
+            raise UserError(f"{cfg.split_file} has no split '{unknown[0]}' (it has: {', '.join(pools)})")
+        train = Pool.concat([pools[s] for s in train_splits])
+        test = pools[test_split]
+    elif source == "torchvision":
         directory = Path(cfg.path).expanduser() if cfg.path else root
         name = entry.torchvision_name or cfg.dataset
         parts = [_torchvision_pool(name, directory, s, cfg.download) for s in train_splits or (None,)]
