@@ -7,10 +7,19 @@ shares one statistics object, filled by hooking its first member only. With ``se
 groups are calibrated one after another, each from the model whose earlier groups are already pruned;
 otherwise one pass over the unpruned model fills every group. Each pass stops the forward right after
 the last hooked layer when every target runs once per forward.
+
+Sequential calibration replays one block at a time when it can: if every target lies in one item of a
+``ModuleList`` or ``Sequential`` of blocks (a transformer's layer stack) and each block's first input is the previous
+block's output, one forward records each block's inputs, and the groups of block i are then calibrated by
+running block i alone on its inputs, whose outputs (from the pruned block) feed block i+1 — the same
+numbers as re-running the model for every group, at the cost of a few forwards in all instead of one
+forward prefix per group. Other models get the full forward per group.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import contextlib
 
 import torch
 from torch import nn
@@ -76,7 +85,9 @@ def layer_groups(model: nn.Module, names: list[str], batch: Any,
     return groups, all(n == 1 for n in calls.values())
 
 
-def _run_pass(model, hooked: dict[str, Stats], batches, forward, stop_after: str | None) -> None:
+def _run_pass(modules: dict[str, nn.Module], hooked: dict[str, Stats], model, batches, forward,
+              stop_after: str | None) -> None:
+    """``forward(model, batch)`` over the batches, feeding ``hooked[name]`` the inputs of ``modules[name]``."""
     def hook(name):
         def fn(module, args, output):
             hooked[name].add(args[0].detach())
@@ -84,12 +95,10 @@ def _run_pass(model, hooked: dict[str, Stats], batches, forward, stop_after: str
                 raise _Stop
         return fn
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in hooked]
-    seen = 0
+    handles = [modules[name].register_forward_hook(hook(name)) for name in hooked]
     try:
         with torch.no_grad():
             for batch in batches:
-                seen += 1
                 try:
                     forward(model, batch)
                 except _Stop:
@@ -97,19 +106,135 @@ def _run_pass(model, hooked: dict[str, Stats], batches, forward, stop_after: str
     finally:
         for h in handles:
             h.remove()
-    if seen == 0:
-        raise ValueError("calibration batches ran out: pass a re-iterable (a list or a DataLoader), not a generator")
+
+
+# -- block replay ----------------------------------------------------------------------------------
+def _block_stack(model: nn.Module, groups: list[list[str]]) -> tuple[str, nn.Module, int, int] | None:
+    """The ModuleList or Sequential (timm's ``blocks``) holding the most groups, each inside one of its items
+    (the deepest on ties), with its path and the span [start, end) of those groups; None unless they are
+    consecutive and at least two."""
+    best, best_span = None, (0, 0)
+    for path, module in model.named_modules():
+        if not path or not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        inside = [i for i, g in enumerate(groups) if all(n.startswith(path + ".") for n in g)
+                  and len({n[len(path) + 1:].split(".", 1)[0] for n in g}) == 1]
+        if len(inside) >= max(2, best_span[1] - best_span[0]) and inside == list(range(inside[0], inside[-1] + 1)):
+            best, best_span = (path, module), (inside[0], inside[-1] + 1)
+    return None if best is None else (*best, *best_span)
+
+
+def _hidden(output: Any) -> Any:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _record_block_inputs(model, blocks: nn.Module, batches, forward) -> list[list[tuple[tuple, dict]]] | None:
+    """Each block's ``(args, kwargs)`` per batch from one forward, or None unless every block runs once per
+    forward and its first argument is the previous block's output."""
+    inputs: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+    last_output: list[Any] = [None]
+    chained = [True]
+
+    def pre(i):
+        def fn(module, args, kwargs):
+            if not args or not torch.is_tensor(args[0]):
+                chained[0] = False
+            elif i > 0:
+                prev = last_output[0]
+                chained[0] &= torch.is_tensor(prev) and (args[0] is prev or (
+                    args[0].shape == prev.shape and torch.equal(args[0], prev)))
+            inputs[i].append((args if i == 0 else (None, *args[1:]), kwargs))  # later blocks get their args[0] replayed
+        return fn
+
+    def post(module, args, kwargs, output):
+        last_output[0] = _hidden(output)
+
+    handles = [h for i, block in enumerate(blocks) for h in (block.register_forward_pre_hook(pre(i), with_kwargs=True),
+                                                             block.register_forward_hook(post, with_kwargs=True))]
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                n += 1
+                forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if not chained[0] or any(len(per_block) != n for per_block in inputs):
+        return None
+    return inputs
+
+
+def _replay(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[Any]:
+    with torch.no_grad():
+        return [_hidden(block(*args, **kwargs)) for args, kwargs in inputs]
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module):
+    """transformers models: no key/value cache during calibration (a replayed block must not append to one)."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if old:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if old:
+            config.use_cache = old
+
+
+def _calibrate_by_block(model, path: str, blocks: nn.Module, groups: list[list[str]], batches, forward, make_stats,
+                        finish) -> bool:
+    """Sequential calibration of ``groups`` (all inside ``blocks``) replaying one block at a time; False (nothing
+    done) unless the blocks form a chain."""
+    def block_of(name: str) -> int:
+        return int(name[len(path) + 1:].split(".", 1)[0])
+
+    recorded = _record_block_inputs(model, blocks, batches, forward)
+    if recorded is None:
+        return False
+    hidden = [args[0] for args, _ in recorded[0]]
+    last = max(block_of(g[0]) for g in groups)
+    for i in range(last + 1):
+        block = blocks[i]
+        inputs = [((h, *args[1:]), kwargs) for h, (args, kwargs) in zip(hidden, recorded[i])]
+        for group in (g for g in groups if block_of(g[0]) == i):
+            module = model.get_submodule(group[0])
+            hooked = {group[0]: make_stats(module)}
+            _run_pass({group[0]: module}, hooked, block, inputs, lambda b, ak: b(*ak[0], **ak[1]), group[0])
+            for name in group:
+                finish(name, model.get_submodule(name), hooked[group[0]])
+        if i < last:
+            hidden = _replay(block, inputs)
+    return True
 
 
 def calibrate_layers(model: nn.Module, names: list[str], batches: Iterable, forward: Callable,
                      make_stats: Callable[[nn.Module], Stats],
                      finish: Callable[[str, nn.Module, Stats], None], sequential: bool = True) -> None:
     """Fill ``make_stats(module)`` from each group's inputs, then call ``finish(name, module, stats)`` per target."""
-    groups, once = layer_groups(model, names, _first(batches), forward)
-    stages = [[g] for g in groups] if sequential else [groups]
-    for stage in stages:
-        hooked = {g[0]: make_stats(model.get_submodule(g[0])) for g in stage}
-        _run_pass(model, hooked, batches, forward, stage[-1][0] if once else None)
-        for g in stage:
-            for name in g:
-                finish(name, model.get_submodule(name), hooked[g[0]])
+    if iter(batches) is batches:
+        raise ValueError("calibration batches are read several times: pass a re-iterable (a list or a DataLoader), "
+                         "not a generator or iterator")
+    with _no_kv_cache(model):
+        groups, once = layer_groups(model, names, _first(batches), forward)
+        modules = {name: model.get_submodule(name) for name in names}
+
+        def by_forward(stages) -> None:
+            for stage in stages:
+                hooked = {g[0]: make_stats(modules[g[0]]) for g in stage}
+                _run_pass(modules, hooked, model, batches, forward, stage[-1][0] if once else None)
+                for g in stage:
+                    for name in g:
+                        finish(name, modules[name], hooked[g[0]])
+
+        if not sequential:
+            by_forward([groups])
+            return
+        stack = _block_stack(model, groups) if once else None
+        start, end = stack[2:] if stack else (len(groups), len(groups))
+        by_forward([g] for g in groups[:start])  # targets before the block stack (rare)
+        if stack and _calibrate_by_block(model, *stack[:2], groups[start:end], batches, forward, make_stats, finish):
+            start = end
+        by_forward([g] for g in groups[start:])  # after it (a classifier head), or all when it is no chain

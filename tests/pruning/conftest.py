@@ -28,7 +28,7 @@ def input_square_sums_by_hand(model, name: str, batches) -> torch.Tensor:
         lambda m, args, out: sums.append(args[0].detach().double().pow(2).sum(dim=(0, 1))))
     with torch.no_grad():
         for batch in batches:
-            model(**batch)
+            model(**batch) if isinstance(batch, dict) else model(batch)
     handle.remove()
     return torch.stack(sums).sum(0)
 

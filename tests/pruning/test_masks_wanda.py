@@ -95,6 +95,75 @@ def test_sequential_wanda_sees_inputs_of_the_model_pruned_so_far():
     assert set(sparsity_report(model).values()) == {DENSITY}
 
 
+def test_sequential_calibration_replays_blocks_and_matches_full_forwards(monkeypatch):
+    """Block replay (one recording forward) gives the same pruned weights as one full forward per group."""
+    from blocktrain.plugins.sparsity import calibration, sparsegpt_prune
+
+    batches, calls = token_batches(3), []
+
+    def counting(model, batch):
+        calls.append(1)
+        return model(**batch)
+
+    replayed = tiny_llama()
+    masks = sparsegpt_prune(replayed, batches, counting, density=DENSITY, pattern="layer")
+    assert len(calls) == 1 + len(batches)  # the probe, then one recording pass
+    monkeypatch.setattr(calibration, "_calibrate_by_block", lambda *args: False)
+    calls.clear()
+    full = tiny_llama()
+    full_masks = sparsegpt_prune(full, batches, counting, density=DENSITY, pattern="layer")
+    groups = layer_groups(tiny_llama(), find_linear_names(full), batches[0])[0]
+    assert len(calls) == 1 + len(groups) * len(batches)
+    for name in find_linear_names(full):
+        assert torch.equal(masks[name], full_masks[name]), name
+        torch.testing.assert_close(replayed.get_submodule(name).weight, full.get_submodule(name).weight,
+                                   rtol=1e-5, atol=1e-6)
+    assert replayed.config.use_cache  # restored after calibration
+
+
+def test_block_replay_on_a_timm_vit_matches_full_forwards(monkeypatch):
+    from blocktrain.plugins.sparsity import calibration
+    from blocktrain.trainer.testing import tiny_timm_vit
+
+    images = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calls = []
+
+    def counting(model, batch):
+        calls.append(1)
+        return model(batch)
+
+    replayed = wanda_prune(tiny_timm_vit(), images, counting, density=DENSITY, pattern="row", sequential=True)
+    assert "head" in replayed and len(calls) == 1 + 2 * len(images)  # probe, recording pass, head's own pass
+    monkeypatch.setattr(calibration, "_calibrate_by_block", lambda *args: False)
+    full = wanda_prune(tiny_timm_vit(), images, density=DENSITY, pattern="row", sequential=True)
+    assert replayed.keys() == full.keys() and all(torch.equal(replayed[n], full[n]) for n in full)
+
+
+class ParallelBlocks(torch.nn.Module):
+    """Blocks that all read the model's input (not a chain): block replay must not be used."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                                              torch.nn.Linear(16, 8)) for _ in range(2))
+
+    def forward(self, x):
+        return sum(block(x) for block in self.blocks)
+
+
+def test_sequential_wanda_on_unchained_blocks_uses_full_forwards():
+    model, reference = ParallelBlocks(), ParallelBlocks()
+    batches = [torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    masks = wanda_prune(model, batches, density=DENSITY, pattern="row", sequential=True)
+    for name in find_linear_names(reference):
+        w = reference.get_submodule(name).weight
+        scores = w.detach().double().abs() * input_square_sums_by_hand(reference, name, batches).sqrt()
+        want = row_topk_mask_by_hand(scores, w.shape[1] // 2)
+        assert torch.equal(masks[name], want), name
+        apply_masks(reference, {name: want})
+
+
 def test_wanda_nm_and_layer_patterns_are_exact():
     model = tiny_llama()
     masks = wanda_prune(model, token_batches(2), density=DENSITY, pattern="4:8")
