@@ -40,6 +40,7 @@ class ICBSPluginConfig(SparsityConfig):
     fix_frac_keep: float = 0.35
     min_steps: int = 10  # per layer and epoch (violated, with a warning, when layers x min_steps > steps_per_epoch)
     restarts: int = 20  # annealing chains per QUBO
+    micro_batch: Optional[int] = 4  # samples per forward/backward for the per-sample gradients (memory); null = all
     beta0: float = 0.001
     beta1: float = 100.0
     beta_factor: float = 1.1

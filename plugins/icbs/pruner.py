@@ -58,6 +58,7 @@ class ICBSConfig:
     steps_per_epoch: int = 300
     min_steps: int = 10
     restarts: int = 20
+    micro_batch: int | None = 4  # samples per forward/backward of a step's per-sample gradients (the paper's code: 1)
     beta0: float = 1e-3
     beta1: float = 100.0
     beta_factor: float = 1.1
@@ -81,6 +82,8 @@ class ICBSConfig:
             raise ValueError(f"block_size must be in [1, {MAX_BLOCK}], got {self.block_size}")
         if not 0 <= self.block_k <= self.block_size:
             raise ValueError(f"k must be in [0, block_size], got {self.k}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1 or None, got {self.micro_batch}")
         for name in ("tabu_frac", "fix_frac_prune", "fix_frac_keep"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -171,7 +174,7 @@ class ICBSPruner:
         cfg = self.config
         module = self.model.get_submodule(name)
         state = self.layers[name]
-        x, delta = capture_io_grads(self.model, module, self.loss_fn, batch)
+        x, delta = capture_io_grads(self.model, module, self.loss_fn, batch, cfg.micro_batch)
         w0 = self.w0[name]
         scores = (w0.float() * mean_weight_grad(x, delta).cpu()).abs().flatten()
         idx, k = select_block(scores, state.pruned, state.frozen, None if state.tabu is None else state.tabu.mask(),

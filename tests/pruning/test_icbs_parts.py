@@ -10,7 +10,7 @@ import torch
 
 from blocktrain.plugins.icbs import (TabuList, allocate_steps, block_qubo, capture_io_grads, causal_lm_sample_losses,
                                      init_layer_state, mean_weight_grad, move_delta, per_sample_block_grads,
-                                     quadratic_loss_change, scale_and_cutoff, select_block)
+                                     quadratic_loss_change, scale_and_cutoff, select_block, split_batch)
 
 from .conftest import tiny_llama, token_batches
 
@@ -110,6 +110,9 @@ def test_per_sample_block_gradients_match_one_backward_per_sample():
     name = "model.layers.0.mlp.down_proj"
     module = model.get_submodule(name)
     x, delta = capture_io_grads(model, module, causal_lm_sample_losses, batch)
+    x2, delta2 = capture_io_grads(model, module, causal_lm_sample_losses, batch, micro_batch=2)  # chunks of 2 + 1
+    torch.testing.assert_close((x2, delta2), (x, delta), rtol=1e-5, atol=1e-8)
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while capturing
     idx = torch.randperm(module.weight.numel(), generator=torch.Generator().manual_seed(0))[:40]
     G = per_sample_block_grads(x, delta, idx // module.weight.shape[1], idx % module.weight.shape[1], max_elems=300)
     per_sample = []
@@ -121,3 +124,17 @@ def test_per_sample_block_gradients_match_one_backward_per_sample():
     assert torch.allclose(mean_weight_grad(x, delta), torch.stack(per_sample).mean(0), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="one loss per sample"):
         capture_io_grads(model, module, lambda m, b: causal_lm_sample_losses(m, b).mean(), batch)
+
+
+def test_split_batch_cuts_every_tensor_and_shares_the_rest():
+    batch = {"input_ids": torch.arange(10).view(5, 2), "labels": torch.arange(5), "mode": "lm",
+             "scale": torch.tensor(2.0)}
+    parts = split_batch(batch, 2)
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["labels"] for p in parts]), batch["labels"])
+    assert all(p["mode"] == "lm" and p["scale"] is batch["scale"] for p in parts)
+    images, labels = split_batch((torch.zeros(3, 4), torch.arange(3)), 2)[1]
+    assert images.shape == (1, 4) and labels.tolist() == [2]
+    assert split_batch({"mode": "lm"}, 2) is None
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        split_batch((torch.zeros(3), torch.zeros(5)), 2)
