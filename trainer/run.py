@@ -106,25 +106,9 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
         task.setup(model, ctx)
 
     module = RunModule(model, task, plugins, cfg.optim, cfg.scheduler, ctx)
-    datamodule = None
-    if datasets is not None:
-        data_cfg = cfg.data
-        batch_size = datasets.info.get("batch_size", data_cfg.batch_size)  # a source may lower it (few-shot pools)
-        datamodule = RunDataModule(datasets, batch_size, data_cfg.get("eval_batch_size"),
-                                   data_cfg.get("num_workers", 0), cfg.seed)
     last_checkpoint = LastCheckpoint(checkpoint_dir(run_dir) / "last.ckpt")
-    callbacks = [DataPositionCallback(), last_checkpoint, *_progress_callbacks(tkw.get("enable_progress_bar", True)), *(extra_callbacks or [])]
-    if task is not None:
-        callbacks += [RunStats(task), *task.callbacks()]
-    for plugin in plugins:
-        callbacks.extend(plugin.callbacks(ctx))
-    if "fit" in cfg.stages:
-        from pytorch_lightning.callbacks import ModelCheckpoint
-
-        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir(run_dir), filename="step{step:07d}",
-                                         auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint.every_n_steps,
-                                         save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
-                                         save_last=True, save_on_train_epoch_end=True))
+    callbacks = [DataPositionCallback(), last_checkpoint, *_progress_callbacks(tkw.get("enable_progress_bar", True)),
+                 *(extra_callbacks or []), *_task_and_plugin_callbacks(cfg, run_dir, task, plugins, ctx)]
     trainer = pl.Trainer(**tkw, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                          default_root_dir=str(run_dir), use_distributed_sampler=False,
                          enable_checkpointing="fit" in cfg.stages)
@@ -136,7 +120,7 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     sigint = signal.getsignal(signal.SIGINT)
     exit_code = 1
     try:
-        _run_stages(cfg, trainer, module, datamodule, plugins, model, ctx, run_dir)
+        _run_stages(cfg, trainer, module, _datamodule(cfg, datasets), plugins, model, ctx, run_dir)
         exit_code = 0
     except KeyboardInterrupt:
         metrics.set_status("interrupted")
@@ -153,6 +137,29 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     result = metrics.metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
     metrics.set_status("finished", optimized_metric=cfg.optimized_metric, optimized_value=result)
     return result
+
+
+def _datamodule(cfg: DictConfig, datasets) -> RunDataModule | None:
+    if datasets is None:
+        return None
+    batch_size = datasets.info.get("batch_size", cfg.data.batch_size)  # a source may lower it (few-shot pools)
+    return RunDataModule(datasets, batch_size, cfg.data.get("eval_batch_size"), cfg.data.get("num_workers", 0),
+                         cfg.seed)
+
+
+def _task_and_plugin_callbacks(cfg: DictConfig, run_dir: Path, task, plugins, ctx: RunContext) -> list[pl.Callback]:
+    """Run statistics and the task's and plugins' callbacks; periodic checkpoints when the run trains."""
+    callbacks = [RunStats(task), *task.callbacks()] if task is not None else []
+    for plugin in plugins:
+        callbacks.extend(plugin.callbacks(ctx))
+    if "fit" in cfg.stages:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir(run_dir), filename="step{step:07d}",
+                                         auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint.every_n_steps,
+                                         save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
+                                         save_last=True, save_on_train_epoch_end=True))
+    return callbacks
 
 
 def _interrupt_message(cfg: DictConfig, run_dir: Path) -> str:
