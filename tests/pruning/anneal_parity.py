@@ -18,7 +18,10 @@ LEVEL_CASES = [  # (b, k, restarts, sweeps, betas)
 ]
 
 
-def _levels_case(device, b, k, restarts, sweeps, betas) -> None:
+def levels_case(device, b, k, restarts, sweeps, betas, other=None) -> None:
+    """Run one chunk of levels with the reference and with ``other`` (default: the Triton kernel) from the
+    same start and moves; the whole state must match bit for bit."""
+    other = other or qa._levels_triton
     gen = torch.Generator().manual_seed(b)
     A = torch.randn(b, b, generator=gen)
     Q = ((A + A.T) / 2).to(device)
@@ -28,12 +31,12 @@ def _levels_case(device, b, k, restarts, sweeps, betas) -> None:
     slots, thr = qa._draw_moves(torch.Generator(device=device).manual_seed(7), torch.tensor(betas),
                                 sweeps * b, restarts, b, k, device)
     states = {}
-    for name, levels in (("reference", qa._levels_reference), ("triton", qa._levels_triton)):
+    for name, levels in (("reference", qa._levels_reference), ("other", other)):
         states[name] = {key: t.clone() for key, t in start.items()}
         levels(Q, Q.diagonal().contiguous(), slots, thr, k, states[name])
-    ref, tri = states["reference"], states["triton"]
+    ref, got = states["reference"], states["other"]
     for key in ref:
-        assert torch.equal(ref[key], tri[key]), f"{key}: reference {ref[key].tolist()}, triton {tri[key].tolist()}"
+        assert torch.equal(ref[key], got[key]), f"{key}: reference {ref[key].tolist()}, other {got[key].tolist()}"
     assert not torch.equal(ref["x"], start["x"]), "no move was accepted: the case checks nothing"
     assert (ref["x"].sum(1) == k).all() and (ref["best_x"].sum(1) == k).all()
 
@@ -49,7 +52,7 @@ def _full_case(device) -> None:
 
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    jobs = [(f"levels_b{c[0]}_k{c[1]}_r{c[2]}_s{c[3]}", lambda c=c: _levels_case(device, *c)) for c in LEVEL_CASES]
+    jobs = [(f"levels_b{c[0]}_k{c[1]}_r{c[2]}_s{c[3]}", lambda c=c: levels_case(device, *c)) for c in LEVEL_CASES]
     jobs.append(("qubo_anneal_b9", lambda: _full_case(device)))
     for name, job in jobs:
         try:

@@ -1,0 +1,55 @@
+"""The annealer's compiled CPU loop against the torch reference loop, and its fallback without a compiler."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from blocktrain.kernels import _qubo_anneal_c
+from blocktrain.kernels.qubo_anneal import qubo_anneal
+
+from . import anneal_parity
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The C loop's loader as on a new machine: empty cache, nothing built or tried yet."""
+    monkeypatch.setenv("BLOCKTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(_qubo_anneal_c, "_library", None)
+    monkeypatch.setattr(_qubo_anneal_c, "_tried", False)
+    return tmp_path
+
+
+@pytest.fixture
+def compiled(fresh_loader):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    assert _qubo_anneal_c.load() is not None, "cc exists but the annealer's C loop did not build"
+    assert list((fresh_loader / "kernels").glob("qubo_anneal_*.so"))
+
+
+@pytest.mark.parametrize("case", anneal_parity.LEVEL_CASES + [(300, 140, 5, 1, (0.01, 0.1, 1.0, 10.0))],
+                         ids=lambda c: f"b{c[0]}_k{c[1]}_r{c[2]}_s{c[3]}")
+def test_compiled_loop_matches_the_torch_loop_bit_for_bit(compiled, case):
+    anneal_parity.levels_case("cpu", *case, other=_qubo_anneal_c.levels_compiled)
+
+
+def test_qubo_anneal_is_the_same_with_and_without_the_compiled_loop(compiled, monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    G = torch.randn(8, 96, generator=gen)
+    Q = G.T @ G / 8 + torch.diag(torch.randn(96, generator=gen))
+    with_c = qubo_anneal(Q, 40, restarts=4, seed=2, beta_factor=1.3)
+    monkeypatch.setenv("BLOCKTRAIN_ANNEAL_C", "0")
+    assert _qubo_anneal_c.load() is None
+    without_c = qubo_anneal(Q, 40, restarts=4, seed=2, beta_factor=1.3)
+    assert torch.equal(with_c[0], without_c[0]) and with_c[1] == without_c[1]
+    assert int(with_c[0].sum()) == 40
+
+
+def test_without_a_working_compiler_the_torch_loop_is_used(fresh_loader, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="could not compile the CPU annealer"):
+        assert _qubo_anneal_c.load() is None
+    x, energy = qubo_anneal(torch.eye(6) - 0.1, 3, restarts=2, seed=0)
+    assert int(x.sum()) == 3 and energy == pytest.approx(3 * 0.9 - 6 * 0.1)
