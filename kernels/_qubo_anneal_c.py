@@ -106,7 +106,11 @@ def load() -> ctypes.CDLL | None:
         return None
     if not _tried:
         _tried = True
-        path = _build()
+        try:
+            path = _build()
+        except OSError as err:  # e.g. a read-only cache directory
+            warnings.warn(f"could not build the CPU annealer ({err}); using the torch reference loop (slower)")
+            path = None
         if path is not None:
             lib = ctypes.CDLL(str(path))
             lib.anneal_levels.restype = None

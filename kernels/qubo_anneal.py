@@ -17,7 +17,8 @@ chain, drawn level-chunk by level-chunk from a generator seeded with ``seed``), 
 (the CPU path) and the Triton kernel (CUDA; one program per chain, its state held in registers) follow
 identical trajectories. On the CPU the reference's move loop runs compiled from C when a C compiler is
 available (``_qubo_anneal_c``; same float32 operations, bit-identical state, 6.3x faster on a
-4096-weight block in benchmarks/pruning.py); the torch loop is the fallback and the definition the parity tests check against.
+4096-weight block in benchmarks/pruning.py); the torch loop is the fallback and the definition that the
+parity tests check against.
 The path follows ``blocktrain.kernels.dispatch`` (``$BLOCKTRAIN_KERNELS``, ``set_backend``), or ``backend``
 (``auto`` | ``triton`` | ``reference``) per call.
 """

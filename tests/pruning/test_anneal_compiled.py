@@ -53,3 +53,11 @@ def test_without_a_working_compiler_the_torch_loop_is_used(fresh_loader, monkeyp
         assert _qubo_anneal_c.load() is None
     x, energy = qubo_anneal(torch.eye(6) - 0.1, 3, restarts=2, seed=0)
     assert int(x.sum()) == 3 and energy == pytest.approx(3 * 0.9 - 6 * 0.1)
+
+
+def test_an_unwritable_cache_falls_back_with_a_warning(fresh_loader, monkeypatch):
+    blocker = fresh_loader / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("BLOCKTRAIN_CACHE", str(blocker))  # kernels/ cannot be made under a file
+    with pytest.warns(UserWarning, match="could not build the CPU annealer"):
+        assert _qubo_anneal_c.load() is None
