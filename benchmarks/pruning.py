@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PARTS = ("dense", "magnitude", "wanda", "wanda-seq", "sparsegpt", "2:4", "anneal", "icbs")
@@ -250,19 +251,15 @@ def time_annealer(args, device) -> dict:
     G = torch.randn(16, b, generator=g)
     Q = (G.T @ G / 16 + torch.diag(torch.randn(b, generator=g))).to(device)
     paths = {device.type: "1"} if device.type != "cpu" else {"cpu, compiled C loop": "1", "cpu, torch loop": "0"}
-    seconds, results, before = {}, [], os.environ.get("BLOCKTRAIN_ANNEAL_C")
+    seconds, results = {}, []
     for path, use_c in paths.items():  # BLOCKTRAIN_ANNEAL_C switches the CPU loop; same trajectory either way
-        os.environ["BLOCKTRAIN_ANNEAL_C"] = use_c
-        qubo_anneal(Q[:64, :64], 32, restarts=args.restarts, seed=0)  # warm-up (compiles the kernel / C loop)
-        with Measure(device) as m:
-            results.append(qubo_anneal(Q, b // 2, restarts=args.restarts, seed=0))
+        with mock.patch.dict(os.environ, {"BLOCKTRAIN_ANNEAL_C": use_c}):
+            qubo_anneal(Q[:64, :64], 32, restarts=args.restarts, seed=0)  # warm-up (compiles the kernel / C loop)
+            with Measure(device) as m:
+                results.append(qubo_anneal(Q, b // 2, restarts=args.restarts, seed=0))
         seconds[path] = m.seconds
         print(f"\nannealer: one {b}-weight block (k = {b // 2}, {args.restarts} restarts, beta 1e-3 -> 100 x1.1) "
               f"in {m.seconds:.2f}s ({path})", flush=True)
-    if before is None:
-        os.environ.pop("BLOCKTRAIN_ANNEAL_C")
-    else:
-        os.environ["BLOCKTRAIN_ANNEAL_C"] = before
     assert all(torch.equal(x, results[0][0]) for x, _ in results), "the annealer's paths disagree"
     return {"block": b, "restarts": args.restarts, "seconds": seconds}
 

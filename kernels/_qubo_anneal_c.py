@@ -13,23 +13,26 @@ use the torch reference loop.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from blocktrain.trainer.io import atomic_path
 
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
 /* One chunk of levels for every chain; layouts as in qubo_anneal.py: slots [L, n, R, 2], thr [L, n, R],
-   per-chain rows of b entries for x, v, perm, pos, best_x. Q2 = 2Q (b x b, row-major). */
-void anneal_levels(const float *Q2, const float *diag, const int32_t *slots, const float *thr,
+   per-chain rows of b entries for x, v, perm, pos, best_x; Q is b x b, row-major. Products by 2 are exact,
+   so 2.0f * Q[..] rounds exactly as the reference's pre-doubled 2Q. */
+void anneal_levels(const float *Q, const float *diag, const int32_t *slots, const float *thr,
                    int8_t *x_all, float *v_all, int32_t *perm_all, int32_t *pos_all, int8_t *bx_all,
                    float *E_all, float *bE_all, int32_t *active, int64_t b, int64_t L, int64_t n, int64_t R) {
     for (int64_t r = 0; r < R; ++r) {
@@ -45,12 +48,12 @@ void anneal_levels(const float *Q2, const float *diag, const int32_t *slots, con
                 int64_t j = perm[slots[2 * mv + xi]];
                 int64_t p = xi ? i : j, q = xi ? j : i;
                 float dE = diag[p] + diag[q];
-                dE = dE - Q2[p * b + q];
+                dE = dE - 2.0f * Q[p * b + q];
                 dE = dE - v[p];
                 dE = dE + v[q];
                 if (!(dE < thr[mv])) continue;
-                const float *rq = Q2 + q * b, *rp = Q2 + p * b;
-                for (int64_t c = 0; c < b; ++c) { float d = rq[c] - rp[c]; v[c] = v[c] + d; }
+                const float *rq = Q + q * b, *rp = Q + p * b;
+                for (int64_t c = 0; c < b; ++c) { float d = 2.0f * rq[c] - 2.0f * rp[c]; v[c] = v[c] + d; }
                 x[p] = 0;
                 x[q] = 1;
                 int32_t a = pos[p], c = pos[q];
@@ -70,8 +73,6 @@ void anneal_levels(const float *Q2, const float *diag, const int32_t *slots, con
 }
 """
 _FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
-_library: ctypes.CDLL | None = None
-_tried = False
 
 
 def _cache_dir() -> Path:
@@ -79,6 +80,7 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path | None:
+    """The cached library's path, compiled now if missing; ``None`` without a compiler. Raises ``OSError``."""
     tag = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"qubo_anneal_{tag}.so"
     if target.exists():
@@ -86,37 +88,34 @@ def _build() -> Path | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / "anneal.c", Path(tmp) / "anneal.so"
-        src.write_text(_SOURCE)
-        proc = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+    with atomic_path(target) as tmp:  # a concurrent or failed build never leaves a partial library
+        proc = subprocess.run([compiler, *_FLAGS, "-x", "c", "-", "-o", str(tmp)], input=_SOURCE,
+                              capture_output=True, text=True)
         if proc.returncode != 0:
-            warnings.warn(f"could not compile the CPU annealer ({compiler}): {proc.stderr.strip()[-500:]}; "
-                          "using the torch reference loop (slower)")
-            return None
-        os.replace(out, target)  # atomic: a concurrent build leaves one complete file
+            raise OSError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
     return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    try:
+        path = _build()
+    except OSError as err:  # a failed compile, a read-only cache directory
+        warnings.warn(f"could not build the CPU annealer ({err}); using the torch reference loop (slower)")
+        return None
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.anneal_levels.restype = None
+    lib.anneal_levels.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 4
+    return lib
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled library (built on first use), or ``None`` where no C compiler works or it is switched off."""
-    global _library, _tried
     if os.environ.get("BLOCKTRAIN_ANNEAL_C", "1") == "0":
         return None
-    if not _tried:
-        _tried = True
-        try:
-            path = _build()
-        except OSError as err:  # e.g. a read-only cache directory
-            warnings.warn(f"could not build the CPU annealer ({err}); using the torch reference loop (slower)")
-            path = None
-        if path is not None:
-            lib = ctypes.CDLL(str(path))
-            lib.anneal_levels.restype = None
-            lib.anneal_levels.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 4
-            _library = lib
-    return _library
+    return _library()
 
 
 def levels_compiled(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> None:
@@ -125,10 +124,8 @@ def levels_compiled(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) ->
     assert lib is not None, "levels_compiled needs load() to have succeeded"
     b = Q.shape[0]
     R = st["x"].shape[0]
-    Q2 = (2.0 * Q).contiguous()
-    diag, slots, thr = diag.contiguous(), slots.contiguous(), thr.contiguous()
-    tensors = [Q2, diag, slots, thr, st["x"], st["v"], st["perm"], st["pos"], st["best_x"], st["E"],
-               st["best_E"], st["active"]]
+    tensors = [Q.contiguous(), diag.contiguous(), slots.contiguous(), thr.contiguous(), st["x"], st["v"], st["perm"],
+               st["pos"], st["best_x"], st["E"], st["best_E"], st["active"]]
     expected = [torch.float32, torch.float32, torch.int32, torch.float32, torch.int8, torch.float32, torch.int32,
                 torch.int32, torch.int8, torch.float32, torch.float32, torch.int32]
     for t, dtype in zip(tensors, expected):
