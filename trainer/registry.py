@@ -1,13 +1,19 @@
-"""Where plugins and recipes are found: built-ins by name, third-party plugins by entry point.
+"""Where plugins, recipes and the engine's extension points are found.
 
-Nothing here imports torch; a plugin's module is imported only by ``load_plugin_class``.
+Plugins: built-ins by name, third-party plugins by the ``blocktrain.plugins`` entry points. Extension
+points — task kinds, data kinds, model sources and stages — are ``Registry`` objects that built-ins and
+plugins fill the same way (``register_task`` ...), at import of the module that defines them. Nothing
+here imports torch; a plugin's module is imported only when it is used.
 """
 from __future__ import annotations
 
 import importlib
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
+from typing import Any, Iterator
 
 from blocktrain.plugins import BUILTIN
 from blocktrain.trainer.errors import UserError
@@ -47,6 +53,110 @@ def load_plugin_class(name: str):
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         raise UserError(f"plugin '{name}' ({plugins[name].target}) is not a blocktrain Plugin subclass")
     return cls
+
+
+def import_third_party_plugins() -> None:
+    """Import every entry-point plugin's module, so the kinds and stages it registers are known."""
+    for name, entry in available_plugins().items():
+        if entry.origin != "built-in":
+            load_plugin_class(name)
+
+
+# -- extension points --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Extension:
+    """One registered kind: its config dataclass (``None`` if it takes no settings) and implementation."""
+
+    name: str
+    schema: type | None
+    target: str  # "module:attribute", imported on first use
+    description: str = ""
+
+
+class Registry(Mapping):
+    """Name -> config dataclass of one extension point, read like a dict; ``load`` imports the implementation.
+
+    The built-in entries are registered by ``builtins`` (a module imported on first use); plugins add
+    theirs with ``register`` when their module is imported. A lookup of an unknown name first imports
+    the third-party plugins (they may contribute it); a built-in name cannot be taken over.
+    """
+
+    def __init__(self, what: str, builtins: str, plural: str = "kinds"):
+        self.what, self._builtins, self._plural = what, builtins, plural
+        self._entries: dict[str, Extension] = {}
+        self._loaded = False
+
+    def register(self, name: str, schema: type | None, target: str, description: str = "") -> None:
+        self._load_builtins()
+        old = self._entries.get(name)
+        if old is not None and old.target != target:
+            if old.target.startswith("blocktrain."):
+                print(f"warning: {self.what} '{name}' is built in; {target} is ignored", file=sys.stderr)
+                return
+            raise UserError(f"{self.what} '{name}' is registered twice: {old.target} and {target}")
+        self._entries[name] = Extension(name, schema, target, description)
+
+    def _load_builtins(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            importlib.import_module(self._builtins)
+
+    def entry(self, name: str) -> Extension:
+        """The entry for ``name``; ``UserError`` listing the valid names when there is none."""
+        self._load_builtins()
+        if name not in self._entries:
+            import_third_party_plugins()
+        if name not in self._entries:
+            raise UserError(f"unknown {self.what} '{name}'. Valid {self._plural}: {', '.join(self._entries)}")
+        return self._entries[name]
+
+    def load(self, name: str) -> Any:
+        """The implementation registered for ``name`` (imported now)."""
+        module, _, attr = self.entry(name).target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def __getitem__(self, name: str) -> type | None:
+        self._load_builtins()
+        return self._entries[name].schema
+
+    def __contains__(self, name: object) -> bool:
+        self._load_builtins()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        self._load_builtins()
+        return iter(dict(self._entries))
+
+    def __len__(self) -> int:
+        self._load_builtins()
+        return len(self._entries)
+
+
+TASKS = Registry("task.kind", "blocktrain.trainer.tasks")
+DATA_KINDS = Registry("data.kind", "blocktrain.trainer.sources.config")
+MODEL_KINDS = Registry("model.kind", "blocktrain.trainer.sources.config")
+STAGES = Registry("stage", "blocktrain.trainer.stages", plural="stages")
+
+
+def register_task(kind: str, schema: type, target: str, description: str = "") -> None:
+    """A task kind (``task.kind``): ``schema`` its config dataclass, ``target`` a ``Task`` subclass."""
+    TASKS.register(kind, schema, target, description)
+
+
+def register_data_kind(kind: str, schema: type, target: str, description: str = "") -> None:
+    """A data kind (``data.kind``): ``target(cfg, tokenizer, seed) -> Datasets``."""
+    DATA_KINDS.register(kind, schema, target, description)
+
+
+def register_model_source(kind: str, schema: type, target: str, description: str = "") -> None:
+    """A model source (``model.kind``): ``target`` an object with ``load_processor(cfg)`` and
+    ``load(cfg, processor) -> LoadedModel`` — a hub loader, or a model a plugin builds from its config."""
+    MODEL_KINDS.register(kind, schema, target, description)
+
+
+def register_stage(kind: str, target: str, schema: type | None = None, description: str = "") -> None:
+    """A stage kind for ``stages: [...]``: ``target(run: RunState, stage: Stage)``; ``schema`` its settings."""
+    STAGES.register(kind, schema, target, description)
 
 
 # -- recipes ----------------------------------------------------------------------------------

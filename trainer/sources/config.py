@@ -1,4 +1,5 @@
-"""Structured configs of the model and data sources: one dataclass per ``kind``.
+"""Structured configs of the built-in model and data sources: one dataclass per ``kind``, registered
+like a plugin's own kinds (``register_model_source``, ``register_data_kind``).
 
 ``validate_model_config`` / ``validate_data_config`` merge a user's node onto the dataclass its
 ``kind`` selects and raise ``UserError`` with one clear message for anything wrong. This module
@@ -14,6 +15,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.registry import DATA_KINDS, MODEL_KINDS, Registry, register_data_kind, register_model_source
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -79,11 +81,9 @@ class TimmModelConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to create_model (e.g. img_size)
 
 
-MODEL_KINDS: Dict[str, type] = {
-    "transformers": TransformersModelConfig,
-    "gguf": GGUFModelConfig,
-    "timm": TimmModelConfig,
-}
+for _kind, _schema, _source in (("transformers", TransformersModelConfig, "TRANSFORMERS"),
+                                ("gguf", GGUFModelConfig, "TRANSFORMERS"), ("timm", TimmModelConfig, "TIMM")):
+    register_model_source(_kind, _schema, f"blocktrain.trainer.sources.models:{_source}")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -200,14 +200,10 @@ class FewShotDataConfig(DataConfig):
     steps_per_shot: int = field(default=500, metadata=_POSITIVE)  # info.train_steps = steps_per_shot * shots
 
 
-DATA_KINDS: Dict[str, type] = {
-    "text_classification": TextClassificationDataConfig,
-    "text_corpus": TextCorpusDataConfig,
-    "torchvision": TorchvisionDataConfig,
-    "image_folder": ImageFolderDataConfig,
-    "tensors": TensorsDataConfig,
-    "few_shot": FewShotDataConfig,
-}
+for _kind, _schema in (("text_classification", TextClassificationDataConfig), ("text_corpus", TextCorpusDataConfig),
+                      ("torchvision", TorchvisionDataConfig), ("image_folder", ImageFolderDataConfig),
+                      ("tensors", TensorsDataConfig), ("few_shot", FewShotDataConfig)):
+    register_data_kind(_kind, _schema, f"blocktrain.trainer.sources.data:build_{_kind}")
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -221,17 +217,16 @@ def validate_data_config(cfg: Any, allow_missing: bool = False) -> DictConfig:
     return _validate(cfg, "data", DATA_KINDS, allow_missing)
 
 
-def _validate(cfg: Any, group: str, kinds: Dict[str, type], allow_missing: bool) -> DictConfig:
+def _validate(cfg: Any, group: str, kinds: Registry, allow_missing: bool) -> DictConfig:
     deferred: set = set()
     if isinstance(cfg, DictConfig):
         cfg, deferred = _resolve(cfg, group)
     if not isinstance(cfg, dict):
         raise UserError(f"{group} must be a mapping with a 'kind' key, got {cfg!r}")
     kind = cfg.get("kind")
-    if kind not in kinds:
-        what = f"unknown {group}.kind '{kind}'" if kind is not None else f"{group}.kind is not set"
-        raise UserError(f"{what}. Valid kinds: {', '.join(kinds)}")
-    schema = kinds[kind]
+    if kind is None:
+        raise UserError(f"{group}.kind is not set. Valid kinds: {', '.join(kinds)}")
+    schema = kinds.entry(kind).schema
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
     for key, value in cfg.items():

@@ -1,5 +1,6 @@
 """Data sources behind one ``build_datasets``: text classification files, text corpora, torchvision
-datasets, image folders and tensor files. Every split is deterministic given ``seed``.
+datasets, image folders and tensor files (the built-in data kinds; plugins register more). Every split is
+deterministic given ``seed``.
 """
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ class Datasets:
 
 def build_datasets(cfg: Any, tokenizer: Any = None, seed: int = 0) -> Datasets:
     """Build the datasets a ``data`` config node describes (validated here, so a plain dict works)."""
+    from blocktrain.trainer.registry import DATA_KINDS
+
     cfg = validate_data_config(cfg)
-    builders = {"text_classification": _text_classification, "text_corpus": _text_corpus,
-                "torchvision": _torchvision, "image_folder": _image_folder, "tensors": _tensors, "few_shot": _few_shot}
-    data = builders[cfg.kind](cfg, tokenizer, seed)
+    data = DATA_KINDS.load(cfg.kind)(cfg, tokenizer, seed)
     if len(data.train) < data.info.get("batch_size", cfg.batch_size):  # a source may lower it (few-shot pools)
         raise UserError(f"the {cfg.kind} train split has {len(data.train)} samples, fewer than one batch "
                         f"(data.batch_size={cfg.batch_size}); lower data.batch_size or add data")
@@ -171,7 +172,7 @@ def _label_ids(labels: list, names: list[str], path: Path) -> list[int]:
     return ids
 
 
-def _text_classification(cfg, tokenizer, seed) -> Datasets:
+def build_text_classification(cfg, tokenizer, seed) -> Datasets:
     _need_tokenizer(tokenizer, cfg.kind)
     train_path = _existing(cfg.train, "train")
     records = read_records(train_path, "train")
@@ -278,7 +279,7 @@ def _blocks(stream: torch.Tensor, seq_len: int, stride: int, limit: int | None,
     return stream.unfold(0, seq_len, stride)[starts // stride].contiguous(), covered
 
 
-def _text_corpus(cfg, tokenizer, seed) -> Datasets:
+def build_text_corpus(cfg, tokenizer, seed) -> Datasets:
     _need_tokenizer(tokenizer, cfg.kind)
     files = corpus_files(list(cfg.files), cfg.pattern)
     stream = tokenize_corpus(files, tokenizer, cfg.add_eos)
@@ -344,7 +345,7 @@ def _probe(dataset, what: str):
 _TRAIN_FLAG = {"train": True, "test": False, "val": False, "valid": False, "validation": False}
 
 
-def _torchvision(cfg, tokenizer, seed) -> Datasets:
+def build_torchvision(cfg, tokenizer, seed) -> Datasets:
     from torchvision import datasets
 
     cls = getattr(datasets, cfg.name, None) if cfg.name in datasets.__all__ else None
@@ -389,7 +390,7 @@ def _torchvision(cfg, tokenizer, seed) -> Datasets:
     return Datasets(train=train, val=val, collate_fn=None, info={"image_size": cfg.image_size, **info})
 
 
-def _image_folder(cfg, tokenizer, seed) -> Datasets:
+def build_image_folder(cfg, tokenizer, seed) -> Datasets:
     from torchvision.datasets import ImageFolder
 
     def open_folder(path, key):
@@ -413,7 +414,7 @@ def _image_folder(cfg, tokenizer, seed) -> Datasets:
                     info={"class_names": classes, "num_labels": len(classes), "image_size": cfg.image_size})
 
 
-def _few_shot(cfg, tokenizer, seed) -> Datasets:
+def build_few_shot(cfg, tokenizer, seed) -> Datasets:
     from blocktrain.trainer.sources.few_shot import build_few_shot
 
     return build_few_shot(cfg, seed)
@@ -445,7 +446,7 @@ def load_tensors(path: str, key: str, x_key: str, y_key: str) -> tuple[torch.Ten
     return x, y
 
 
-def _tensors(cfg, tokenizer, seed) -> Datasets:
+def build_tensors(cfg, tokenizer, seed) -> Datasets:
     x, y = load_tensors(cfg.path, "path", cfg.x_key, cfg.y_key)
     if cfg.val_path is not None:
         vx, vy = load_tensors(cfg.val_path, "val_path", cfg.x_key, cfg.y_key)

@@ -9,7 +9,7 @@ import copy
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.sources.config import validate_model_config
@@ -33,17 +33,32 @@ def load_model(cfg: Any, processor: Any = None) -> LoadedModel:
     ``processor``: one already returned by ``load_processor(cfg)`` (e.g. to tokenise the data before
     the model's config can be completed from it); loaded here when None.
     """
+    from blocktrain.trainer.registry import MODEL_KINDS
+
     cfg = validate_model_config(cfg)
-    if cfg.kind == "timm":
-        return _load_timm(cfg)
-    return _load_transformers(cfg, processor)
+    return MODEL_KINDS.load(cfg.kind).load(cfg, processor)
 
 
 def load_processor(cfg: Any):
-    """The tokenizer / image processor / processor of a transformers-kind model node (None for timm
-    or ``processor: none``). A tokenizer without a pad token gets its EOS token as pad."""
+    """The tokenizer / image processor / processor the model node's source provides (None if it has none)."""
+    from blocktrain.trainer.registry import MODEL_KINDS
+
     cfg = validate_model_config(cfg)
-    if cfg.kind == "timm" or cfg.processor == "none":
+    return MODEL_KINDS.load(cfg.kind).load_processor(cfg)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a ``model.kind`` registers: ``load(cfg, processor) -> LoadedModel`` and its processor loader."""
+
+    load: Callable[[Any, Any], LoadedModel]
+    load_processor: Callable[[Any], Any] = lambda cfg: None
+
+
+def _transformers_processor(cfg):
+    """A transformers node's tokenizer / image processor / processor (None with ``processor: none``).
+    A tokenizer without a pad token gets its EOS token as pad."""
+    if cfg.processor == "none":
         return None
     location, _, gguf_file = _locate(cfg)
     return _load_processor(cfg, location, gguf_file)
@@ -297,6 +312,10 @@ def _load_timm_checkpoint(model, name: str, path: str, num_classes_set: bool) ->
                         f"with these settings ({detail})")
     model.load_state_dict(state, strict=not dropped)
     return bool(dropped)
+
+
+TRANSFORMERS = ModelSource(_load_transformers, _transformers_processor)
+TIMM = ModelSource(lambda cfg, processor: _load_timm(cfg))
 
 
 def _hinted(cfg, message: str) -> str:

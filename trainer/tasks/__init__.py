@@ -1,15 +1,14 @@
 """Tasks: the objective and evaluation metrics of a run, chosen by `task.kind`.
 
-Schemas and the registry are torch-free (validated by the CLI); implementations import lazily.
-A plugin may replace the objective (``Plugin.loss``); the task still provides the metrics.
+The built-in kinds are registered here like a plugin's (``register_task``); schemas are torch-free
+(validated by the CLI), implementations import lazily. Plugin losses add to the task's (``Plugin.loss``).
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Optional
 
-from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.registry import TASKS, register_task
 
 
 @dataclass
@@ -40,31 +39,23 @@ class ClipFewShotTaskConfig:
     zero_shot: bool = True  # evaluate before training, logged as val/zero_shot_acc
 
 
-TASKS: dict[str, tuple[type, str]] = {
-    "sequence_classification": (SequenceClassificationTaskConfig, "blocktrain.trainer.tasks.classification:SequenceClassificationTask"),
-    "causal_lm": (CausalLMTaskConfig, "blocktrain.trainer.tasks.language:CausalLMTask"),
-    "image_classification": (ImageClassificationTaskConfig, "blocktrain.trainer.tasks.classification:ImageClassificationTask"),
-    "clip_few_shot": (ClipFewShotTaskConfig, "blocktrain.trainer.tasks.clip:ClipFewShotTask"),
-}
-
-
-def register_task(kind: str, schema: type, target: str) -> None:
-    """Add a task kind (plugins with their own data protocol, e.g. CLIP few-shot, register one)."""
-    TASKS[kind] = (schema, target)
+for _kind, _schema, _target in (
+        ("sequence_classification", SequenceClassificationTaskConfig, "classification:SequenceClassificationTask"),
+        ("causal_lm", CausalLMTaskConfig, "language:CausalLMTask"),
+        ("image_classification", ImageClassificationTaskConfig, "classification:ImageClassificationTask"),
+        ("clip_few_shot", ClipFewShotTaskConfig, "clip:ClipFewShotTask")):
+    register_task(_kind, _schema, f"blocktrain.trainer.tasks.{_target}")
 
 
 def validate_task_config(cfg):
-    from blocktrain.trainer.validation import kind_schema, validate_node
+    from blocktrain.trainer.validation import validate_node
 
-    return validate_node(cfg, kind_schema(cfg, {k: s for k, (s, _) in TASKS.items()}, "task"), "task")
+    return validate_node(cfg, TASKS.entry(cfg.get("kind") if cfg is not None else None).schema, "task")
 
 
 def build_task(cfg, info: dict):
     """Instantiate the task for ``cfg.kind`` with the data source's ``info`` (labels, class names...)."""
     from omegaconf import OmegaConf
 
-    if cfg.kind not in TASKS:
-        raise UserError(f"unknown task.kind '{cfg.kind}'. Valid kinds: {', '.join(TASKS)}")
-    module, _, attr = TASKS[cfg.kind][1].partition(":")
     config = OmegaConf.to_object(validate_task_config(cfg))
-    return getattr(importlib.import_module(module), attr)(config, info)
+    return TASKS.load(cfg.kind)(config, info)
