@@ -22,25 +22,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+def checkpoint_dir(run_dir: Path, phase: str = "fit") -> Path:
+    """A fit phase's checkpoint folder: ``checkpoints/`` for the phase named ``fit``, else ``checkpoints/<phase>/``."""
+    return run_dir / "checkpoints" if phase == "fit" else run_dir / "checkpoints" / phase
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The most recently written ``*.ckpt`` in the run's checkpoint folder, or None."""
-    found = [p for p in checkpoint_dir(run_dir).glob("*.ckpt") if not p.name.startswith(".")]
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The most recently written ``*.ckpt`` in ``folder``, or None."""
+    found = [p for p in folder.glob("*.ckpt") if not p.name.startswith(".")]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """``resume=auto`` -> newest checkpoint in the run dir (None if there is none yet); a path -> that file."""
+def resolve_resume(resume: str | None, run_dir: Path, phase: str = "fit") -> Path | None:
+    """``resume=auto`` -> the newest checkpoint of the fit phase (None if there is none yet); a path -> that file."""
     if resume is None:
         return None
     if resume == "auto":
-        return newest_checkpoint(run_dir)
+        return newest_checkpoint(checkpoint_dir(run_dir, phase))
     path = Path(resume).expanduser()
     if path.is_dir():
-        path = newest_checkpoint(path) or path
+        path = newest_checkpoint(checkpoint_dir(path) if checkpoint_dir(path).is_dir() else path) or path
     if not path.is_file():
         raise UserError(f"resume checkpoint not found: {resume}")
     return path

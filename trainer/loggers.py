@@ -17,7 +17,7 @@ class JsonMetricsLogger(Logger):
     """Keeps the latest value of every logged metric and writes them, with the run status, to metrics.json.
 
     ``status`` is "running" until the run ends as "finished", "failed" or "interrupted", so a half-done
-    run never looks finished.
+    run never looks finished; ``stage`` names the stage the run is in (or stopped in).
     """
 
     def __init__(self, path: Path):
@@ -26,6 +26,7 @@ class JsonMetricsLogger(Logger):
         self.metrics: dict[str, float] = {}
         self.status = "running"
         self.step = 0
+        self.stage = None  # the current Stage, set by the engine
 
     @property
     def name(self) -> str:
@@ -47,8 +48,9 @@ class JsonMetricsLogger(Logger):
 
     @rank_zero_only
     def write(self, **extra: Any) -> None:
-        write_json(self.path, {"status": self.status, "step": self.step, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "metrics": self.metrics, **extra})
+        stage = self.stage.name if self.stage is not None else None
+        write_json(self.path, {"status": self.status, "stage": stage, "step": self.step,
+                               "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": self.metrics, **extra})
 
     def set_status(self, status: str, **extra: Any) -> None:
         self.status = status

@@ -8,7 +8,7 @@ import torch
 import pytorch_lightning as pl
 
 from blocktrain.trainer.errors import UserError
-from blocktrain.trainer.optim import build_optimizer, build_scheduler
+from blocktrain.trainer.optim import build_optimizer, build_scheduler, param_groups
 
 
 class NonFiniteLoss(UserError):
@@ -16,7 +16,9 @@ class NonFiniteLoss(UserError):
 
 
 class RunModule(pl.LightningModule):
-    def __init__(self, model, task, plugins, optim_cfg, scheduler_cfg, run):
+    """One fit phase (or evaluation) of the run's model; ``prefix`` keeps a named phase's metrics apart."""
+
+    def __init__(self, model, task, plugins, optim_cfg, scheduler_cfg, run, prefix: str = ""):
         super().__init__()
         self.model = model
         self.task = task
@@ -24,6 +26,7 @@ class RunModule(pl.LightningModule):
         self.optim_cfg = optim_cfg
         self.scheduler_cfg = scheduler_cfg
         self.run = run
+        self.prefix = prefix
         self._eval_sums: dict[str, list[float]] = {}
 
     def forward(self, *args, **kwargs):
@@ -33,33 +36,51 @@ class RunModule(pl.LightningModule):
         if stage == "fit":
             self.model.train()  # hub models load in eval mode; Lightning keeps the mode it finds
 
-    def objective(self, batch) -> torch.Tensor:
+    def loss_terms(self, batch) -> dict[str, torch.Tensor]:
+        """Every plugin's named loss terms, and the task's (``task``) unless a plugin replaces it."""
+        terms: dict[str, torch.Tensor] = {}
         for plugin in self.plugins:
-            loss = plugin.loss(self.model, batch, self.run)
-            if loss is not None:
-                return loss
-        if self.task is None:
+            out = plugin.loss(self.model, batch, self.run)
+            if isinstance(out, torch.Tensor):
+                terms[plugin.name] = out
+            elif out is not None:
+                terms.update({f"{plugin.name}/{k}": v for k, v in out.items()})
+        if self.task is not None and not any(p.replaces_task_loss for p in self.plugins):
+            terms["task"] = self.task.loss(self.model, batch)
+        if not terms:
             raise UserError("no objective: configure a task (task=...) or a plugin that defines a loss")
-        return self.task.loss(self.model, batch)
+        return terms
 
     def training_step(self, batch, batch_idx):
-        loss = self.objective(batch)
+        terms = self.loss_terms(batch)
+        loss = sum(terms.values())
         if not torch.isfinite(loss.detach()).all():
             raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopped. "
                                 "The last good checkpoint is kept; lower optim.lr or check the data.")
         distributed = self.trainer.world_size > 1
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=distributed)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        p = self.prefix
+        self.log(f"{p}train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=distributed)
+        if len(terms) > 1:
+            self.log_dict({f"{p}train/loss/{k}": v.detach() for k, v in terms.items()}, on_step=True, on_epoch=False,
+                          sync_dist=distributed)
+        self.log(f"{p}train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     # -- evaluation: exact means over the whole split, summed across ranks ----------------------
     def on_validation_epoch_start(self):
         self._eval_sums = {}
 
+    def has_eval_metrics(self) -> bool:
+        """Whether a validate loop measures anything: a task, or a plugin with its own ``eval_sums``."""
+        from blocktrain.trainer.plugin import Plugin
+
+        return self.task is not None or any(type(p).eval_sums is not Plugin.eval_sums for p in self.plugins)
+
     def validation_step(self, batch, batch_idx):
-        if self.task is None:
-            return
-        for name, (total, count) in self.task.eval_sums(self.model, batch).items():
+        sums = dict(self.task.eval_sums(self.model, batch)) if self.task is not None else {}
+        for plugin in self.plugins:
+            sums.update(plugin.eval_sums(self.model, batch, self.run))
+        for name, (total, count) in sums.items():
             acc = self._eval_sums.setdefault(name, [0.0, 0.0])
             acc[0] += float(total)
             acc[1] += float(count)
@@ -71,13 +92,13 @@ class RunModule(pl.LightningModule):
         sums = torch.tensor([self._eval_sums[n] for n in names], dtype=torch.float64, device=self.device)
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         means = {n: s / c for n, (s, c) in zip(names, sums.tolist()) if c > 0}
-        for name, value in self.task.finalize(means).items():
-            self.log(f"val/{name}", value, on_epoch=True, sync_dist=False, rank_zero_only=True)
+        for name, value in (self.task.finalize(means) if self.task is not None else means).items():
+            self.log(f"{self.prefix}val/{name}", value, on_epoch=True, sync_dist=False, rank_zero_only=True)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.optim_cfg, params)
+        groups = [g for plugin in self.plugins for g in plugin.param_groups(self.model, self.run)]
+        optimizer = build_optimizer(self.optim_cfg, param_groups(self.model, groups))
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(self.scheduler_cfg, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,11 +10,28 @@ from omegaconf import DictConfig
 from blocktrain.trainer.errors import UserError
 
 
-def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def param_groups(model: torch.nn.Module, groups: list[dict]) -> list[dict]:
+    """The plugins' parameter groups (frozen parameters dropped), then one group of every other
+    trainable parameter with the preset's settings. A parameter in two groups is an error."""
+    seen: set[int] = set()
+    result = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        if any(id(p) in seen for p in params):
+            raise UserError("a parameter is in two plugin parameter groups; each may be in one")
+        seen.update(id(p) for p in params)
+        if params:
+            result.append({**group, "params": params})
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    return [{"params": rest}, *result] if rest else result
+
+
+def build_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
+    """The optimiser preset over ``params`` (parameters or parameter groups)."""
     if not params:
         raise UserError("nothing to train: every parameter is frozen (check the plugins' targets)")
     try:
-        return instantiate(cfg, params=params)
+        return instantiate(cfg, _partial_=True)(params)
     except Exception as exc:  # ImportError of bitsandbytes, TypeError of a wrong keyword, ...
         cause = exc.__cause__ or exc
         raise UserError(f"cannot build optimizer {cfg.get('_target_')}: {cause}") from None

@@ -22,7 +22,9 @@ from blocktrain.trainer.loggers import JsonMetricsLogger, build_loggers, finish_
 from blocktrain.trainer.module import RunModule
 from blocktrain.trainer.registry import load_plugin_class
 from blocktrain.trainer.resolvers import register_resolvers, set_data_info
-from blocktrain.trainer.validation import STAGES, validate_config
+from blocktrain.trainer.registry import STAGES
+from blocktrain.trainer.stages import Stage, metric_prefix, parse_stages
+from blocktrain.trainer.validation import validate_config
 
 
 class RunInterrupted(UserError):
@@ -38,10 +40,16 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir)
 
 
-def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """The `trainer` section as Lightning Trainer keywords; unknown keys list the valid ones."""
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+def trainer_kwargs(cfg: DictConfig, phase: Stage | None = None) -> dict[str, Any]:
+    """The `trainer` section, with a fit phase's own keys on top, as Lightning Trainer keywords; unknown
+    keys list the valid ones."""
+    overrides = {k: v for k, v in phase.settings.items() if k not in ("optim", "scheduler")} if phase else {}
     valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "logger", "callbacks", "plugins"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise UserError(f"unknown key '{unknown[0]}' in stage {phase.name}: a fit phase takes name, optim, "
+                        f"scheduler and Lightning Trainer keys: {', '.join(sorted(valid))}")
+    kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **overrides}
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise UserError(f"unknown key '{unknown[0]}' in trainer. Valid keys: {', '.join(sorted(valid))}")
@@ -62,14 +70,15 @@ def build_plugins(cfg: DictConfig) -> list:
 
 
 def _check_fresh_run_dir(run_dir: Path, resume: str | None) -> None:
-    if resume is None and (any(checkpoint_dir(run_dir).glob("*.ckpt")) or any((run_dir / "state").glob("*.pt"))):
+    if resume is None and (any(checkpoint_dir(run_dir).rglob("*.ckpt")) or any((run_dir / "state").glob("*.pt"))):
         raise UserError(f"{run_dir} already holds checkpoints of an earlier run: pass resume=auto to continue it, "
                         "or choose another run_dir")
 
 
 def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> float | None:
-    """Run the recipe's stages; return the value of ``cfg.optimized_metric`` (for sweepers)."""
+    """Run the recipe's stages in order; return the value of ``cfg.optimized_metric`` (for sweepers)."""
     plugins = build_plugins(cfg)
+    stages = parse_stages(cfg.stages)
     run_dir = resolve_run_dir(cfg).resolve()
     _check_fresh_run_dir(run_dir, cfg.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +96,9 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     datasets = build_datasets(cfg.data, tokenizer=processor, seed=cfg.seed) if cfg.data is not None else None
     set_data_info(datasets.info if datasets is not None else {})
     tkw = trainer_kwargs(cfg)  # after the data: trainer keys may read ${data_info:...} (e.g. few-shot steps)
+    for stage in stages:  # a phase's trainer keys are checked before the model loads
+        if stage.kind == "fit":
+            trainer_kwargs(cfg, stage)
     with atomic_path(run_dir / "config.yaml") as tmp:  # resolved, now that the data info is known
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     loaded = load_model(cfg.model, processor=processor)
@@ -105,28 +117,21 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     if task is not None:
         task.setup(model, ctx)
 
-    module = RunModule(model, task, plugins, cfg.optim, cfg.scheduler, ctx)
-    last_checkpoint = LastCheckpoint(checkpoint_dir(run_dir) / "last.ckpt")
-    callbacks = [DataPositionCallback(), last_checkpoint, *_progress_callbacks(tkw.get("enable_progress_bar", True)),
-                 *(extra_callbacks or []), *_task_and_plugin_callbacks(cfg, run_dir, task, plugins, ctx)]
-    trainer = pl.Trainer(**tkw, logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                         default_root_dir=str(run_dir), use_distributed_sampler=False,
-                         enable_checkpointing="fit" in cfg.stages)
-    ctx.trainer, ctx.device = trainer, str(trainer.strategy.root_device)
-
+    state = RunState(cfg, run_dir, model, task, plugins, ctx, loggers, _datamodule(cfg, datasets), tkw,
+                     extra_callbacks or [], metrics)
     trainable, total = count_parameters(model)
     ctx.log({"params/trainable": trainable, "params/total": total}, step=0)
 
     sigint = signal.getsignal(signal.SIGINT)
     exit_code = 1
     try:
-        _run_stages(cfg, trainer, module, _datamodule(cfg, datasets), plugins, model, ctx, run_dir)
+        state.run_stages(stages)
         exit_code = 0
     except KeyboardInterrupt:
         metrics.set_status("interrupted")
         raise RunInterrupted(_interrupt_message(cfg, run_dir)) from None
     except BaseException as exc:
-        interrupted = isinstance(exc, SystemExit) and last_checkpoint.saved_on_interrupt
+        interrupted = isinstance(exc, SystemExit) and state.saved_on_interrupt
         metrics.set_status("interrupted" if interrupted else "failed")
         if interrupted:
             raise RunInterrupted(_interrupt_message(cfg, run_dir)) from None
@@ -147,21 +152,6 @@ def _datamodule(cfg: DictConfig, datasets) -> RunDataModule | None:
                          cfg.seed)
 
 
-def _task_and_plugin_callbacks(cfg: DictConfig, run_dir: Path, task, plugins, ctx: RunContext) -> list[pl.Callback]:
-    """Run statistics and the task's and plugins' callbacks; periodic checkpoints when the run trains."""
-    callbacks = [RunStats(task), *task.callbacks()] if task is not None else []
-    for plugin in plugins:
-        callbacks.extend(plugin.callbacks(ctx))
-    if "fit" in cfg.stages:
-        from pytorch_lightning.callbacks import ModelCheckpoint
-
-        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir(run_dir), filename="step{step:07d}",
-                                         auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint.every_n_steps,
-                                         save_top_k=cfg.checkpoint.keep_last, monitor="step", mode="max",
-                                         save_last=True, save_on_train_epoch_end=True))
-    return callbacks
-
-
 def _interrupt_message(cfg: DictConfig, run_dir: Path) -> str:
     return (f"interrupted; the run can continue from its last checkpoint with:\n"
             f"  train recipe={cfg.name} run_dir={run_dir} resume=auto")
@@ -180,31 +170,82 @@ class _ContextMetrics:
             lg.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
 
-def _run_stages(cfg, trainer, module, datamodule, plugins, model, ctx, run_dir) -> None:
-    stages = [s for s in STAGES if s in cfg.stages]
-    for stage in stages:
-        if stage == "fit":
-            ckpt = resolve_resume(cfg.resume, run_dir)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
-        elif stage == "calibrate":
-            model.eval()
-            for plugin in plugins:
-                plugin.calibrate(model, ctx)
-        elif stage == "evaluate":
-            model.eval()
-            if module.task is not None and datamodule is not None and datamodule.datasets.val is not None:
-                trainer.validate(module, datamodule=datamodule, verbose=False)
-            for plugin in plugins:
-                values = dict(plugin.evaluate(model, ctx))
-                if values:
-                    ctx.log(values)
-        elif stage == "sample":
-            for plugin in plugins:
-                values = {k: v for k, v in plugin.sample(model, ctx).items() if isinstance(v, (int, float))}
-                if values:
-                    ctx.log(values)
-        elif stage == "export":
-            export_model(model, plugins, run_dir / "export", ctx)
+class RunState:
+    """The assembled run the stages act on: model, task, plugins, data, loggers and Lightning trainers.
+
+    Every fit phase gets its own Trainer (a fresh optimiser and scheduler from the run's presets merged
+    with the phase's settings) and checkpoint folder; evaluation uses the latest trainer. metrics.json
+    names the stage the run is in.
+    """
+
+    def __init__(self, cfg, run_dir: Path, model, task, plugins, ctx: RunContext, loggers, datamodule,
+                 trainer_kw: dict, extra_callbacks: list, metrics: JsonMetricsLogger):
+        self.cfg, self.run_dir, self.model, self.task, self.plugins, self.ctx = cfg, run_dir, model, task, plugins, ctx
+        self.loggers, self.datamodule, self.trainer_kw, self.extra_callbacks = loggers, datamodule, trainer_kw, extra_callbacks
+        self.metrics = metrics
+        self.saved_on_interrupt = False
+        self._callbacks = _task_and_plugin_callbacks(task, plugins, ctx)
+        self._first_fit: str | None = None
+        self.trainer = self._trainer(self.trainer_kw)  # device, evaluation and calibration before any fit
+        ctx.device = str(self.trainer.strategy.root_device)
+
+    def run_stages(self, stages: list[Stage]) -> None:
+        self._first_fit = next((s.name for s in stages if s.kind == "fit"), None)
+        for stage in stages:
+            self.ctx.stage = self.metrics.stage = stage
+            for plugin in self.plugins:
+                plugin.on_stage_start(stage, self.model, self.ctx)
+            STAGES.load(stage.kind)(self, stage)
+        self.ctx.stage = self.metrics.stage = None
+
+    def _trainer(self, kwargs: dict, phase: Stage | None = None) -> pl.Trainer:
+        callbacks = [*_progress_callbacks(kwargs.get("enable_progress_bar", True)), *self.extra_callbacks,
+                     *self._callbacks]
+        if phase is not None:
+            from pytorch_lightning.callbacks import ModelCheckpoint
+
+            folder = checkpoint_dir(self.run_dir, phase.name)
+            self._last = LastCheckpoint(folder / "last.ckpt")
+            callbacks = [DataPositionCallback(), self._last, *callbacks, ModelCheckpoint(
+                dirpath=folder, filename="step{step:07d}", auto_insert_metric_name=False,
+                every_n_train_steps=self.cfg.checkpoint.every_n_steps, save_top_k=self.cfg.checkpoint.keep_last,
+                monitor="step", mode="max", save_last=True, save_on_train_epoch_end=True)]
+        trainer = pl.Trainer(**kwargs, logger=self.loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                             default_root_dir=str(self.run_dir), use_distributed_sampler=False,
+                             enable_checkpointing=phase is not None)
+        self.ctx.trainer = trainer
+        return trainer
+
+    def fit(self, stage: Stage) -> None:
+        """One fit phase; with ``resume`` it continues from its own checkpoint folder (a finished phase
+        restores its final weights and returns). ``resume=PATH`` applies to the first phase."""
+        optim = OmegaConf.merge(self.cfg.optim, stage.settings.get("optim") or {})
+        scheduler = OmegaConf.merge(self.cfg.scheduler, stage.settings.get("scheduler") or {})
+        module = RunModule(self.model, self.task, self.plugins, optim, scheduler, self.ctx, metric_prefix(stage))
+        self.trainer = self._trainer(trainer_kwargs(self.cfg, stage), stage)
+        resume = self.cfg.resume if self.cfg.resume in (None, "auto") or stage.name == self._first_fit else "auto"
+        ckpt = resolve_resume(resume, self.run_dir, stage.name)
+        try:
+            self.trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(ckpt) if ckpt else None,
+                             weights_only=False)
+        finally:
+            self.saved_on_interrupt = self._last.saved_on_interrupt
+
+    def validate(self, stage: Stage) -> None:
+        """The validate loop over the val split: the task's and plugins' metrics, reduced across processes."""
+        if self.datamodule is None or self.datamodule.datasets.val is None:
+            return
+        module = RunModule(self.model, self.task, self.plugins, self.cfg.optim, self.cfg.scheduler, self.ctx)
+        if module.has_eval_metrics():
+            self.trainer.validate(module, datamodule=self.datamodule, verbose=False)
+
+
+def _task_and_plugin_callbacks(task, plugins, ctx: RunContext) -> list[pl.Callback]:
+    """Run statistics and the task's and plugins' callbacks."""
+    callbacks = [RunStats(task), *task.callbacks()] if task is not None else []
+    for plugin in plugins:
+        callbacks.extend(plugin.callbacks(ctx))
+    return callbacks
 
 
 def export_model(model, plugins, out_dir: Path, ctx: RunContext) -> list[Path]:

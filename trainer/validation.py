@@ -16,7 +16,6 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from blocktrain.trainer.errors import UserError
 
 PLUGIN_MARKER = "_plugin_"  # set by each conf/plugin/NAME.yaml: `_plugin_: NAME`
-STAGES = ("fit", "calibrate", "evaluate", "sample", "export")
 TOP_LEVEL = ("name", "seed", "stages", "optimized_metric", "optimize_direction", "run_dir", "resume", "init_from",
              "checkpoint", "matmul_precision", "kernel_backend", "trainer", "logger", "optim", "scheduler", "model", "data", "task",
              "plugin")
@@ -85,17 +84,21 @@ def kind_schema(node: Any, schemas: dict[str, type], where: str) -> type:
     return schemas[kind]
 
 
-def validate_config(cfg: DictConfig, load_plugins: bool = True) -> dict[str, DictConfig]:
-    """Validate every section of a composed run config; return the validated plugin configs by name."""
+def validate_config(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Validate every section of a composed run config; return the validated plugin configs by name.
+
+    The plugins are validated (so imported) first: the task kinds, data kinds, model sources and stages
+    they register are known when those sections are checked.
+    """
     from blocktrain.trainer.sources.config import validate_data_config, validate_model_config
+    from blocktrain.trainer.stages import parse_stages
     from blocktrain.trainer.tasks import validate_task_config
 
     unknown = [k for k in cfg if k not in TOP_LEVEL]
     if unknown:
         raise UserError(f"unknown config key '{unknown[0]}'. Valid top-level keys: {', '.join(TOP_LEVEL)}")
-    bad = [s for s in cfg.stages if s not in STAGES]
-    if bad:
-        raise UserError(f"unknown stage '{bad[0]}'. Valid stages: {', '.join(STAGES)}")
+    plugins = validate_plugins(cfg.plugin or {})
+    stages = parse_stages(cfg.stages)
     if cfg.resume not in (None, "auto") and not isinstance(cfg.resume, str):
         raise UserError(f"resume must be null, 'auto' or a checkpoint path, got {cfg.resume!r}")
     if cfg.kernel_backend not in ("auto", "triton", "reference"):
@@ -114,14 +117,14 @@ def validate_config(cfg: DictConfig, load_plugins: bool = True) -> dict[str, Dic
     if cfg.model is None:
         raise UserError("no model configured: pass recipe=NAME (see `train --list`) or model=<preset> model.id=...")
     validate_model_config(cfg.model)
-    needs_data = any(s in cfg.stages for s in ("fit", "calibrate", "evaluate"))
+    needs_data = [s.name for s in stages if s.kind in ("fit", "calibrate")]
     if cfg.data is None and needs_data:
-        raise UserError("no data configured: the stages " + ", ".join(cfg.stages) + " need data=<preset>")
+        raise UserError(f"no data configured: the stages {', '.join(needs_data)} need data=<preset>")
     if cfg.data is not None:
         validate_data_config(cfg.data)
     if cfg.task is not None:
         validate_task_config(cfg.task)
-    return validate_plugins(cfg.plugin or {}) if load_plugins else {}
+    return plugins
 
 
 def validate_plugins(section: Any) -> dict[str, DictConfig]:
@@ -141,10 +144,28 @@ def validate_plugins(section: Any) -> dict[str, DictConfig]:
         cls = load_plugin_class(name)
         node = OmegaConf.masked_copy(node, [k for k in node if k != PLUGIN_MARKER])
         validated[name] = validate_node(node, cls.config_class, f"plugin.{name}")
-        plugin = cls(OmegaConf.to_object(validated[name]))
-        plugin.check_pipeline(instances)
-        instances.append(plugin)
+        instances.append(cls(OmegaConf.to_object(validated[name])))
+    for i, plugin in enumerate(instances):
+        check_combination(plugin, instances[:i], instances[i + 1:])
+        plugin.check_pipeline(instances[:i])
     return validated
+
+
+def check_combination(plugin, before: list, after: list) -> None:
+    """``plugin.requires`` (names or kinds) must come earlier in the plugin list; ``plugin.conflicts`` must
+    not be anywhere else in it."""
+    def matches(other, ref: str) -> bool:
+        return ref in (other.name, other.kind)
+
+    for ref in plugin.requires:
+        if not any(matches(p, ref) for p in before):
+            raise UserError(f"plugin {plugin.name} needs a '{ref}' plugin before it in the plugin list, "
+                            f"e.g. plugin=[{ref},{plugin.name}]")
+    for other in [*before, *after]:
+        clash = next((ref for ref in plugin.conflicts if matches(other, ref)), None)
+        if clash is not None:
+            what = f"another {clash} plugin" if clash == other.kind else clash
+            raise UserError(f"plugin {plugin.name} cannot be combined with {other.name} ({what}); choose one")
 
 
 def explain_composition_error(exc: Exception, overrides: list[str]) -> str:

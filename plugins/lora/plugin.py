@@ -62,15 +62,12 @@ class LoraPlugin(Plugin):
     name = "lora"
     description = "LoRA adapters on chosen Linear layers of any transformers/timm model"
     config_class = LoraConfig
+    kind = "adapter"
+    conflicts = ("adapter",)  # a model takes one (Block-)LoRA adapter
 
     def __init__(self, config):
         cls = self.config_class
         super().__init__(config if isinstance(config, cls) else cls(**dict(config)))
-
-    def check_pipeline(self, before: list[Plugin]) -> None:
-        adapters = [p.name for p in before if isinstance(p, LoraPlugin)]
-        if adapters:
-            raise UserError(f"plugin {self.name} cannot follow {adapters[0]}: a model takes one (Block-)LoRA adapter")
 
     def apply(self, model: "torch.nn.Module", run: "RunContext") -> "torch.nn.Module":
         from blocktrain.plugins.lora.surgery import apply_lora

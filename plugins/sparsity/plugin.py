@@ -87,17 +87,13 @@ class PruningPlugin(Plugin):
     """Base of the pruning plugins: targets, the one-pruner rule, the sparsity report and lm-eval."""
 
     config_class = SparsityConfig
+    kind = "prune"
+    conflicts = ("prune",)  # each pruning plugin starts from the original weights
 
     def __init__(self, config):
         cls = self.config_class
         super().__init__(config if isinstance(config, cls) else cls(**dict(config)))
         self.names: list[str] = []
-
-    def check_pipeline(self, before: list[Plugin]) -> None:
-        pruners = [p.name for p in before if isinstance(p, PruningPlugin)]
-        if pruners:
-            raise UserError(f"plugin {self.name} cannot follow {pruners[0]}: each pruning plugin starts from the "
-                            "original weights; choose one")
 
     def apply(self, model: "torch.nn.Module", run: "RunContext") -> "torch.nn.Module":
         from blocktrain.plugins.sparsity.masks import find_linear_names

@@ -136,7 +136,7 @@ def test_zero_icbs_epochs_give_the_one_pass_wanda_mask_and_steps_move_it(llama_d
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["plugin=[wanda,icbs]"], "plugin icbs cannot follow wanda"),
+    (["plugin=[wanda,icbs]"], "plugin wanda cannot be combined with icbs \\(another prune plugin\\)"),
     (["plugin.wanda.pattern=2:4", "plugin.wanda.density=0.3"], r"keeps 2/4 of the weights .* set plugin.wanda.density=0.5"),
     (["plugin.wanda.pattern=diagonal"], "plugin.wanda.pattern must be layer, row or N:M"),
     (["plugin=[sparsegpt]", "plugin.sparsegpt.pattern=row"], "plugin.sparsegpt.pattern must be layer or N:M"),

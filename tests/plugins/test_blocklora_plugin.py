@@ -52,7 +52,7 @@ def test_config_composes_and_validates_through_the_engine():
     assert BlockLoraPlugin({"rank": 4, "layers": (0, 6)}).config == BlockLoraConfig(rank=4, layers=[0, 6])
     with pytest.raises(UserError, match="n_blocks must divide rank: rank=2, n_blocks=8"):
         validate_plugins(load_config(["plugin=[blocklora]", "plugin.blocklora.mode=sum_rank"]).plugin)
-    with pytest.raises(UserError, match="plugin blocklora cannot follow lora: a model takes one"):
+    with pytest.raises(UserError, match="plugin lora cannot be combined with blocklora \\(another adapter plugin\\)"):
         validate_plugins(load_config(["plugin=[lora,blocklora]"]).plugin)
     with pytest.raises(UserError, match="wrong type for plugin.blocklora.n_blocks"):
         validate_plugins(load_config(["plugin=[blocklora]", "plugin.blocklora.n_blocks=eight"]).plugin)

@@ -1,5 +1,5 @@
 """The per-layer sparsity report: counted from the weights (real zeros), written as a table and a bar chart,
-logged as scalars and, with W&B, as a table and an image."""
+logged as scalars and as media (a table and an image: files under media/ and, with W&B, W&B media)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from blocktrain.trainer.io import atomic_path, write_json
+from blocktrain.trainer.media import Table
 
 __all__ = ["layer_densities", "density_chart", "report_sparsity"]
 
@@ -71,25 +72,12 @@ def report_sparsity(model: torch.nn.Module, names: list[str], run, target: float
     chart = density_chart(rows, target)
     with atomic_path(out / "sparsity_report.png") as tmp:
         chart.save(tmp, format="PNG")
-    _log_wandb(run, rows, chart)
+    table = Table(["layer", "shape", "numel", "nonzero", "density"],
+                  [[r["layer"], json.dumps(r["shape"]), r["numel"], r["nonzero"], r["density"]] for r in rows])
+    run.log_media({"sparsity/layers": table, "sparsity/density_chart": chart})
     densities = [r["density"] for r in rows]
     print(f"sparsity: {len(rows)} layers, density {overall:.4f} (per layer {min(densities):.4f} .. "
           f"{max(densities):.4f}); table: {out / 'sparsity_report.md'}", file=sys.stderr)
     return {"sparsity/density": overall, "sparsity/min_layer_density": min(densities),
             "sparsity/max_layer_density": max(densities),
             **{f"sparsity/density/{r['layer']}": r["density"] for r in rows}}
-
-
-def _log_wandb(run, rows: list[dict], chart) -> None:
-    from pytorch_lightning.loggers import WandbLogger
-
-    trainer = getattr(run, "trainer", None)
-    for logger in getattr(trainer, "loggers", None) or []:
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            table = wandb.Table(columns=["layer", "shape", "numel", "nonzero", "density"],
-                                data=[[r["layer"], json.dumps(r["shape"]), r["numel"], r["nonzero"], r["density"]]
-                                      for r in rows])
-            logger.experiment.log({"sparsity/layers": table,
-                                   "sparsity/density_chart": wandb.Image(chart, caption="density per layer")})
