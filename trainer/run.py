@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from blocktrain.trainer.callbacks import LastCheckpoint, DataPositionCallback, R
 from blocktrain.trainer.checkpoint import AtomicCheckpointIO, checkpoint_dir, load_weights, resolve_resume
 from blocktrain.trainer.context import RunContext
 from blocktrain.trainer.data_module import RunDataModule
+from blocktrain.trainer.ema import EMA
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.io import atomic_path
 from blocktrain.trainer.loggers import JsonMetricsLogger, build_loggers, finish_wandb
@@ -185,6 +187,9 @@ class RunState:
         self.metrics = metrics
         self.saved_on_interrupt = False
         self._callbacks = _task_and_plugin_callbacks(task, plugins, ctx)
+        self.ema = EMA(model, cfg.ema.decay, cfg.ema.targets) if cfg.get("ema") and cfg.ema.decay else None
+        if self.ema is not None:
+            self._callbacks.append(self.ema)
         self._first_fit: str | None = None
         self.trainer = self._trainer(self.trainer_kw)  # device, evaluation and calibration before any fit
         ctx.device = str(self.trainer.strategy.root_device)
@@ -230,6 +235,10 @@ class RunState:
                              weights_only=False)
         finally:
             self.saved_on_interrupt = self._last.saved_on_interrupt
+
+    def averaged(self):
+        """The EMA weights in the model for evaluation, sampling and export (``ema.decay``), else as it is."""
+        return self.ema.swapped() if self.ema is not None else nullcontext()
 
     def validate(self, stage: Stage) -> None:
         """The validate loop over the val split: the task's and plugins' metrics, reduced across processes."""

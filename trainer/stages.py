@@ -16,7 +16,8 @@ A stage kind is registered like a plugin's (``register_stage``); the built-ins a
   ``RunContext.log_media``.
 - ``export``: each plugin's export formats, or the whole model.
 
-Settings other than ``name`` reach plugins as ``run.stage.settings``. This module imports no torch.
+Settings other than ``name`` reach plugins as ``run.stage.settings``. With ``ema.decay`` set, evaluate,
+sample and export see the EMA weights (trainer/ema.py). This module imports no torch.
 """
 from __future__ import annotations
 
@@ -91,28 +92,32 @@ def calibrate(run, stage: Stage) -> None:
 
 def evaluate(run, stage: Stage) -> None:
     run.model.eval()
-    run.validate(stage)
-    for plugin in run.plugins:
-        values = dict(plugin.evaluate(run.model, run.ctx))
-        if values:
-            run.ctx.log(values)
+    with run.averaged():
+        run.validate(stage)
+        for plugin in run.plugins:
+            values = dict(plugin.evaluate(run.model, run.ctx))
+            if values:
+                run.ctx.log(values)
 
 
 def sample(run, stage: Stage) -> None:
-    for plugin in run.plugins:
-        outputs = dict(plugin.sample(run.model, run.ctx))
-        scalars = {k: v for k, v in outputs.items() if isinstance(v, (int, float))}
-        if scalars:
-            run.ctx.log(scalars)
-        media = {k: v for k, v in outputs.items() if k not in scalars}
-        if media:
-            run.ctx.log_media(media)
+    run.model.eval()
+    with run.averaged():
+        for plugin in run.plugins:
+            outputs = dict(plugin.sample(run.model, run.ctx))
+            scalars = {k: v for k, v in outputs.items() if isinstance(v, (int, float))}
+            if scalars:
+                run.ctx.log(scalars)
+            media = {k: v for k, v in outputs.items() if k not in scalars}
+            if media:
+                run.ctx.log_media(media)
 
 
 def export(run, stage: Stage) -> None:
     from blocktrain.trainer.run import export_model
 
-    export_model(run.model, run.plugins, run.run_dir / "export", run.ctx)
+    with run.averaged():
+        export_model(run.model, run.plugins, run.run_dir / "export", run.ctx)
 
 
 for _kind in ("fit", "calibrate", "evaluate", "sample", "export"):

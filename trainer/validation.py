@@ -17,7 +17,7 @@ from blocktrain.trainer.errors import UserError
 
 PLUGIN_MARKER = "_plugin_"  # set by each conf/plugin/NAME.yaml: `_plugin_: NAME`
 TOP_LEVEL = ("name", "seed", "stages", "optimized_metric", "optimize_direction", "run_dir", "resume", "init_from",
-             "checkpoint", "matmul_precision", "kernel_backend", "trainer", "logger", "optim", "scheduler", "model", "data", "task",
+             "checkpoint", "ema", "matmul_precision", "kernel_backend", "trainer", "logger", "optim", "scheduler", "model", "data", "task",
              "plugin")
 
 
@@ -25,6 +25,12 @@ TOP_LEVEL = ("name", "seed", "stages", "optimized_metric", "optimize_direction",
 class CheckpointConfig:
     every_n_steps: int = 100
     keep_last: int = 2
+
+
+@dataclass
+class EmaConfig:
+    decay: Optional[float] = None  # null = no EMA
+    targets: Optional[str] = None  # regex of parameter names; null = every trainable parameter
 
 
 @dataclass
@@ -108,6 +114,9 @@ def validate_config(cfg: DictConfig) -> dict[str, DictConfig]:
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UserError(f"wrong type for seed: expected an integer, got {cfg.seed!r}")
     validate_node(cfg.checkpoint, CheckpointConfig, "checkpoint")
+    ema = validate_node(cfg.get("ema"), EmaConfig, "ema")
+    if ema.decay is not None and not 0 < ema.decay < 1:
+        raise UserError(f"ema.decay must be in (0, 1), e.g. 0.9999, got {ema.decay}")
     validate_node(cfg.logger, kind_schema(cfg.logger, LOGGERS, "logger"), "logger")
     if cfg.scheduler.get("kind") not in SCHEDULERS:
         raise UserError(f"unknown scheduler.kind '{cfg.scheduler.get('kind')}'. Valid kinds: {', '.join(SCHEDULERS)}")
