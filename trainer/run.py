@@ -22,7 +22,7 @@ from blocktrain.trainer.loggers import JsonMetricsLogger, build_loggers, finish_
 from blocktrain.trainer.module import RunModule
 from blocktrain.trainer.registry import load_plugin_class
 from blocktrain.trainer.resolvers import register_resolvers, set_data_info
-from blocktrain.trainer.validation import STAGES, validate_config
+from blocktrain.trainer.validation import STAGES, check_local_paths, validate_config
 
 
 class RunInterrupted(UserError):
@@ -70,7 +70,9 @@ def _check_fresh_run_dir(run_dir: Path, resume: str | None) -> None:
 def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> float | None:
     """Run the recipe's stages; return the value of ``cfg.optimized_metric`` (for sweepers)."""
     plugins = build_plugins(cfg)
+    check_local_paths(cfg)  # before anything downloads or loads
     run_dir = resolve_run_dir(cfg).resolve()
+    resume_from = resolve_resume(cfg.resume, run_dir)
     _check_fresh_run_dir(run_dir, cfg.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -120,7 +122,7 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     sigint = signal.getsignal(signal.SIGINT)
     exit_code = 1
     try:
-        _run_stages(cfg, trainer, module, _datamodule(cfg, datasets), plugins, model, ctx, run_dir)
+        _run_stages(cfg, trainer, module, _datamodule(cfg, datasets), plugins, model, ctx, run_dir, resume_from)
         exit_code = 0
     except KeyboardInterrupt:
         metrics.set_status("interrupted")
@@ -180,12 +182,12 @@ class _ContextMetrics:
             lg.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
 
-def _run_stages(cfg, trainer, module, datamodule, plugins, model, ctx, run_dir) -> None:
+def _run_stages(cfg, trainer, module, datamodule, plugins, model, ctx, run_dir, resume_from) -> None:
     stages = [s for s in STAGES if s in cfg.stages]
     for stage in stages:
         if stage == "fit":
-            ckpt = resolve_resume(cfg.resume, run_dir)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                        weights_only=False)
         elif stage == "calibrate":
             model.eval()
             for plugin in plugins:

@@ -59,8 +59,9 @@ LOGGERS = {"wandb": WandbConfig, "csv": CsvConfig, "none": NoLoggerConfig}
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
-def validate_node(node: Any, schema: type, where: str) -> DictConfig:
-    """Merge ``node`` onto ``schema``'s defaults; raise UserError on unknown keys, wrong types, missing values."""
+def validate_node(node: Any, schema: type, where: str, allow_missing: bool = False) -> DictConfig:
+    """Merge ``node`` onto ``schema``'s defaults; raise UserError on unknown keys, wrong types and (unless
+    ``allow_missing``) values left as ``???``."""
     valid = [f.name for f in fields(schema)]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
@@ -71,7 +72,7 @@ def validate_node(node: Any, schema: type, where: str) -> DictConfig:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", "?")
         raise UserError(f"wrong type for {where}.{key}: {_first_line(exc)}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
+    if missing and not allow_missing:
         raise UserError(f"missing value for {where}: {', '.join(missing)} (set it on the command line, e.g. "
                         f"{where}.{missing[0]}=...)")
     return merged
@@ -85,8 +86,12 @@ def kind_schema(node: Any, schemas: dict[str, type], where: str) -> type:
     return schemas[kind]
 
 
-def validate_config(cfg: DictConfig, load_plugins: bool = True) -> dict[str, DictConfig]:
-    """Validate every section of a composed run config; return the validated plugin configs by name."""
+def validate_config(cfg: DictConfig, load_plugins: bool = True, allow_missing: bool = False) -> dict[str, DictConfig]:
+    """Validate every section of a composed run config; return the validated plugin configs by name.
+
+    ``allow_missing`` (``train ... --cfg job``): values left for the user (``???``) pass; keys and types are
+    still checked. Local paths are not checked here but when a run starts (``check_local_paths``).
+    """
     from blocktrain.trainer.sources.config import validate_data_config, validate_model_config
     from blocktrain.trainer.tasks import validate_task_config
 
@@ -104,27 +109,42 @@ def validate_config(cfg: DictConfig, load_plugins: bool = True) -> dict[str, Dic
         raise UserError(f"optimize_direction must be maximize or minimize, got {cfg.optimize_direction!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UserError(f"wrong type for seed: expected an integer, got {cfg.seed!r}")
-    validate_node(cfg.checkpoint, CheckpointConfig, "checkpoint")
-    validate_node(cfg.logger, kind_schema(cfg.logger, LOGGERS, "logger"), "logger")
+    validate_node(cfg.checkpoint, CheckpointConfig, "checkpoint", allow_missing)
+    validate_node(cfg.logger, kind_schema(cfg.logger, LOGGERS, "logger"), "logger", allow_missing)
     if cfg.scheduler.get("kind") not in SCHEDULERS:
         raise UserError(f"unknown scheduler.kind '{cfg.scheduler.get('kind')}'. Valid kinds: {', '.join(SCHEDULERS)}")
-    validate_node(cfg.scheduler, SchedulerConfig, "scheduler")
+    validate_node(cfg.scheduler, SchedulerConfig, "scheduler", allow_missing)
     if "_target_" not in cfg.optim:
         raise UserError("optim needs a _target_ (an optimizer class path), e.g. optim=adamw")
     if cfg.model is None:
         raise UserError("no model configured: pass recipe=NAME (see `train --list`) or model=<preset> model.id=...")
-    validate_model_config(cfg.model)
+    validate_model_config(cfg.model, allow_missing)
     needs_data = any(s in cfg.stages for s in ("fit", "calibrate", "evaluate"))
     if cfg.data is None and needs_data:
         raise UserError("no data configured: the stages " + ", ".join(cfg.stages) + " need data=<preset>")
     if cfg.data is not None:
-        validate_data_config(cfg.data)
+        validate_data_config(cfg.data, allow_missing)
     if cfg.task is not None:
         validate_task_config(cfg.task)
-    return validate_plugins(cfg.plugin or {}) if load_plugins else {}
+    return validate_plugins(cfg.plugin or {}, allow_missing) if load_plugins else {}
 
 
-def validate_plugins(section: Any) -> dict[str, DictConfig]:
+def check_local_paths(cfg: DictConfig) -> None:
+    """Every local path the run names exists: the model's and the data's, ``init_from`` and ``resume``.
+
+    Called when a run starts, before anything downloads or loads, so a typo costs no hub retries.
+    """
+    from pathlib import Path
+
+    from blocktrain.trainer.sources.config import check_source_paths
+
+    check_source_paths(cfg.model, cfg.data)
+    for key, path in (("init_from", cfg.init_from), ("resume", None if cfg.resume == "auto" else cfg.resume)):
+        if path is not None and not Path(str(path)).expanduser().exists():
+            raise UserError(f"{key} path not found: {path}")
+
+
+def validate_plugins(section: Any, allow_missing: bool = False) -> dict[str, DictConfig]:
     """Check each selected plugin's config against its dataclass and the pipeline order.
 
     A plugin is selected when its group config (``plugin=[a,b]``) was loaded, which leaves the
@@ -140,7 +160,9 @@ def validate_plugins(section: Any) -> dict[str, DictConfig]:
             continue
         cls = load_plugin_class(name)
         node = OmegaConf.masked_copy(node, [k for k in node if k != PLUGIN_MARKER])
-        validated[name] = validate_node(node, cls.config_class, f"plugin.{name}")
+        validated[name] = validate_node(node, cls.config_class, f"plugin.{name}", allow_missing)
+        if OmegaConf.missing_keys(validated[name]):
+            continue  # values left for the user (allow_missing): the pipeline is checked when they are set
         plugin = cls(OmegaConf.to_object(validated[name]))
         plugin.check_pipeline(instances)
         instances.append(plugin)
