@@ -139,6 +139,23 @@ def _hydra_entry(original_argv: list[str]):
     return task
 
 
+def _check_before_hydra(args: list[str]) -> None:
+    """A run, and ``--cfg`` (printing the config), are validated here, before Hydra or torch start; ``--cfg``
+    lets values left for the user (``???``) through and checks no paths. Other Hydra flags pass unchecked."""
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main uses: flags and overrides alike
+
+    from blocktrain.trainer.validation import check_local_paths, validate_config
+
+    parsed = get_args_parser().parse_args(args)
+    showing = parsed.cfg is not None
+    if parsed.multirun or not showing and any(a.startswith("-") for a in args):
+        return
+    cfg = compose_config(parsed.overrides)
+    validate_config(cfg, allow_missing=showing)
+    if not showing:
+        check_local_paths(cfg)
+
+
 def _fail(exc: UserError) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise exc
@@ -159,12 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     original_argv = [sys.argv[0], *args]
     try:
         args = register_recipes(args)
-        multirun = any(a in ("-m", "--multirun") for a in args)
-        info_only = any(a.startswith("--") for a in args)
-        if not multirun and not info_only:
-            from blocktrain.trainer.validation import validate_config
-
-            validate_config(compose_config(args))
+        _check_before_hydra(args)
     except UserError as exc:
         _fail(exc)
     sys.argv = [sys.argv[0], *args]

@@ -26,7 +26,7 @@ from blocktrain.trainer.registry import load_plugin_class
 from blocktrain.trainer.resolvers import register_resolvers, set_data_info
 from blocktrain.trainer.registry import STAGES
 from blocktrain.trainer.stages import Stage, metric_prefix, parse_stages
-from blocktrain.trainer.validation import validate_config
+from blocktrain.trainer.validation import check_local_paths, validate_config
 
 
 class RunInterrupted(UserError):
@@ -81,6 +81,7 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
     """Run the recipe's stages in order; return the value of ``cfg.optimized_metric`` (for sweepers)."""
     plugins = build_plugins(cfg)
     stages = parse_stages(cfg.stages)
+    check_local_paths(cfg)  # before anything downloads or loads
     run_dir = resolve_run_dir(cfg).resolve()
     _check_fresh_run_dir(run_dir, cfg.resume)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -64,8 +64,9 @@ LOGGERS = {"wandb": WandbConfig, "csv": CsvConfig, "none": NoLoggerConfig}
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
-def validate_node(node: Any, schema: type, where: str) -> DictConfig:
-    """Merge ``node`` onto ``schema``'s defaults; raise UserError on unknown keys, wrong types, missing values."""
+def validate_node(node: Any, schema: type, where: str, allow_missing: bool = False) -> DictConfig:
+    """Merge ``node`` onto ``schema``'s defaults; raise UserError on unknown keys, wrong types and (unless
+    ``allow_missing``) values left as ``???``."""
     valid = [f.name for f in fields(schema)]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
@@ -76,7 +77,7 @@ def validate_node(node: Any, schema: type, where: str) -> DictConfig:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", "?")
         raise UserError(f"wrong type for {where}.{key}: {_first_line(exc)}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
+    if missing and not allow_missing:
         raise UserError(f"missing value for {where}: {', '.join(missing)} (set it on the command line, e.g. "
                         f"{where}.{missing[0]}=...)")
     return merged
@@ -90,11 +91,13 @@ def kind_schema(node: Any, schemas: dict[str, type], where: str) -> type:
     return schemas[kind]
 
 
-def validate_config(cfg: DictConfig) -> dict[str, DictConfig]:
+def validate_config(cfg: DictConfig, allow_missing: bool = False) -> dict[str, DictConfig]:
     """Validate every section of a composed run config; return the validated plugin configs by name.
 
     The plugins are validated (so imported) first: the task kinds, data kinds, model sources and stages
-    they register are known when those sections are checked.
+    they register are known when those sections are checked. ``allow_missing`` (``train ... --cfg job``):
+    values left for the user (``???``) pass; keys and types are still checked. Local paths are not
+    checked here but when a run starts (``check_local_paths``).
     """
     from blocktrain.trainer.sources.config import validate_data_config, validate_model_config
     from blocktrain.trainer.stages import parse_stages
@@ -103,7 +106,7 @@ def validate_config(cfg: DictConfig) -> dict[str, DictConfig]:
     unknown = [k for k in cfg if k not in TOP_LEVEL]
     if unknown:
         raise UserError(f"unknown config key '{unknown[0]}'. Valid top-level keys: {', '.join(TOP_LEVEL)}")
-    plugins = validate_plugins(cfg.plugin or {})
+    plugins = validate_plugins(cfg.plugin or {}, allow_missing)
     stages = parse_stages(cfg.stages)
     if cfg.resume not in (None, "auto") and not isinstance(cfg.resume, str):
         raise UserError(f"resume must be null, 'auto' or a checkpoint path, got {cfg.resume!r}")
@@ -113,30 +116,45 @@ def validate_config(cfg: DictConfig) -> dict[str, DictConfig]:
         raise UserError(f"optimize_direction must be maximize or minimize, got {cfg.optimize_direction!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UserError(f"wrong type for seed: expected an integer, got {cfg.seed!r}")
-    validate_node(cfg.checkpoint, CheckpointConfig, "checkpoint")
-    ema = validate_node(cfg.get("ema"), EmaConfig, "ema")
+    validate_node(cfg.checkpoint, CheckpointConfig, "checkpoint", allow_missing)
+    ema = validate_node(cfg.get("ema"), EmaConfig, "ema", allow_missing)
     if ema.decay is not None and not 0 < ema.decay < 1:
         raise UserError(f"ema.decay must be in (0, 1), e.g. 0.9999, got {ema.decay}")
-    validate_node(cfg.logger, kind_schema(cfg.logger, LOGGERS, "logger"), "logger")
+    validate_node(cfg.logger, kind_schema(cfg.logger, LOGGERS, "logger"), "logger", allow_missing)
     if cfg.scheduler.get("kind") not in SCHEDULERS:
         raise UserError(f"unknown scheduler.kind '{cfg.scheduler.get('kind')}'. Valid kinds: {', '.join(SCHEDULERS)}")
-    validate_node(cfg.scheduler, SchedulerConfig, "scheduler")
+    validate_node(cfg.scheduler, SchedulerConfig, "scheduler", allow_missing)
     if "_target_" not in cfg.optim:
         raise UserError("optim needs a _target_ (an optimizer class path), e.g. optim=adamw")
     if cfg.model is None:
         raise UserError("no model configured: pass recipe=NAME (see `train --list`) or model=<preset> model.id=...")
-    validate_model_config(cfg.model)
+    validate_model_config(cfg.model, allow_missing)
     needs_data = [s.name for s in stages if s.kind in ("fit", "calibrate")]
     if cfg.data is None and needs_data:
         raise UserError(f"no data configured: the stages {', '.join(needs_data)} need data=<preset>")
     if cfg.data is not None:
-        validate_data_config(cfg.data)
+        validate_data_config(cfg.data, allow_missing)
     if cfg.task is not None:
         validate_task_config(cfg.task)
     return plugins
 
 
-def validate_plugins(section: Any) -> dict[str, DictConfig]:
+def check_local_paths(cfg: DictConfig) -> None:
+    """Every local path the run names exists: the model's and the data's, ``init_from`` and ``resume``.
+
+    Called when a run starts, before anything downloads or loads, so a typo costs no hub retries.
+    """
+    from pathlib import Path
+
+    from blocktrain.trainer.sources.config import check_source_paths
+
+    check_source_paths(cfg.model, cfg.data)
+    for key, path in (("init_from", cfg.init_from), ("resume", None if cfg.resume == "auto" else cfg.resume)):
+        if path is not None and not Path(str(path)).expanduser().exists():
+            raise UserError(f"{key} path not found: {path}")
+
+
+def validate_plugins(section: Any, allow_missing: bool = False) -> dict[str, DictConfig]:
     """Check each selected plugin's config against its dataclass and the pipeline order.
 
     A plugin is selected when its group config (``plugin=[a,b]``) was loaded, which leaves the
@@ -152,7 +170,9 @@ def validate_plugins(section: Any) -> dict[str, DictConfig]:
             continue
         cls = load_plugin_class(name)
         node = OmegaConf.masked_copy(node, [k for k in node if k != PLUGIN_MARKER])
-        validated[name] = validate_node(node, cls.config_class, f"plugin.{name}")
+        validated[name] = validate_node(node, cls.config_class, f"plugin.{name}", allow_missing)
+        if OmegaConf.missing_keys(validated[name]):
+            continue  # values left for the user (allow_missing): the combination is checked when they are set
         instances.append(cls(OmegaConf.to_object(validated[name])))
     for i, plugin in enumerate(instances):
         check_combination(plugin, instances[:i], instances[i + 1:])

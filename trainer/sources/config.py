@@ -8,11 +8,13 @@ imports no torch, transformers or Lightning, so a config is checked before anyth
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.registry import DATA_KINDS, MODEL_KINDS, Registry, register_data_kind, register_model_source
@@ -37,6 +39,7 @@ def _choices(*values):
     return {"choices": values}
 
 
+_PATH = {"path": True}  # a local file or folder (or glob pattern): must exist when a run starts
 _POSITIVE = {"check": (_positive, "a positive number")}
 _FRACTION = {"check": (_fraction, "a number in [0, 1)")}
 _NONNEG = {"check": (_nonneg, "a number >= 0")}
@@ -76,7 +79,7 @@ class TimmModelConfig:
     kind: str = "timm"
     name: str = MISSING
     pretrained: bool = True  # hub weights (ignored when checkpoint is set)
-    checkpoint: Optional[str] = None  # local .safetensors / .pth / .bin weights file
+    checkpoint: Optional[str] = field(default=None, metadata=_PATH)  # local .safetensors / .pth / .bin weights
     num_classes: Optional[int] = field(default=None, metadata=_NONNEG)  # null = the model's default
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to create_model (e.g. img_size)
 
@@ -102,8 +105,8 @@ class TextClassificationDataConfig(DataConfig):
     """CSV / TSV / JSONL / JSON records with a text and a label field, tokenised by the model's tokenizer."""
 
     kind: str = "text_classification"
-    train: str = MISSING
-    val: Optional[str] = None
+    train: str = field(default=MISSING, metadata=_PATH)
+    val: Optional[str] = field(default=None, metadata=_PATH)
     val_fraction: float = field(default=0.1, metadata=_FRACTION)  # used when val is null
     text_field: str = "text"
     label_field: str = "label"
@@ -116,7 +119,7 @@ class TextCorpusDataConfig(DataConfig):
 
     kind: str = "text_corpus"
     batch_size: int = field(default=8, metadata=_POSITIVE)
-    files: List[str] = MISSING  # files, directories (searched with pattern) or glob patterns
+    files: List[str] = field(default=MISSING, metadata=_PATH)  # files, directories (searched with pattern) or globs
     pattern: str = "**/*.txt"
     seq_len: int = field(default=512, metadata=_POSITIVE)
     stride: Optional[int] = field(default=None, metadata=_POSITIVE)  # null = seq_len (no overlap)
@@ -154,8 +157,8 @@ class ImageFolderDataConfig(ImageTransformConfig):
     """A ``root/class_name/image`` directory tree."""
 
     kind: str = "image_folder"
-    path: str = MISSING
-    val_path: Optional[str] = None
+    path: str = field(default=MISSING, metadata=_PATH)
+    val_path: Optional[str] = field(default=None, metadata=_PATH)
     val_fraction: float = field(default=0.1, metadata=_FRACTION)  # used when val_path is null
     image_size: Optional[int] = field(default=224, metadata=_POSITIVE)
     channels: Optional[int] = field(default=3, metadata=_choices(None, 1, 3))
@@ -168,8 +171,8 @@ class TensorsDataConfig(DataConfig):
     """Tensors ``x`` and ``y`` from a ``.pt`` or ``.safetensors`` file."""
 
     kind: str = "tensors"
-    path: str = MISSING
-    val_path: Optional[str] = None
+    path: str = field(default=MISSING, metadata=_PATH)
+    val_path: Optional[str] = field(default=None, metadata=_PATH)
     val_fraction: float = field(default=0.1, metadata=_FRACTION)  # used when val_path is null
     x_key: str = "x"
     y_key: str = "y"
@@ -184,8 +187,9 @@ class FewShotDataConfig(DataConfig):
     #                         sun397, dtd, eurosat, ucf101, fashion_mnist, or any name of an image folder under root
     source: Optional[str] = field(default=None, metadata=_choices(None, "torchvision", "image_folder", "idx"))
     root: str = "~/.cache/blocktrain/data"  # torchvision download dir; folder datasets live in root/<folder>
-    path: Optional[str] = None  # this dataset's own directory; null = the catalogue's place under root
-    split_file: Optional[str] = None  # CoOp's split_zhou_<Dataset>.json: its train/val/test lists (paths under path)
+    path: Optional[str] = field(default=None, metadata=_PATH)  # this dataset's own directory; null = under root
+    # CoOp's split_zhou_<Dataset>.json: its train/val/test lists (paths under path)
+    split_file: Optional[str] = field(default=None, metadata=_PATH)
     download: bool = True  # torchvision sources download where the network allows
     train_split: Optional[str] = None  # split(s) the shots are drawn from, "a+b" pools; null = the dataset's
     test_split: Optional[str] = None  # evaluated split; null = the dataset's
@@ -195,7 +199,8 @@ class FewShotDataConfig(DataConfig):
     max_test: Optional[int] = field(default=None, metadata=_POSITIVE)  # cap on test images (fixed subset)
     image_size: int = field(default=224, metadata=_POSITIVE)
     class_names: Optional[List[str]] = None  # override, in label order
-    class_names_file: Optional[str] = None  # one name per line, or "folder_name class name" lines
+    # one name per line, or "folder_name class name" lines
+    class_names_file: Optional[str] = field(default=None, metadata=_PATH)
     templates: Optional[List[str]] = None  # evaluation prompts; null = the dataset's CoOp template
     steps_per_shot: int = field(default=500, metadata=_POSITIVE)  # info.train_steps = steps_per_shot * shots
 
@@ -217,7 +222,33 @@ def validate_data_config(cfg: Any, allow_missing: bool = False) -> DictConfig:
     return _validate(cfg, "data", DATA_KINDS, allow_missing)
 
 
+def check_source_paths(model: Any, data: Any) -> None:
+    """Fail fast: the local paths a model and a data config name exist, checked before anything downloads
+    or loads. Hub ids and download folders (``root``) are not paths that must exist."""
+    from blocktrain.trainer.sources import models  # lazily: it imports this module
+
+    if model is not None:
+        model = validate_model_config(model)
+        _check_paths(model, "model", MODEL_KINDS)
+        if model.kind != "timm":
+            models._locate(model)  # a local model folder (or pkg://) with its config.json or GGUF file
+            if model.tokenizer is not None:
+                models.resolve_model_id(model.tokenizer)
+    if data is not None:
+        _check_paths(validate_data_config(data), "data", DATA_KINDS)
+
+
+def _check_paths(node: DictConfig, group: str, kinds: Registry) -> None:
+    for f in dataclasses.fields(kinds[node.kind]):
+        value = node[f.name] if f.metadata.get("path") else None
+        for entry in ([] if value is None else value if isinstance(value, ListConfig) else [value]):
+            path = os.path.expanduser(str(entry))
+            if not (glob.glob(path, recursive=True) if any(c in path for c in "*?[") else os.path.exists(path)):
+                raise UserError(f"{group} path not found: {entry} ({group}.{f.name})")
+
+
 def _validate(cfg: Any, group: str, kinds: Registry, allow_missing: bool) -> DictConfig:
+
     deferred: set = set()
     if isinstance(cfg, DictConfig):
         cfg, deferred = _resolve(cfg, group)
