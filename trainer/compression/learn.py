@@ -58,8 +58,8 @@ def learn(run, params: list, loss_fn: Callable[[Any], torch.Tensor], batches: It
                 torch.nn.utils.clip_grad_norm_(trained, clip)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
         losses.append(float(loss.detach()))
-        if step % log_every == 0 or step == steps - 1:
+        if step % log_every == 0 or step == steps - 1:  # the lr this step used
             run.log({f"{name}/loss": losses[-1], f"{name}/lr": optimizer.param_groups[0]["lr"]})
+        scheduler.step()
     return losses
