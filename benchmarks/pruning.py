@@ -171,7 +171,8 @@ def run_benchmark(args) -> dict:
     import torch
     from torch.utils.data import Subset
 
-    from blocktrain.plugins.sparsity import find_linear_names, magnitude_prune, sparsegpt_prune, wanda_prune
+    from blocktrain.plugins.sparsity import magnitude_prune, sparsegpt_prune, wanda_prune
+    from blocktrain.trainer.compression.masks import find_linear_names
     from blocktrain.trainer.compression.calibration import calibration_batches, calibration_forward
     from blocktrain.trainer.compression.evaluation import perplexity
     from blocktrain.trainer.sources.data import build_datasets

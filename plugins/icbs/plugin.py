@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from blocktrain.plugins.sparsity.plugin import PruningPlugin, SparsityConfig
+from blocktrain.trainer.compression.pruning import PruningPlugin, SparsityConfig
 from blocktrain.trainer.compression.config import CalibrationConfig, check_density
 from blocktrain.trainer.errors import UserError
 

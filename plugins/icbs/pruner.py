@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from blocktrain.kernels.qubo_anneal import qubo_anneal
-from blocktrain.plugins.sparsity.calibration import default_forward
-from blocktrain.plugins.sparsity.masks import find_linear_names
-from blocktrain.plugins.sparsity.wanda import input_square_sums, magnitude_scores, wanda_scores
+from blocktrain.trainer.compression.replay import default_forward
+from blocktrain.trainer.compression.masks import find_linear_names
+from blocktrain.trainer.compression.scores import input_square_sums, magnitude_scores, wanda_scores
 
 from .persample import capture_io_grads, mean_weight_grad, per_sample_block_grads
 from .qubo import block_qubo, move_delta, scale_and_cutoff

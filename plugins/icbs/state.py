@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from blocktrain.plugins.sparsity.masks import ascending_order, keep_count, row_keep_count
+from blocktrain.trainer.compression.masks import ascending_order, keep_count, row_keep_count
 
 __all__ = ["TabuList", "LayerState", "init_layer_state"]
 

@@ -1,7 +1,6 @@
 """SparseGPT (Frantar & Alistarh 2023): OBS pruning with weight updates, column block by column block.
 
-``HessianAccumulator`` and ``cholesky_inverse_upper`` are standalone (a GPTQ quantizer reuses them):
-H = 2XXᵀ/N over the N input rows (tokens) seen, damped by ``damp``·mean(diag H) before inversion.
+The Hessian and its damped Cholesky inverse come from the shared ``compression.hessian``.
 """
 from __future__ import annotations
 
@@ -10,50 +9,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .calibration import calibrate_layers, default_forward
-from .masks import find_linear_names, keep_count, parse_pattern
+from blocktrain.trainer.compression.hessian import HessianAccumulator, cholesky_inverse_upper
+from blocktrain.trainer.compression.masks import find_linear_names, keep_count, parse_pattern
+from blocktrain.trainer.compression.replay import calibrate_layers, default_forward
 
-__all__ = ["HessianAccumulator", "cholesky_inverse_upper", "sparsegpt_layer", "sparsegpt_prune"]
-
-
-class HessianAccumulator:
-    """Running H = 2XXᵀ/N of a layer's inputs, updated batch by batch (``add``); N counts input rows."""
-
-    def __init__(self, n_features: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        self.H = torch.zeros(n_features, n_features, device=device, dtype=dtype)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, self.H.shape[0]).to(self.H)
-        rows = x.shape[0]
-        if rows == 0:
-            return
-        self.H.mul_(self.n / (self.n + rows))
-        self.n += rows
-        x = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x.T, x)
-
-    def state_dict(self) -> dict:
-        return {"H": self.H, "n": self.n}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.H = state["H"].to(self.H)
-        self.n = int(state["n"])
-
-
-def cholesky_inverse_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ = UᵀU, in fp32.
-
-    Dead inputs (diag H = 0) get a unit diagonal first; callers zero the matching weight columns.
-    """
-    H = H.detach().float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    H.diagonal().add_(damp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info):
-        raise ValueError(f"Hessian is not positive definite after damping {damp}; increase damp")
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+__all__ = ["sparsegpt_layer", "sparsegpt_prune"]
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blocktrain.plugins.icbs.pruner import ICBSPruner
-from blocktrain.plugins.sparsity import find_linear_names, magnitude_prune, sparsegpt_prune, wanda_prune
+from blocktrain.plugins.sparsity import magnitude_prune, sparsegpt_prune, wanda_prune
+from blocktrain.trainer.compression.masks import find_linear_names
 from blocktrain.trainer.cli import load_config
 from blocktrain.trainer.compression.calibration import calibration_batches, calibration_forward
 from blocktrain.trainer.errors import UserError

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from blocktrain.plugins.icbs import ICBSConfig, ICBSPruner, causal_lm_sample_losses, icbs_prune
-from blocktrain.plugins.sparsity import find_linear_names, row_keep_count, sparsity_report, wanda_prune
+from blocktrain.plugins.sparsity import wanda_prune
+from blocktrain.trainer.compression.masks import find_linear_names, row_keep_count, sparsity_report
 
 from .conftest import input_square_sums_by_hand, row_topk_mask_by_hand, tiny_llama, token_batches
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocktrain.plugins.sparsity import (apply_masks, find_linear_names, layer_groups, magnitude_prune,
-                                         mask_from_scores, sparsity_report, wanda_prune)
+from blocktrain.plugins.sparsity import magnitude_prune, wanda_prune
+from blocktrain.trainer.compression.masks import apply_masks, find_linear_names, mask_from_scores, sparsity_report
+from blocktrain.trainer.compression.replay import layer_groups
 
 from .conftest import input_square_sums_by_hand, row_topk_mask_by_hand, tiny_llama, token_batches
 
@@ -97,7 +98,8 @@ def test_sequential_wanda_sees_inputs_of_the_model_pruned_so_far():
 
 def test_sequential_calibration_replays_blocks_and_matches_full_forwards(monkeypatch):
     """Block replay (one recording forward) gives the same pruned weights as one full forward per group."""
-    from blocktrain.plugins.sparsity import calibration, sparsegpt_prune
+    from blocktrain.plugins.sparsity import sparsegpt_prune
+    from blocktrain.trainer.compression import replay as calibration
 
     batches, calls = token_batches(3), []
 
@@ -122,7 +124,7 @@ def test_sequential_calibration_replays_blocks_and_matches_full_forwards(monkeyp
 
 
 def test_block_replay_on_a_timm_vit_matches_full_forwards(monkeypatch):
-    from blocktrain.plugins.sparsity import calibration
+    from blocktrain.trainer.compression import replay as calibration
     from blocktrain.trainer.testing import tiny_timm_vit
 
     images = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocktrain.plugins.sparsity import (HessianAccumulator, cholesky_inverse_upper, find_linear_names,
-                                         mask_from_scores, sparsegpt_layer, sparsegpt_prune, sparsity_report)
+from blocktrain.plugins.sparsity import sparsegpt_layer, sparsegpt_prune
+from blocktrain.trainer.compression.hessian import HessianAccumulator, cholesky_inverse_upper
+from blocktrain.trainer.compression.masks import find_linear_names, mask_from_scores, sparsity_report
 
 from .conftest import tiny_llama, token_batches
 

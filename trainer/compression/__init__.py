@@ -1,5 +1,10 @@
-"""The compression path shared by post-training plugins (pruning, quantization): calibration data,
-a resumable calibrate loop, evaluation and the per-layer sparsity report.
+"""The compression library every post-training plugin (pruning, quantization) calls, one place each:
 
-``config`` is torch-free (plugin configs embed its dataclasses); the other modules import torch.
+- ``config``: config blocks (calibration samples, lm-eval, density/N:M checks); torch-free;
+- ``pruning``: the base of pruning plugins (targets, one-pruner rule, report); torch-free at import;
+- ``calibration``: calibration samples by seed; ``replay``: block capture/replay (sequential calibration);
+- ``masks``: masks and N:M patterns; ``scores``: magnitude/Wanda scores and input statistics;
+- ``hessian``: the layer-input Hessian and its damped Cholesky inverse (SparseGPT, GPTQ);
+- ``learn``: the engine's optimiser loop for methods that learn during calibration;
+- ``state``: the resumable calibrate state; ``evaluation``: perplexity and lm-eval; ``report``: sparsity report.
 """
