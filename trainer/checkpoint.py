@@ -1,6 +1,12 @@
-"""Checkpoints: atomic writes (temp file + rename), finding the newest one, weights-only init."""
+"""Checkpoints: atomic writes (temp file + rename), finding the newest one, weights-only init.
+
+Only files a run wrote into its own run dir, and ``resume=PATH`` (which trusts its file), are fully
+unpickled; ``init_from`` reads tensors only, so a downloaded file cannot run code.
+"""
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +66,10 @@ def load_weights(model: torch.nn.Module, path: Path, plugins: list) -> None:
 
         state = load_file(str(path))
     elif path.suffix in (".ckpt", ".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state = state.get("state_dict", state)
+        state = read_weights_only(path)
+        state = state.get("state_dict", state) if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            raise UserError(f"init_from {path} holds no state dict (a mapping of parameter names to tensors)")
         state = {k.removeprefix("model."): v for k, v in state.items()}
     else:
         raise UserError(f"init_from: cannot read {path} (expected a .ckpt, .pt, .safetensors or a plugin export dir)")
@@ -69,3 +77,22 @@ def load_weights(model: torch.nn.Module, path: Path, plugins: list) -> None:
     if unexpected or len(missing) == len(list(model.state_dict())):
         raise UserError(f"init_from {path}: the weights do not match the model "
                         f"({len(unexpected)} unexpected keys, {len(missing)} missing)")
+
+
+def read_weights_only(path: Path) -> Any:
+    """Unpickle ``path`` with ``weights_only=True``: tensors, plain containers and numpy arrays (the RNG state in
+    our checkpoints), never code. A file that needs more is refused with a ``UserError`` naming what it holds."""
+    import numpy as np
+
+    # numpy's array reconstructor, array and dtype classes (some numpy versions pickle uint32 as its own dtype
+    # class) build data only; an object array's items still go through the restricted unpickler
+    torch.serialization.add_safe_globals([np.zeros(0).__reduce__()[0], np.ndarray, np.dtype,
+                                          type(np.dtype(np.uint32))])
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        needs = re.search(r"GLOBAL (\S+)", str(e))
+        raise UserError(f"init_from {path} holds more than weights: unpickling it would call "
+                        f"{needs.group(1) if needs else 'code'}, and init_from loads weights only. Save the weights "
+                        "alone (a .safetensors file, or torch.save(model.state_dict())); resume=PATH continues a run "
+                        "from a checkpoint you trust") from None

@@ -148,7 +148,7 @@ def _check_before_hydra(args: list[str]) -> None:
 
     parsed = get_args_parser().parse_args(args)
     showing = parsed.cfg is not None
-    if parsed.multirun or not showing and any(a.startswith("-") for a in args):
+    if parsed.multirun or (not showing and any(a.startswith("-") for a in args)):
         return
     cfg = compose_config(parsed.overrides)
     validate_config(cfg, allow_missing=showing)
