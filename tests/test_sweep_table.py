@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from blocktrain.trainer.sweep import collect_runs, summarize, varying_keys, write_tables
-from tests.helpers import read_metrics, train
+from tests.helpers import read_metrics, train, wandb_history
 
 RANKS, LRS, SEEDS = (8, 4), (1e-3, 1e-4), (0, 1, 2)
 
@@ -91,6 +91,13 @@ def test_average_over_a_key_only_where_every_value_has_the_row(grid, tmp_path):
     assert means[(8, 1e-3)]["val/acc"] == pytest.approx(statistics.mean(grid[(8, 1e-3)][:2]))
     assert averages[0]["val/acc"] == pytest.approx((means[(4, 1e-3)]["val/acc"] + means[(8, 1e-3)]["val/acc"]) / 2)
     assert averages[0]["n"] == 2 and averages[0]["val/acc sd"] is None
+
+    # the same through write_tables, with the rank's twin trainer.max_steps excluded; W&B takes the mixed column
+    write_tables(tmp_path, average_over="plugin.lora.rank", exclude=["run_dir", "trainer.max_steps"],
+                 wandb_cfg={"mode": "offline"})
+    assert f"| 0.001 | **average (2)** | {averages[0]['val/acc']:.4g} | 2 |" in (tmp_path / "results.md").read_text()
+    logged = [row for row in wandb_history(tmp_path) if row.get("sweep/summary/_type") == "table-file"]
+    assert logged[0]["sweep/runs/nrows"] == 12 and logged[0]["sweep/summary/nrows"] == 3 + 1
 
 
 def test_every_recipes_multirun_writes_the_table(lora_args, tmp_path):

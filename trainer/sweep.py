@@ -66,12 +66,12 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
 
 
 def _override_params(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
+    """Override key -> the resolved value where it is one (``optim.lr``), else the text (``optim=sgd``, ``~key``)."""
     params = {}
     for override in overrides:
         key, _, text = override.partition("=")
-        key = key.lstrip("+~")
-        value = OmegaConf.select(cfg, key, default=None)
-        params[key] = value if text and value is not None and not OmegaConf.is_config(value) else text or override
+        value = OmegaConf.select(cfg, key.lstrip("+~"), default=None) if text else None
+        params[key.lstrip("+~")] = value if value is not None and not OmegaConf.is_config(value) else text or override
     return params
 
 
@@ -89,11 +89,7 @@ def varying_keys(runs: list[Run], exclude: Sequence[str] = ("run_dir",)) -> list
     """The keys whose values differ between runs (a key missing from a run counts as a value), in order."""
     keys = list(dict.fromkeys(k for run in runs for k in run.params))
     return [k for k in keys if k != SEED and k not in exclude
-            and len({_hashable(run.params.get(k)) for run in runs}) > 1]
-
-
-def _hashable(value: Any) -> Any:
-    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+            and len({run.params.get(k) for run in runs}) > 1]
 
 
 def _value_order(values: list[Any]) -> dict[Any, tuple]:
@@ -121,7 +117,7 @@ def summarize(runs: list[Run], keys: Sequence[str], metrics: Sequence[str],
     row per combination of the other keys present for every value of that key: the mean of the row means."""
     groups: dict[tuple, list[Run]] = {}
     for run in complete_runs(runs, metrics):
-        groups.setdefault(tuple(_hashable(run.params.get(k)) for k in keys), []).append(run)
+        groups.setdefault(tuple(run.params.get(k) for k in keys), []).append(run)
     orders = [_value_order([combo[i] for combo in groups]) for i in range(len(keys))]
     rows = []
     for combo in sorted(groups, key=lambda c: tuple(order[v] for order, v in zip(orders, c))):
@@ -192,14 +188,11 @@ def _log_wandb(sweep_dir: Path, columns: list[str], table: list[dict], summary: 
                      name=f"{sweep_dir.parent.name}-{sweep_dir.name}-table", job_type="sweep-table",
                      dir=str(sweep_dir), mode=mode, reinit="create_new")
     summary_columns = list(dict.fromkeys(c for row in summary for c in row))
-    run.log({"sweep/runs": wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in table]),
-             "sweep/summary": wandb.Table(columns=summary_columns,
-                                          data=[[_cell(s.get(c)) for c in summary_columns] for s in summary])})
+    run.log({"sweep/runs": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in table],
+                                       allow_mixed_types=True),  # a key's values may be numbers and names
+             "sweep/summary": wandb.Table(columns=summary_columns, allow_mixed_types=True,
+                                          data=[[s.get(c) for c in summary_columns] for s in summary])})
     run.finish()
-
-
-def _cell(value: Any) -> Any:
-    return value if isinstance(value, (int, float, bool, type(None))) else str(value)
 
 
 class SweepTable(Callback):
