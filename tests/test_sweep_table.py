@@ -9,6 +9,7 @@ from itertools import product
 from pathlib import Path
 
 import pytest
+import wandb
 from omegaconf import OmegaConf
 
 from blocktrain.trainer.sweep import collect_runs, summarize, varying_keys, write_tables
@@ -95,6 +96,7 @@ def test_average_over_a_key_only_where_every_value_has_the_row(grid, tmp_path):
     # the same through write_tables, with the rank's twin trainer.max_steps excluded; W&B takes the mixed column
     write_tables(tmp_path, average_over="plugin.lora.rank", exclude=["run_dir", "trainer.max_steps"],
                  wandb_cfg={"mode": "offline"})
+    wandb.teardown()  # the W&B service writes the run file in the background: let it finish
     assert f"| 0.001 | **average (2)** | {averages[0]['val/acc']:.4g} | 2 |" in (tmp_path / "results.md").read_text()
     logged = [row for row in wandb_history(tmp_path) if row.get("sweep/summary/_type") == "table-file"]
     assert logged[0]["sweep/runs/nrows"] == 12 and logged[0]["sweep/summary/nrows"] == 3 + 1
