@@ -78,16 +78,17 @@ def test_grid_multirun_writes_csv_markdown_and_a_wandb_table(colour_data, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted((r["dataset"], r["shots"]) for r in rows) == [("colours", "1"), ("colours", "2"), ("tints", "1"),
-                                                                ("tints", "2")]
-    assert all(r["status"] == "finished" and r["method"] == "lora" and 0 <= float(r["acc"]) <= 1 for r in rows)
+    assert sorted((r["data.dataset"], r["data.shots"]) for r in rows) == [("colours", "1"), ("colours", "2"),
+                                                                          ("tints", "1"), ("tints", "2")]
+    assert all(r["status"] == "finished" and 0 <= float(r["val/acc"]) <= 1 for r in rows)
     table = (sweep / "results.md").read_text()
-    assert "| colours |" in table and "| tints |" in table and "**average (2 datasets)**" in table
-    mean = np.mean([100 * float(r["acc"]) for r in rows if r["shots"] == "1"])
-    average_row = next(line for line in table.splitlines() if line.startswith("| **average"))
-    assert f"{mean:.1f}" == average_row.split("|")[3].strip()  # columns: dataset, zero-shot, 1 shot, 2 shots
-    logged = [row for row in wandb_history(sweep) if row.get("few_shot/runs/_type") == "table-file"]
-    assert logged and logged[0]["few_shot/runs/nrows"] == 4 and logged[0]["few_shot/summary/nrows"] == 4 + 2
+    assert "| data.dataset | data.shots | val/acc | val/zero_shot_acc | n |" in table  # the swept keys only
+    assert "| colours | 1 |" in table and "| tints | 2 |" in table
+    mean = np.mean([float(r["val/acc"]) for r in rows if r["data.shots"] == "1"])
+    average_row = next(line for line in table.splitlines() if line.startswith("| **average (2)** | 1 |"))
+    assert f"{mean:.4g}" == average_row.split("|")[3].strip()  # columns: dataset, shots, acc, zero-shot acc, n
+    logged = [row for row in wandb_history(sweep) if row.get("sweep/runs/_type") == "table-file"]
+    assert logged and logged[0]["sweep/runs/nrows"] == 4 and logged[0]["sweep/summary/nrows"] == 4 + 2
 
 
 class _InterruptAt(pl.Callback):

@@ -1,4 +1,5 @@
-"""The few-shot grid's results tables, from run folders as `train` writes them (config.yaml + metrics.json)."""
+"""The few-shot grid's results tables (the sweep table with the CLIP recipes' options), from run folders as `train`
+writes them (config.yaml + metrics.json)."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +9,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from blocktrain.trainer.sweep import collect_runs, main, summarize, write_tables
+from blocktrain.trainer.sweep import main, write_tables
+
+CLIP = {"metrics": ["val/acc", "val/zero_shot_acc"], "average_over": "data.dataset"}  # the CLIP recipes'
 
 ACC = {("flowers102", 1): [0.70, 0.72, 0.74], ("flowers102", 16): [0.97, 0.98, 0.99],
        ("dtd", 1): [0.50, 0.54, 0.52], ("dtd", 16): [0.70, 0.72, 0.74], ("eurosat", 1): [0.60, 0.62, 0.64]}
@@ -38,23 +41,26 @@ def sweep(tmp_path) -> Path:
 
 
 def test_summary_means_over_seeds_and_averages_only_complete_columns(sweep):
-    write_tables(sweep)
+    recipe = OmegaConf.load(Path(__file__).parents[1] / "recipes" / "blocklora_clip.yaml")
+    options = OmegaConf.to_container(recipe.hydra.callbacks.results_table)
+    assert options == CLIP
+    write_tables(sweep, **options)
     with open(sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 16 and {r["method"] for r in rows} == {"blocklora"}  # lora is configured, not selected
-    summary = {(s["dataset"], s["shots"]): s for s in summarize(collect_runs(sweep))}
-    assert summary[("flowers102", 16)]["mean"] == pytest.approx(98.0)
-    assert summary[("flowers102", 16)]["std"] == pytest.approx(1.0)
-    assert summary[("dtd", 16)]["seeds"] == 3  # the failed fourth run is left out
-    assert summary[("average (3 datasets)", 1)]["mean"] == pytest.approx((72 + 52 + 62) / 3)
-    assert ("average (3 datasets)", 16) not in summary  # eurosat has no 16-shot runs
+    assert len(rows) == 16 and list(rows[0])[:5] == ["job", "status", "seed", "data.dataset", "data.shots"]
+    assert rows[0]["val/acc"] == "0.7" and rows[-1]["status"] == "failed"
     table = (sweep / "results.md").read_text()
-    assert "| flowers102 | 50.0 | 72.0 ± 2.0 | 98.0 ± 1.0 |" in table
-    assert "| **average (3 datasets)** | 50.0 | 62.0 | — |" in table
-    assert table.index("| flowers102") < table.index("| dtd") < table.index("| eurosat")  # the benchmark's order
-    assert "1 of 16 runs did not finish" in table
+    assert "| data.dataset | data.shots | val/acc | val/zero_shot_acc | n |" in table  # lora.rank does not vary
+    assert "| flowers102 | 16 | 0.98 ± 0.01 | 0.5 ± 0 | 3 |" in table
+    assert "| dtd | 16 | 0.72 ± 0.02 | 0.5 ± 0 | 3 |" in table  # the failed fourth run is left out
+    assert f"| **average (3)** | 1 | {(0.72 + 0.52 + 0.62) / 3:.4g} | 0.5 | 3 |" in table
+    assert "| **average (3)** | 16 |" not in table  # eurosat has no 16-shot runs
+    assert table.index("| flowers102 | 1 ") < table.index("| flowers102 | 16") < table.index("| dtd | 1 ") \
+        < table.index("| eurosat") < table.index("| **average")  # the sweep's order, the average last
+    assert "1 of 16 runs did not finish or lack a metric" in table
 
 
 def test_command_line_rebuilds_the_tables(sweep, capsys):
-    main([str(sweep)])
-    assert (sweep / "results.md").is_file() and str(sweep / "results.csv") in capsys.readouterr().out
+    main([str(sweep), "--metric", "val/acc", "--average-over", "data.dataset"])
+    assert str(sweep / "results.csv") in capsys.readouterr().out
+    assert "| **average (3)** | 1 | 0.62 | 3 |" in (sweep / "results.md").read_text()
