@@ -327,7 +327,7 @@ def _class_names(cfg, raw: list[str]) -> list[str | None]:
     if cfg.dataset == "fashion_mnist" and len(raw) == len(FASHION_MNIST):
         return list(FASHION_MNIST)
     if cfg.dataset == "imagenet" and len(raw) == 1000:
-        return imagenet_class_names()
+        return imagenet_class_names(cfg.imagenet_names)
     return coop_class_names(cfg.dataset, raw)
 
 
