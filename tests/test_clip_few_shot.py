@@ -16,12 +16,13 @@ from PIL import Image
 
 from blocktrain.trainer import cli
 from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.sources import few_shot as few_shot_source
 from blocktrain.trainer.sources.class_names import GENERIC_TEMPLATE, coop_class_names, imagenet_class_names, template_for
 from blocktrain.trainer.sources.data import build_datasets
 from blocktrain.trainer.sources.few_shot import augment_transform, eval_transform, hold_out, sample_shots
 from blocktrain.trainer.sources.tiny_clip import save_tiny_clip
 from blocktrain.trainer.tasks import build_task
-from blocktrain.trainer.testing import write_food101
+from blocktrain.trainer.testing import write_food101, write_mnist_raw
 
 NAMES = ["red", "green", "blue", "yellow"]
 
@@ -169,16 +170,75 @@ def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_idx_source_reads_fashion_mnist_files(tmp_path):
+def write_gzipped_fashion_mnist(directory: Path, n_train: int = 40, n_test: int = 20) -> Path:
+    """Fake Fashion-MNIST as Debian's dataset-fashion-mnist lays it out: gzipped idx files in one folder."""
+    directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for split, n in (("train", 40), ("t10k", 20)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 0x803)
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, 0x801)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(directory / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 0x803)
+        _write_idx(directory / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, 0x801)
+    return directory
+
+
+def test_idx_source_reads_fashion_mnist_files(tmp_path):
+    write_gzipped_fashion_mnist(tmp_path)
     data = build_datasets(few_shot(dataset="fashion_mnist", path=str(tmp_path), shots=3, image_size=32))
     assert data.info["class_names"][0] == "T-shirt/top" and data.info["num_labels"] == 10
     assert len(data.train) == 30 and len(data.val) == 20 and data.train[0][0].shape == (3, 32, 32)
-    with pytest.raises(UserError, match="apt-get install -y dataset-fashion-mnist"):
+    with pytest.raises(UserError, match=r"train-images-idx3-ubyte\(.gz\) not found in .*none \(data.path\)"):
         build_datasets(few_shot(dataset="fashion_mnist", path=str(tmp_path / "none"), shots=1))
+
+
+@pytest.fixture
+def no_debian_package(tmp_path, monkeypatch):
+    """Debian's Fashion-MNIST folder pointed at an empty place, whatever this machine has installed."""
+    monkeypatch.setattr(few_shot_source, "FASHION_MNIST_DIR", str(tmp_path / "no-debian-package"))
+
+
+def offline_download(self):
+    raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got:\n"
+                       "<urlopen error [Errno -2] Name or service not known>\n")
+
+
+def test_fashion_mnist_is_found_in_debian_s_folder(tmp_path, monkeypatch):
+    from torchvision.datasets import FashionMNIST
+
+    debian = write_gzipped_fashion_mnist(tmp_path / "usr" / "share" / "datasets" / "fashion-mnist")
+    monkeypatch.setattr(few_shot_source, "FASHION_MNIST_DIR", str(debian))
+    monkeypatch.setattr(FashionMNIST, "download", offline_download)
+    data = build_datasets(few_shot(dataset="fashion_mnist", root=str(tmp_path / "cache"), shots=2))
+    assert len(data.train) == 20 and len(data.val) == 20 and data.info["class_names"][9] == "Ankle boot"
+    assert not (tmp_path / "cache").exists()  # nothing downloaded
+
+
+def test_fashion_mnist_is_downloaded_by_torchvision_without_debian_s_package(tmp_path, monkeypatch,
+                                                                              no_debian_package):
+    from torchvision.datasets import FashionMNIST
+
+    calls = []
+
+    def download(self):  # what torchvision's download leaves behind: idx files in root/FashionMNIST/raw
+        calls.append(self.root)
+        write_mnist_raw(Path(self.root), n_train=30, n_test=10)
+
+    monkeypatch.setattr(FashionMNIST, "download", download)
+    config = few_shot(dataset="fashion_mnist", root=str(tmp_path / "cache"), shots=3)
+    data = build_datasets(config)
+    assert calls == [str(tmp_path / "cache")] and len(data.train) == 30 and len(data.val) == 10
+    monkeypatch.setattr(FashionMNIST, "download", offline_download)
+    assert len(build_datasets(config).val) == 10  # the second time from torchvision's copy, offline
+
+
+def test_fashion_mnist_nowhere_is_one_error_naming_both_ways(tmp_path, monkeypatch, no_debian_package):
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(FashionMNIST, "download", offline_download)
+    both_ways = r"Either .*`apt-get install -y dataset-fashion-mnist`.*data.download=true \(into .*FashionMNIST/raw\)$"
+    with pytest.raises(UserError, match=r"^Fashion-MNIST not found \(the download failed: Error downloading "
+                                        r"train-images-idx3-ubyte.gz: .*Name or service not known>\)\. " + both_ways):
+        build_datasets(few_shot(dataset="fashion_mnist", root=str(tmp_path), shots=1))
+    with pytest.raises(UserError, match=r"^Fashion-MNIST not found \(data.download=false\)\. " + both_ways):
+        build_datasets(few_shot(dataset="fashion_mnist", root=str(tmp_path), shots=1, download=False))
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").exists(),
