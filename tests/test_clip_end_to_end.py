@@ -1,5 +1,6 @@
 """The CLIP few-shot recipes end to end through the `train` CLI, offline: a tiny random CLIPModel learns a
-synthetic colour-naming task (an image folder written here) with Block-LoRA; a tiny grid writes its tables."""
+synthetic colour-naming task (an image folder written here) with Block-LoRA; a tiny grid writes its tables; the
+offline demo builds its model on first use and names both ways to Fashion-MNIST when it has none."""
 from __future__ import annotations
 
 import csv
@@ -12,11 +13,14 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from blocktrain.trainer import cli
 from blocktrain.trainer.cli import load_config
 from blocktrain.trainer.run import RunInterrupted, run
-from blocktrain.trainer.sources.tiny_clip import save_tiny_clip
+from blocktrain.trainer.sources import few_shot, tiny_clip
+from blocktrain.trainer.sources.tiny_clip import BuildOnFirstUse, save_tiny_clip
 from blocktrain.trainer.tasks.clip import ZeroShotEvaluation
 from tests.helpers import read_metrics, train, wandb_history
+from tests.test_clip_few_shot import offline_download, write_gzipped_fashion_mnist
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the tiny model gains nothing from two, which stall on busy shared cores
@@ -66,6 +70,59 @@ def test_blocklora_clip_learns_few_shot_through_the_cli(colour_data, tmp_path):
     assert values["params/trainable"] < 0.05 * values["params/total"]
     assert (run_dir / "export" / "blocklora" / "adapter").is_dir()
     assert (run_dir / "export" / "blocklora" / "merged" / "model.safetensors").is_file()
+
+
+def test_demo_builds_its_tiny_clip_on_first_use_and_reuses_it(tmp_path, monkeypatch):
+    fashion = write_gzipped_fashion_mnist(tmp_path / "fashion-mnist", n_train=20, n_test=10)
+    model = tmp_path / "cache" / "tiny-clip"
+    run_dir = tmp_path / "run"
+    result = train("recipe=blocklora_clip_demo", f"model.id={model}", f"data.path={fashion}", "data.shots=2",
+                   "data.steps_per_shot=2", f"run_dir={run_dir}", "logger=none", "trainer.enable_progress_bar=false",
+                   **ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"built the demo's tiny random CLIPModel (not pretrained: a pipeline demo) at {model}" in result.stderr
+    assert read_metrics(run_dir)["status"] == "finished"
+    assert sorted(p.name for p in model.parent.iterdir()) == ["tiny-clip"]  # renamed into place, no temp left
+    built = (model / "model.safetensors").stat().st_mtime_ns
+    # the second time the cached model is used as it is
+    monkeypatch.setattr(tiny_clip, "save_tiny_clip", lambda *a, **k: pytest.fail("rebuilt the cached tiny CLIP"))
+    BuildOnFirstUse().on_job_start(OmegaConf.create({"model": {"id": str(model)}}))
+    assert (model / "model.safetensors").stat().st_mtime_ns == built
+
+
+def test_tiny_clip_build_is_atomic_and_leaves_hub_ids_and_relative_paths_alone(tmp_path, monkeypatch):
+    def crash(out, *args, **kwargs):
+        (Path(out) / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tiny_clip, "save_tiny_clip", crash)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_clip.build_once(tmp_path / "cache" / "tiny", ["a"], ["{}"])
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written model, no temp folder
+    (tmp_path / "cache" / "tiny").mkdir()
+    assert tiny_clip.build_once(tmp_path / "cache" / "tiny", ["a"], ["{}"]) is False  # there already: kept
+    monkeypatch.chdir(tmp_path)
+    for model_id in ("openai/clip-vit-base-patch16", "relative/tiny"):
+        BuildOnFirstUse().on_job_start(OmegaConf.create({"model": {"id": model_id}}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_demo_without_fashion_mnist_is_one_clear_error_naming_both_ways(tmp_path, monkeypatch, capsys):
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(few_shot, "FASHION_MNIST_DIR", str(tmp_path / "no-debian-package"))
+    monkeypatch.setattr(FashionMNIST, "download", offline_download)  # as without network
+    monkeypatch.setattr("sys.argv", ["train"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["recipe=blocklora_clip_demo", f"model.id={tmp_path / 'tiny-clip'}", f"data.root={tmp_path / 'data'}",
+                  f"run_dir={tmp_path / 'run'}", "logger=none"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: Fashion-MNIST not found (the download failed: Error downloading train-images-idx3-ubyte.gz: Tried "
+        "http://mirror/, got: <urlopen error [Errno -2] Name or service not known>). Either install Debian's package, "
+        f"offline: `apt-get install -y dataset-fashion-mnist` (idx files in {tmp_path / 'no-debian-package'}), or let "
+        f"torchvision download it where the network allows: data.download=true (into {tmp_path}/data/FashionMNIST/raw)")
 
 
 def test_grid_multirun_writes_csv_markdown_and_a_wandb_table(colour_data, tmp_path):

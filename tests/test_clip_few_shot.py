@@ -14,13 +14,15 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from blocktrain.trainer import cli
 from blocktrain.trainer.errors import UserError
-from blocktrain.trainer.sources.class_names import coop_class_names
+from blocktrain.trainer.sources import few_shot as few_shot_source
+from blocktrain.trainer.sources.class_names import GENERIC_TEMPLATE, coop_class_names, imagenet_class_names, template_for
 from blocktrain.trainer.sources.data import build_datasets
 from blocktrain.trainer.sources.few_shot import augment_transform, eval_transform, hold_out, sample_shots
 from blocktrain.trainer.sources.tiny_clip import save_tiny_clip
 from blocktrain.trainer.tasks import build_task
-from blocktrain.trainer.testing import write_food101
+from blocktrain.trainer.testing import write_food101, write_mnist_raw
 
 NAMES = ["red", "green", "blue", "yellow"]
 
@@ -107,6 +109,27 @@ def test_imagenet_layout_with_a_class_names_file(tmp_path):
     assert len(data.train) == 6 and len(data.val) == 6
 
 
+def test_imagenet_class_names_are_clip_s_curated_list_by_default(tmp_path):
+    clip, torchvision = imagenet_class_names(), imagenet_class_names("torchvision")
+    assert len(clip) == len(torchvision) == 1000 and clip[:2] == torchvision[:2] == ["tench", "goldfish"]
+    # where torchvision's names are ambiguous or obscure, CLIP's curated list (CLIP-LoRA's) differs
+    assert (clip[134], clip[517]) == ("crane bird", "construction crane") and torchvision[517] == "crane"
+    assert (clip[638], clip[639]) == ("tights", "one-piece bathing suit")
+    assert (torchvision[638], torchvision[639]) == ("maillot", "maillot tank suit")
+    assert clip[21] == "kite (bird of prey)" and torchvision[21] == "kite"
+    # through the data source: 1000 wnid folders get CLIP's names unless data.imagenet_names=torchvision
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    png = tmp_path / "one.png"
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(png)
+    for split in ("train", "val"):
+        for w in wnids:
+            (tmp_path / "imagenet" / split / w).mkdir(parents=True)
+            (tmp_path / "imagenet" / split / w / "0.png").write_bytes(png.read_bytes())
+    base = few_shot(dataset="imagenet", root=str(tmp_path), shots=1, max_test=2)
+    assert build_datasets(base).info["class_names"] == clip
+    assert build_datasets({**base, "imagenet_names": "torchvision"}).info["class_names"] == torchvision
+
+
 def test_coop_split_file_gives_its_train_and_test_lists_and_names(tmp_path):
     images = write_folder(tmp_path / "images", {"airplanes": 6, "Faces_easy": 6})
     rows = {split: [[f"{folder}/{i:03d}.png", label, name] for label, (folder, name) in
@@ -147,16 +170,75 @@ def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_idx_source_reads_fashion_mnist_files(tmp_path):
+def write_gzipped_fashion_mnist(directory: Path, n_train: int = 40, n_test: int = 20) -> Path:
+    """Fake Fashion-MNIST as Debian's dataset-fashion-mnist lays it out: gzipped idx files in one folder."""
+    directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for split, n in (("train", 40), ("t10k", 20)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 0x803)
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, 0x801)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(directory / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 0x803)
+        _write_idx(directory / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, 0x801)
+    return directory
+
+
+def test_idx_source_reads_fashion_mnist_files(tmp_path):
+    write_gzipped_fashion_mnist(tmp_path)
     data = build_datasets(few_shot(dataset="fashion_mnist", path=str(tmp_path), shots=3, image_size=32))
     assert data.info["class_names"][0] == "T-shirt/top" and data.info["num_labels"] == 10
     assert len(data.train) == 30 and len(data.val) == 20 and data.train[0][0].shape == (3, 32, 32)
-    with pytest.raises(UserError, match="apt-get install -y dataset-fashion-mnist"):
+    with pytest.raises(UserError, match=r"train-images-idx3-ubyte\(.gz\) not found in .*none \(data.path\)"):
         build_datasets(few_shot(dataset="fashion_mnist", path=str(tmp_path / "none"), shots=1))
+
+
+@pytest.fixture
+def no_debian_package(tmp_path, monkeypatch):
+    """Debian's Fashion-MNIST folder pointed at an empty place, whatever this machine has installed."""
+    monkeypatch.setattr(few_shot_source, "FASHION_MNIST_DIR", str(tmp_path / "no-debian-package"))
+
+
+def offline_download(self):
+    raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got:\n"
+                       "<urlopen error [Errno -2] Name or service not known>\n")
+
+
+def test_fashion_mnist_is_found_in_debian_s_folder(tmp_path, monkeypatch):
+    from torchvision.datasets import FashionMNIST
+
+    debian = write_gzipped_fashion_mnist(tmp_path / "usr" / "share" / "datasets" / "fashion-mnist")
+    monkeypatch.setattr(few_shot_source, "FASHION_MNIST_DIR", str(debian))
+    monkeypatch.setattr(FashionMNIST, "download", offline_download)
+    data = build_datasets(few_shot(dataset="fashion_mnist", root=str(tmp_path / "cache"), shots=2))
+    assert len(data.train) == 20 and len(data.val) == 20 and data.info["class_names"][9] == "Ankle boot"
+    assert not (tmp_path / "cache").exists()  # nothing downloaded
+
+
+def test_fashion_mnist_is_downloaded_by_torchvision_without_debian_s_package(tmp_path, monkeypatch,
+                                                                              no_debian_package):
+    from torchvision.datasets import FashionMNIST
+
+    calls = []
+
+    def download(self):  # what torchvision's download leaves behind: idx files in root/FashionMNIST/raw
+        calls.append(self.root)
+        write_mnist_raw(Path(self.root), n_train=30, n_test=10)
+
+    monkeypatch.setattr(FashionMNIST, "download", download)
+    config = few_shot(dataset="fashion_mnist", root=str(tmp_path / "cache"), shots=3)
+    data = build_datasets(config)
+    assert calls == [str(tmp_path / "cache")] and len(data.train) == 30 and len(data.val) == 10
+    monkeypatch.setattr(FashionMNIST, "download", offline_download)
+    assert len(build_datasets(config).val) == 10  # the second time from torchvision's copy, offline
+
+
+def test_fashion_mnist_nowhere_is_one_error_naming_both_ways(tmp_path, monkeypatch, no_debian_package):
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(FashionMNIST, "download", offline_download)
+    both_ways = r"Either .*`apt-get install -y dataset-fashion-mnist`.*data.download=true \(into .*FashionMNIST/raw\)$"
+    with pytest.raises(UserError, match=r"^Fashion-MNIST not found \(the download failed: Error downloading "
+                                        r"train-images-idx3-ubyte.gz: .*Name or service not known>\)\. " + both_ways):
+        build_datasets(few_shot(dataset="fashion_mnist", root=str(tmp_path), shots=1))
+    with pytest.raises(UserError, match=r"^Fashion-MNIST not found \(data.download=false\)\. " + both_ways):
+        build_datasets(few_shot(dataset="fashion_mnist", root=str(tmp_path), shots=1, download=False))
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").exists(),
@@ -202,8 +284,8 @@ def tiny(tmp_path_factory):
     """A tiny random CLIPModel and its word-level tokenizer, saved and loaded through the model source."""
     from blocktrain.trainer.sources.models import load_model
 
-    path = save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), NAMES, ["a photo of a {}.", "a {} texture."],
-                          image_size=32, patch_size=8, width=32, layers=2, heads=2, projection_dim=16)
+    templates = ["a photo of a {}.", "a {} texture.", template_for("flowers102")]
+    path = save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), NAMES, templates, image_size=32, patch_size=8, width=32, layers=2, heads=2, projection_dim=16)
     loaded = load_model({"kind": "transformers", "id": str(path), "auto_class": "CLIPModel"})
     return loaded.model, loaded.tokenizer
 
@@ -243,6 +325,41 @@ def test_evaluation_ensembles_the_dataset_templates(tiny):
         units = [torch.nn.functional.normalize(_by_hand(model, tokenizer, [t.format(n) for n in NAMES],
                                                         torch.zeros(1, 3, 32, 32))[1], dim=-1) for t in templates]
     torch.testing.assert_close(got, torch.nn.functional.normalize(units[0] + units[1], dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_training_prompts_are_the_dataset_template_by_default_and_the_generic_one_on_request(tiny):
+    model, tokenizer = tiny
+    flowers = template_for("flowers102")
+    assert flowers == "a photo of a {}, a type of flower."
+
+    def ids(template):
+        ids = tokenizer([template.format(n) for n in NAMES], padding=True, return_tensors="pt")["input_ids"]
+        assert tokenizer.unk_token_id not in ids  # every word of the prompt is in the tiny vocabulary
+        return ids
+
+    task = make_task(model, tokenizer, templates=[flowers])
+    assert task.train_template == flowers
+    assert torch.equal(task.train_prompts[0], ids(flowers)) and torch.equal(task.eval_prompts[0][0], ids(flowers))
+    generic = make_task(model, tokenizer, templates=[flowers], train_template=GENERIC_TEMPLATE)
+    assert torch.equal(generic.train_prompts[0], ids("a photo of a {}."))
+    assert torch.equal(generic.eval_prompts[0][0], ids(flowers))  # evaluation keeps the dataset's template
+
+
+@pytest.mark.parametrize("recipe", ["blocklora_clip", "lora_clip", "blocklora_clip_demo"])
+def test_clip_recipes_train_with_the_prompts_they_evaluate_with(recipe, tiny, folder_root, tmp_path):
+    model, tokenizer = tiny
+    flowers = write_folder(tmp_path / "flowers102" / "train", {n: 2 for n in NAMES}).parent
+    write_folder(flowers / "test", {n: 1 for n in NAMES}, seed=1)
+    cfg = cli.load_config([f"recipe={recipe}", "data.dataset=flowers102", "data.source=image_folder",
+                           f"data.path={flowers}", "data.shots=1", "data.image_size=32"])
+    assert cfg.task.train_template is None and cfg.data.imagenet_names == "clip"
+    data = build_datasets(cfg.data)
+    assert data.info["templates"] == ["a photo of a {}, a type of flower."]
+    task = build_task(cfg.task, data.info)
+    task.setup(model, SimpleNamespace(tokenizer=tokenizer))
+    assert torch.equal(task.train_prompts[0], task.eval_prompts[0][0])
+    assert torch.equal(task.train_prompts[0], tokenizer([f"a photo of a {n}, a type of flower." for n in data.info[
+        "class_names"]], padding=True, return_tensors="pt")["input_ids"])
 
 
 @pytest.mark.parametrize("chunk, checkpointing", [(3, False), (1, True), (2, True)])

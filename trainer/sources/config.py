@@ -201,7 +201,8 @@ class FewShotDataConfig(DataConfig):
     class_names: Optional[List[str]] = None  # override, in label order
     # one name per line, or "folder_name class name" lines
     class_names_file: Optional[str] = field(default=None, metadata=_PATH)
-    templates: Optional[List[str]] = None  # evaluation prompts; null = the dataset's CoOp template
+    imagenet_names: str = field(default="clip", metadata=_choices("clip", "torchvision"))  # CLIP's curated list
+    templates: Optional[List[str]] = None  # prompts; null = the dataset's CoOp template (the task trains with the first)
     steps_per_shot: int = field(default=500, metadata=_POSITIVE)  # info.train_steps = steps_per_shot * shots
 
 

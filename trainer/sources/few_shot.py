@@ -4,8 +4,9 @@ A dataset's images form a *pool* (labels known without decoding any image). The 
 class from the training pool with ``random.Random(seed)``, so the same seed gives the same set; the test
 pool is evaluated in full (or a fixed subset of ``max_test``). Pools come from torchvision datasets
 (downloaded where the network allows), ``root/<split>/<class>/<image>`` folders (ImageNet, UCF101 mid
-frames, any ImageFolder tree), idx files (Fashion-MNIST from Debian's ``dataset-fashion-mnist``), or CoOp's
-fixed split files (``split_zhou_<Dataset>.json``, the splits CLIP-LoRA's numbers are measured on).
+frames, any ImageFolder tree), idx files (Fashion-MNIST: Debian's ``dataset-fashion-mnist`` where installed, else
+torchvision's download), or CoOp's fixed split files (``split_zhou_<Dataset>.json``, the splits CLIP-LoRA's
+numbers are measured on).
 
 Preprocessing is CLIP-LoRA's: training images get ``RandomResizedCrop(scale=(0.08, 1), bicubic)`` and a
 horizontal flip, test images CLIP's resize (shortest side, bicubic) and centre crop; both CLIP's
@@ -31,7 +32,7 @@ from blocktrain.trainer.sources.class_names import (FASHION_MNIST, coop_class_na
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts its idx files
 _SPLIT_SEED = 0  # fixed: held-out test sets and max_test subsets are the same for every run seed
 
 
@@ -256,17 +257,44 @@ def _folder_pool(directory: Path, classes: list[str] | None) -> tuple[Pool, list
     return Pool([_FileImage(paths)], [(0, i) for i in range(len(paths))], labels), classes
 
 
-def _idx_array(directory: Path, split: str, kind: str) -> np.ndarray:
+def _idx_file(directory: Path, split: str, kind: str) -> Path | None:
+    """``<split>-<kind>-idx{3,1}-ubyte`` in ``directory``, gzipped or not; None if absent."""
     stem = f"{split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
-    for name, opener in ((stem + ".gz", gzip.open), (stem, open)):
-        if (directory / name).is_file():
-            with opener(directory / name, "rb") as f:
-                data = f.read()
-            dims = data[3]
-            shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(dims)]
-            return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-    raise UserError(f"idx file {directory / stem}(.gz) not found. Fashion-MNIST installs offline with "
-                    f"`apt-get install -y dataset-fashion-mnist` (files in {FASHION_MNIST_DIR})")
+    return next((directory / n for n in (stem + ".gz", stem) if (directory / n).is_file()), None)
+
+
+def _idx_array(directory: Path, split: str, kind: str) -> np.ndarray:
+    path = _idx_file(directory, split, kind)
+    if path is None:
+        raise UserError(f"idx file {split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte(.gz) not found in "
+                        f"{directory} (data.path)")
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(dims)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def fashion_mnist_dir(root: Path, download: bool) -> Path:
+    """The folder of Fashion-MNIST's idx files: Debian's ``dataset-fashion-mnist`` where installed, else
+    torchvision's copy under ``root`` (downloaded there where the network allows). Neither: one ``UserError``
+    naming both ways."""
+    torchvision_dir = root / "FashionMNIST" / "raw"
+    for directory in (Path(FASHION_MNIST_DIR), torchvision_dir):
+        if all(_idx_file(directory, s, k) for s in ("train", "t10k") for k in ("images", "labels")):
+            return directory
+    reason = "data.download=false"
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        try:
+            FashionMNIST(str(root), download=True)
+            return torchvision_dir
+        except (RuntimeError, OSError) as e:
+            reason = f"the download failed: {' '.join(str(e).split())}"
+    raise UserError(f"Fashion-MNIST not found ({reason}). Either install Debian's package, offline: "
+                    f"`apt-get install -y dataset-fashion-mnist` (idx files in {FASHION_MNIST_DIR}), or let "
+                    f"torchvision download it where the network allows: data.download=true (into {torchvision_dir})")
 
 
 def _idx_pool(directory: Path, split: str) -> Pool:
@@ -327,7 +355,7 @@ def _class_names(cfg, raw: list[str]) -> list[str | None]:
     if cfg.dataset == "fashion_mnist" and len(raw) == len(FASHION_MNIST):
         return list(FASHION_MNIST)
     if cfg.dataset == "imagenet" and len(raw) == 1000:
-        return imagenet_class_names()
+        return imagenet_class_names(cfg.imagenet_names)
     return coop_class_names(cfg.dataset, raw)
 
 
@@ -381,8 +409,10 @@ def load_pools(cfg) -> tuple[Pool, Pool, list[str]]:
         train = Pool.concat(parts)
         test = _folder_pool(directory / test_split, raw)[0] if test_split else None
     else:
-        directory = Path(cfg.path or (FASHION_MNIST_DIR if cfg.dataset == "fashion_mnist" else root / cfg.dataset))
-        directory = directory.expanduser()
+        if cfg.path:
+            directory = Path(cfg.path).expanduser()
+        else:
+            directory = fashion_mnist_dir(root, cfg.download) if cfg.dataset == "fashion_mnist" else root / cfg.dataset
         train = Pool.concat([_idx_pool(directory, s) for s in train_splits])
         test = _idx_pool(directory, test_split) if test_split else None
         raw = [str(i) for i in range(max(train.labels) + 1)]

@@ -2,17 +2,25 @@
 
 No pretrained CLIP installs offline (see the shared assets notes), so the offline demo
 (``train recipe=blocklora_clip_demo``) and the tests run the real pipeline on this model: a *pipeline
-demo*, not a result. The tokenizer is word-level over the words of the class names and prompt templates
-(lower-cased, ``<|startoftext|> ... <|endoftext|>``, padded with ``<|endoftext|>`` as CLIP's is), built with
-the ``tokenizers`` library.
+demo*, not a result. The demo recipe builds its model on first use (``BuildOnFirstUse``, a Hydra callback,
+at ``model.id``: ``~/.cache/blocktrain/models/tiny-clip-fashion-mnist``). The tokenizer is word-level over the
+words of the class names and prompt templates (lower-cased, ``<|startoftext|> ... <|endoftext|>``, padded with
+``<|endoftext|>`` as CLIP's is), built with the ``tokenizers`` library.
 
-    python -m blocktrain.trainer.sources.tiny_clip            # Fashion-MNIST classes, for the demo recipe
+    python -m blocktrain.trainer.sources.tiny_clip --out DIR --class-names cat dog    # one for other classes
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
+
+from hydra.experimental.callback import Callback
+
+from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.io import atomic_path
+from blocktrain.trainer.sources.class_names import FASHION_MNIST, GENERIC_TEMPLATE, template_for
 
 DEMO_DIR = "~/.cache/blocktrain/models/tiny-clip-fashion-mnist"
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
@@ -63,9 +71,47 @@ def save_tiny_clip(out_dir: str | Path, class_names: Sequence[str], templates: S
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from blocktrain.trainer.sources.class_names import FASHION_MNIST, GENERIC_TEMPLATE, TEMPLATES
+def vocabulary_templates(dataset: str) -> list[str]:
+    """The prompts a tiny CLIP's vocabulary covers: the generic one and the dataset's."""
+    return sorted({GENERIC_TEMPLATE, template_for(dataset)})
 
+
+def build_once(out_dir: str | Path, class_names: Sequence[str], templates: Sequence[str], **model_kwargs) -> bool:
+    """Build a tiny CLIP at ``out_dir`` unless that exists; True if it built one. Atomic: written to a temporary
+    folder next to it, then renamed, so a crash or a concurrent build never leaves half a model."""
+    out = Path(out_dir).expanduser()
+    if out.exists():
+        return False
+    try:
+        with atomic_path(out, directory=True) as tmp:
+            save_tiny_clip(tmp, class_names, templates, **model_kwargs)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+        return False  # another process built it first
+    return True
+
+
+class BuildOnFirstUse(Callback):
+    """Hydra callback of ``blocklora_clip_demo``: before the run, builds the Fashion-MNIST tiny CLIP at
+    ``model.id`` when that is an absolute (or ``~``) path that does not exist yet. An existing folder or a hub
+    id is left alone."""
+
+    def on_job_start(self, config, **kwargs) -> None:
+        path = Path(str(config.model.id)).expanduser()
+        if not path.is_absolute():
+            return
+        try:
+            built = build_once(path, FASHION_MNIST, vocabulary_templates("fashion_mnist"))
+        except OSError as e:
+            from blocktrain.trainer.cli import _fail
+
+            _fail(UserError(f"cannot build the demo's tiny CLIP at {path} (model.id): {e}"))
+        if built:
+            print(f"built the demo's tiny random CLIPModel (not pretrained: a pipeline demo) at {path}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Save a tiny random CLIPModel + tokenizer for offline pipeline runs")
     parser.add_argument("--out", default=DEMO_DIR)
     parser.add_argument("--dataset", default="fashion_mnist", help="whose class names and template the vocabulary covers")
@@ -76,9 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args(argv)
     names = args.class_names or FASHION_MNIST
-    templates = sorted({GENERIC_TEMPLATE, TEMPLATES.get(args.dataset, GENERIC_TEMPLATE)})
-    out = save_tiny_clip(args.out, names, templates, image_size=args.image_size, patch_size=args.patch_size,
-                         width=args.width, layers=args.layers)
+    out = save_tiny_clip(args.out, names, vocabulary_templates(args.dataset), image_size=args.image_size,
+                         patch_size=args.patch_size, width=args.width, layers=args.layers)
     print(f"saved a tiny random CLIPModel (not pretrained) and its tokenizer to {out}")
 
 

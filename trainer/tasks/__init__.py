@@ -33,7 +33,7 @@ class ClipFewShotTaskConfig:
 
     kind: str = "clip_few_shot"
     logit_scale: float = 100.0  # fixed, as CLIP-LoRA; the model's learned logit_scale is not used
-    train_template: str = "a photo of a {}."  # prompts recomputed every step; evaluation uses data_info templates
+    train_template: Optional[str] = None  # null = the data's first template (CLIP-LoRA); e.g. "a photo of a {}."
     text_chunk_size: Optional[int] = None  # prompts per text-tower call; null = all at once
     text_checkpointing: bool = False  # recompute the text tower in backward, chunk by chunk (bounds memory)
     zero_shot: bool = True  # evaluate before training, logged as val/zero_shot_acc

@@ -1,9 +1,11 @@
 """CLIP few-shot classification as CLIP-LoRA trains and evaluates it.
 
-Training: the text features of ``train_template`` over *all* class names are recomputed every step (so
+Training: the text features of the training template over *all* class names are recomputed every step (so
 gradients reach the text tower's adapters), logits = ``logit_scale`` · cos(image, text) with the scale fixed
-at 100, cross-entropy. Evaluation: top-1 with the dataset's templates (``info["templates"]``, CoOp's; several
-are ensembled as CLIP does). ``ZeroShotEvaluation`` measures the untouched model when fit starts.
+at 100, cross-entropy. The training template is the dataset's own (``info["templates"][0]``, CoOp's, as
+CLIP-LoRA's ``dataset.template[0]``) unless ``train_template`` names another (e.g. "a photo of a {}.").
+Evaluation: top-1 with the dataset's templates (several are ensembled as CLIP does). ``ZeroShotEvaluation``
+measures the untouched model when fit starts.
 
 Works with transformers' ``CLIPModel`` (``get_image_features`` / ``get_text_features``; transformers 5 returns
 an output whose ``pooler_output`` is the projected embedding, 4.x the tensor itself).
@@ -44,12 +46,13 @@ class ClipFewShotTask(Task):
         missing = [k for k in ("class_names", "templates") if not info.get(k)]
         if missing:
             raise UserError(f"task clip_few_shot needs {' and '.join(missing)} from the data source (data=few_shot)")
-        if "{}" not in config.train_template:
+        if config.train_template is not None and "{}" not in config.train_template:
             raise UserError(f"task.train_template '{config.train_template}' has no {{}} for the class name")
         if config.text_chunk_size is not None and config.text_chunk_size <= 0:
             raise UserError(f"task.text_chunk_size must be a positive number or null, got {config.text_chunk_size}")
         self.class_names = list(info["class_names"])
         self.templates = list(info["templates"])
+        self.train_template = config.train_template or self.templates[0]
         self.train_prompts: tuple[torch.Tensor, torch.Tensor] | None = None
         self.eval_prompts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._eval_text: torch.Tensor | None = None
@@ -72,7 +75,7 @@ class ClipFewShotTask(Task):
                             max_length=max_length, return_tensors="pt")
             return enc["input_ids"], enc["attention_mask"]
 
-        self.train_prompts = encode(self.config.train_template)
+        self.train_prompts = encode(self.train_template)
         self.eval_prompts = [encode(t) for t in self.templates]
 
     def callbacks(self) -> list:
