@@ -17,7 +17,8 @@ from blocktrain.trainer import cli
 from blocktrain.trainer.cli import load_config
 from blocktrain.trainer.run import RunInterrupted, run
 from blocktrain.trainer.sources import few_shot, tiny_clip
-from blocktrain.trainer.sources.tiny_clip import BuildOnFirstUse, save_tiny_clip
+from blocktrain.trainer.sources.models import load_processor
+from blocktrain.trainer.sources.tiny_clip import save_tiny_clip
 from blocktrain.trainer.tasks.clip import ZeroShotEvaluation
 from tests.helpers import read_metrics, train, wandb_history
 from tests.test_clip_few_shot import offline_download, write_gzipped_fashion_mnist
@@ -86,11 +87,11 @@ def test_demo_builds_its_tiny_clip_on_first_use_and_reuses_it(tmp_path, monkeypa
     built = (model / "model.safetensors").stat().st_mtime_ns
     # the second time the cached model is used as it is
     monkeypatch.setattr(tiny_clip, "save_tiny_clip", lambda *a, **k: pytest.fail("rebuilt the cached tiny CLIP"))
-    BuildOnFirstUse().on_job_start(OmegaConf.create({"model": {"id": str(model)}}))
+    load_processor({"kind": "tiny_clip", "id": str(model)})
     assert (model / "model.safetensors").stat().st_mtime_ns == built
 
 
-def test_tiny_clip_build_is_atomic_and_leaves_hub_ids_and_relative_paths_alone(tmp_path, monkeypatch):
+def test_tiny_clip_build_is_atomic(tmp_path, monkeypatch):
     def crash(out, *args, **kwargs):
         (Path(out) / "config.json").write_text("{}")
         raise OSError("disk full")
@@ -101,10 +102,6 @@ def test_tiny_clip_build_is_atomic_and_leaves_hub_ids_and_relative_paths_alone(t
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written model, no temp folder
     (tmp_path / "cache" / "tiny").mkdir()
     assert tiny_clip.build_once(tmp_path / "cache" / "tiny", ["a"], ["{}"]) is False  # there already: kept
-    monkeypatch.chdir(tmp_path)
-    for model_id in ("openai/clip-vit-base-patch16", "relative/tiny"):
-        BuildOnFirstUse().on_job_start(OmegaConf.create({"model": {"id": model_id}}))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
 def test_demo_without_fashion_mnist_is_one_clear_error_naming_both_ways(tmp_path, monkeypatch, capsys):

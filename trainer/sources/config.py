@@ -73,6 +73,16 @@ class GGUFModelConfig(TransformersModelConfig):
 
 
 @dataclass
+class TinyClipModelConfig(TransformersModelConfig):
+    """The offline pipeline demo's tiny random CLIP: built at ``id`` on first use (see sources/tiny_clip.py),
+    then loaded like any local checkpoint. Not pretrained: its accuracies mean nothing."""
+
+    kind: str = "tiny_clip"
+    id: str = "~/.cache/blocktrain/models/tiny-clip-fashion-mnist"
+    auto_class: str = "CLIPModel"
+
+
+@dataclass
 class TimmModelConfig:
     """A timm model: ``timm.create_model(name)`` with hub weights, a local checkpoint, or none."""
 
@@ -84,9 +94,10 @@ class TimmModelConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to create_model (e.g. img_size)
 
 
-for _kind, _schema, _source in (("transformers", TransformersModelConfig, "TRANSFORMERS"),
-                                ("gguf", GGUFModelConfig, "TRANSFORMERS"), ("timm", TimmModelConfig, "TIMM")):
-    register_model_source(_kind, _schema, f"blocktrain.trainer.sources.models:{_source}")
+for _kind, _schema, _source in (("transformers", TransformersModelConfig, "models:TRANSFORMERS"),
+                                ("gguf", GGUFModelConfig, "models:TRANSFORMERS"), ("timm", TimmModelConfig, "models:TIMM"),
+                                ("tiny_clip", TinyClipModelConfig, "tiny_clip:TINY_CLIP")):
+    register_model_source(_kind, _schema, f"blocktrain.trainer.sources.{_source}")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -226,15 +237,10 @@ def validate_data_config(cfg: Any, allow_missing: bool = False) -> DictConfig:
 def check_source_paths(model: Any, data: Any) -> None:
     """Fail fast: the local paths a model and a data config name exist, checked before anything downloads
     or loads. Hub ids and download folders (``root``) are not paths that must exist."""
-    from blocktrain.trainer.sources import models  # lazily: it imports this module
-
     if model is not None:
         model = validate_model_config(model)
         _check_paths(model, "model", MODEL_KINDS)
-        if model.kind != "timm":
-            models._locate(model)  # a local model folder (or pkg://) with its config.json or GGUF file
-            if model.tokenizer is not None:
-                models.resolve_model_id(model.tokenizer)
+        MODEL_KINDS.load(model.kind).check_paths(model)
     if data is not None:
         _check_paths(validate_data_config(data), "data", DATA_KINDS)
 

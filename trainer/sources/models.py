@@ -49,10 +49,20 @@ def load_processor(cfg: Any):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What a ``model.kind`` registers: ``load(cfg, processor) -> LoadedModel`` and its processor loader."""
+    """What a ``model.kind`` registers: ``load(cfg, processor) -> LoadedModel``, its processor loader, and
+    ``check_paths(cfg)``, which raises ``UserError`` for a missing local path before anything loads (fields
+    marked as paths in the schema are checked by the engine)."""
 
     load: Callable[[Any, Any], LoadedModel]
     load_processor: Callable[[Any], Any] = lambda cfg: None
+    check_paths: Callable[[Any], None] = lambda cfg: None
+
+
+def _check_local(cfg) -> None:
+    """A local model folder (or pkg://) with its config.json or GGUF file, and a local tokenizer, exist."""
+    _locate(cfg)
+    if cfg.tokenizer is not None:
+        resolve_model_id(cfg.tokenizer)
 
 
 def _transformers_processor(cfg):
@@ -314,7 +324,7 @@ def _load_timm_checkpoint(model, name: str, path: str, num_classes_set: bool) ->
     return bool(dropped)
 
 
-TRANSFORMERS = ModelSource(_load_transformers, _transformers_processor)
+TRANSFORMERS = ModelSource(_load_transformers, _transformers_processor, _check_local)
 TIMM = ModelSource(lambda cfg, processor: _load_timm(cfg))
 
 

@@ -2,8 +2,8 @@
 
 No pretrained CLIP installs offline (see the shared assets notes), so the offline demo
 (``train recipe=blocklora_clip_demo``) and the tests run the real pipeline on this model: a *pipeline
-demo*, not a result. The demo recipe builds its model on first use (``BuildOnFirstUse``, a Hydra callback,
-at ``model.id``: ``~/.cache/blocktrain/models/tiny-clip-fashion-mnist``). The tokenizer is word-level over the
+demo*, not a result. The demo recipe's model source ``model.kind=tiny_clip`` builds it on first use at
+``model.id`` (``~/.cache/blocktrain/models/tiny-clip-fashion-mnist``) and then loads it as a local checkpoint. The tokenizer is word-level over the
 words of the class names and prompt templates (lower-cased, ``<|startoftext|> ... <|endoftext|>``, padded with
 ``<|endoftext|>`` as CLIP's is), built with the ``tokenizers`` library.
 
@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from hydra.experimental.callback import Callback
-
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.io import atomic_path
 from blocktrain.trainer.sources.class_names import FASHION_MNIST, GENERIC_TEMPLATE, template_for
+from blocktrain.trainer.sources.models import ModelSource
 
 DEMO_DIR = "~/.cache/blocktrain/models/tiny-clip-fashion-mnist"
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
@@ -92,23 +91,31 @@ def build_once(out_dir: str | Path, class_names: Sequence[str], templates: Seque
     return True
 
 
-class BuildOnFirstUse(Callback):
-    """Hydra callback of ``blocklora_clip_demo``: before the run, builds the Fashion-MNIST tiny CLIP at
-    ``model.id`` when that is an absolute (or ``~``) path that does not exist yet. An existing folder or a hub
-    id is left alone."""
+def _built(cfg):
+    """``cfg`` after building the Fashion-MNIST tiny CLIP at ``cfg.id`` if nothing is there yet."""
+    path = Path(str(cfg.id)).expanduser()
+    try:
+        built = build_once(path, FASHION_MNIST, vocabulary_templates("fashion_mnist"))
+    except OSError as e:
+        raise UserError(f"cannot build the demo's tiny CLIP at {path} (model.id): {e}") from None
+    if built:
+        print(f"built the demo's tiny random CLIPModel (not pretrained: a pipeline demo) at {path}", file=sys.stderr)
+    return cfg
 
-    def on_job_start(self, config, **kwargs) -> None:
-        path = Path(str(config.model.id)).expanduser()
-        if not path.is_absolute():
-            return
-        try:
-            built = build_once(path, FASHION_MNIST, vocabulary_templates("fashion_mnist"))
-        except OSError as e:
-            from blocktrain.trainer.cli import _fail
 
-            _fail(UserError(f"cannot build the demo's tiny CLIP at {path} (model.id): {e}"))
-        if built:
-            print(f"built the demo's tiny random CLIPModel (not pretrained: a pipeline demo) at {path}", file=sys.stderr)
+def _load(cfg, processor):
+    from blocktrain.trainer.sources.models import TRANSFORMERS
+
+    return TRANSFORMERS.load(_built(cfg), processor)
+
+
+def _load_processor(cfg):
+    from blocktrain.trainer.sources.models import TRANSFORMERS
+
+    return TRANSFORMERS.load_processor(_built(cfg))
+
+
+TINY_CLIP = ModelSource(_load, _load_processor)  # model.kind=tiny_clip: built on first use, then a local checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> None:
