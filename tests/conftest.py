@@ -1,4 +1,5 @@
-"""Shared fixtures: no network, W&B offline and quiet, tiny real models saved to disk."""
+"""Shared fixtures: no network, W&B offline and quiet, tiny real models saved to disk (a BERT classifier with a
+sentiment CSV, a Llama causal LM with a text corpus)."""
 from __future__ import annotations
 
 import os
@@ -64,3 +65,24 @@ def lora_args(tiny_bert_dir, sentiment_csv, tmp_path) -> list[str]:
             f"data.val={val_csv}", f"run_dir={tmp_path / 'run'}", "trainer=cpu", "trainer.max_steps=12",
             "trainer.val_check_interval=6", "trainer.log_every_n_steps=1", "data.batch_size=8",
             "checkpoint.every_n_steps=4", "scheduler.warmup_steps=0", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama causal LM, its tokenizer, and the same model as ``tiny.gguf``, saved locally."""
+    from blocktrain.trainer.testing import save_tiny_llama, write_llama_gguf
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model, tokenizer = save_tiny_llama(path)
+    write_llama_gguf(path / "tiny.gguf", model, tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    from blocktrain.trainer.testing import CORPUS
+
+    path = tmp_path_factory.mktemp("corpus") / "book.txt"
+    sentences = CORPUS.split(" . ")
+    path.write_text("".join(f"{sentences[(i * 7) % len(sentences)]} . " for i in range(300)))
+    return path

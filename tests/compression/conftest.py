@@ -1,5 +1,5 @@
-"""Tiny local models and data for the compression tests: a 2-layer Llama (also as GGUF), a text corpus, a tiny
-timm ViT and an image folder; ``run_args`` composes a recipe on them."""
+"""Tiny local models and data for the compression tests: a tiny timm ViT and an image folder (the tiny Llama and
+its corpus are shared fixtures of tests/conftest.py); ``llm_args``/``vit_args`` compose a recipe on them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blocktrain.trainer.testing import CORPUS, save_tiny_llama, tiny_timm_vit, write_image_folder, write_llama_gguf
+from blocktrain.trainer.testing import tiny_timm_vit, write_image_folder
 
 # iCBS at toy scale: small blocks, few chains, a fast temperature schedule, 8 steps per epoch
 ICBS_FAST = ["plugin.icbs.block_size=64", "plugin.icbs.k=32", "plugin.icbs.restarts=2", "plugin.icbs.beta_factor=1.6",
@@ -22,23 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory) -> Path:
-    """A tiny Llama causal LM, its tokenizer, and the same model as ``tiny.gguf``, saved locally."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model, tokenizer = save_tiny_llama(path)
-    write_llama_gguf(path / "tiny.gguf", model, tokenizer)
-    return path
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "book.txt"
-    sentences = CORPUS.split(" . ")
-    path.write_text("".join(f"{sentences[(i * 7) % len(sentences)]} . " for i in range(300)))
-    return path
 
 
 @pytest.fixture(scope="session")
