@@ -267,7 +267,8 @@ def time_annealer(args, device) -> dict:
 
 def icbs_curve(args, device, dense, data, calib, ppl) -> dict:
     """One iCBS run of 4 epochs: perplexity after 0 (the initial mask), 1, 2 and 4."""
-    from blocktrain.plugins.icbs import ICBSConfig, ICBSPruner, causal_lm_sample_losses
+    from blocktrain.plugins.icbs import ICBSConfig, ICBSPruner
+    from blocktrain.trainer.tasks.language import causal_lm_sample_losses
     from blocktrain.trainer.compression.calibration import calibration_batches, calibration_forward
 
     pruning = calibration_batches(data, 16 * args.pruning_batch, args.pruning_batch, seed=1, device=device)

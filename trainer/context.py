@@ -19,6 +19,7 @@ class RunContext:
     metrics: Any
     tokenizer: Any = None
     data: Any = None
+    task: Any = None  # the run's Task (objective, metrics, per-sample loss), built before the plugins apply
     device: str = "cpu"
     trainer: Any = None  # the Lightning Trainer, once built
     resuming: bool = False  # resume=auto/PATH: plugins continue from their saved state (load_state)

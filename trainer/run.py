@@ -111,12 +111,12 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
                      resuming=cfg.resume is not None)
     ctx.metrics = _ContextMetrics(loggers, ctx)
 
+    task = ctx.task = build_task(cfg.task, datasets.info if datasets else {}) if cfg.task is not None else None
     model = loaded.model
     for plugin in plugins:
         model = plugin.apply(model, ctx) or model
     if cfg.init_from:
         load_weights(model, Path(cfg.init_from), plugins)
-    task = build_task(cfg.task, datasets.info if datasets else {}) if cfg.task is not None else None
     if task is not None:
         task.setup(model, ctx)
 

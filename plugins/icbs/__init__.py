@@ -8,8 +8,7 @@ from __future__ import annotations
 from blocktrain.trainer.plugin import lazy_exports
 
 _EXPORTS = {
-    **{n: "persample" for n in ("capture_io_grads", "causal_lm_sample_losses", "mean_weight_grad", "split_batch",
-                                "per_sample_block_grads")},
+    **{n: "persample" for n in ("capture_io_grads", "mean_weight_grad", "split_batch", "per_sample_block_grads")},
     "ICBSConfig": "pruner", "ICBSPruner": "pruner", "icbs_prune": "pruner",
     **{n: "qubo" for n in ("block_qubo", "move_delta", "quadratic_loss_change", "scale_and_cutoff")},
     "allocate_steps": "selection", "select_block": "selection",

@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["capture_io_grads", "split_batch", "mean_weight_grad", "per_sample_block_grads", "causal_lm_sample_losses"]
+__all__ = ["capture_io_grads", "split_batch", "mean_weight_grad", "per_sample_block_grads"]
 
 
 def capture_io_grads(model: nn.Module, module: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -99,21 +98,3 @@ def per_sample_block_grads(x: torch.Tensor, delta: torch.Tensor, rows: torch.Ten
     chunk = max(1, max_elems // (n * t))
     return torch.cat([(delta[:, :, rows[s:s + chunk]] * x[:, :, cols[s:s + chunk]]).sum(1)
                       for s in range(0, rows.numel(), chunk)], dim=1)
-
-
-def causal_lm_sample_losses(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Next-token cross-entropy of a causal LM, averaged over each sequence's tokens: shape [N].
-
-    ``batch`` has ``input_ids`` and optionally ``attention_mask`` and ``labels`` (-100 = ignored); without
-    labels, the input ids at attended positions are the targets.
-    """
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    labels = batch.get("labels")
-    if labels is None:
-        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-    valid = (targets != -100).float()
-    return (nll.view_as(valid) * valid).sum(1) / valid.sum(1).clamp(min=1)

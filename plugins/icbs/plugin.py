@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from blocktrain.trainer.context import RunContext
 
-LOSSES = ("causal_lm", "image_classification")  # task kinds whose per-sample loss iCBS knows
 
 
 @dataclass
@@ -62,16 +61,6 @@ class ICBSPluginConfig(SparsityConfig):
         self.pruning.check("plugin.icbs.pruning")
 
 
-def classification_sample_losses(model: "torch.nn.Module", batch) -> "torch.Tensor":
-    """Per-sample cross-entropy of an image classifier on an ``(images, labels)`` batch, shape [N]."""
-    import torch.nn.functional as F
-
-    images, labels = batch
-    out = model(images)
-    logits = out.logits if hasattr(out, "logits") else out
-    return F.cross_entropy(logits.float(), labels, reduction="none")
-
-
 class ICBSPlugin(PruningPlugin):
     """iCBS pruning: per-layer masks chosen by block coordinate descent over cardinality-constrained QUBOs."""
 
@@ -91,16 +80,13 @@ class ICBSPlugin(PruningPlugin):
             raise UserError(f"plugin.icbs: {e}") from None
 
     def loss_fn(self, run: "RunContext"):
-        """Per-sample loss for the run's task: next-token CE (causal_lm) or CE (image_classification)."""
-        kind = run.cfg.task.kind if run.cfg.get("task") is not None else None
-        if kind not in LOSSES:
-            raise UserError(f"plugin icbs needs a per-sample loss: set task to one of {', '.join(LOSSES)} "
-                            f"(got {kind})")
-        if kind == "causal_lm":
-            from blocktrain.plugins.icbs.persample import causal_lm_sample_losses
-
-            return causal_lm_sample_losses
-        return classification_sample_losses
+        """The run's task's per-sample loss (``Task.per_sample_loss``: e.g. next-token CE of a causal LM)."""
+        task = run.task
+        if task is None or not task.has_per_sample_loss:
+            kind = run.cfg.task.kind if run.cfg.get("task") is not None else None
+            raise UserError(f"plugin icbs needs a per-sample loss, and task {kind} has none: use a task that "
+                            "defines one (causal_lm, image_classification, sequence_classification)")
+        return task.per_sample_loss
 
     def apply(self, model, run):
         model = super().apply(model, run)

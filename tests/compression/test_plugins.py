@@ -142,10 +142,25 @@ def test_zero_icbs_epochs_give_the_one_pass_wanda_mask_and_steps_move_it(llama_d
     (["plugin.wanda.pattern=diagonal"], "plugin.wanda.pattern must be layer, row or N:M"),
     (["plugin=[sparsegpt]", "plugin.sparsegpt.pattern=row"], "plugin.sparsegpt.pattern must be layer or N:M"),
     (["plugin.wanda.calibration.samples=100000"], r"calibration.samples=100000 but the train split has only \d+"),
-    (["plugin=[icbs]", "task=sequence_classification"], "plugin icbs needs a per-sample loss"),
     (["plugin=[icbs]", "plugin.icbs.block_size=9000"], r"plugin.icbs: block_size must be in \[1, 8192\]"),
     (["plugin.wanda.exclude=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"], "no nn.Linear layers"),
 ])
 def test_mistakes_get_one_message(overrides, message, llama_dir, corpus, tmp_path):
     with pytest.raises(UserError, match=message):
         run(load_config(llm_args("wanda_llm", llama_dir, corpus, tmp_path / "run", *overrides)))
+
+
+def test_icbs_takes_the_tasks_per_sample_loss(tmp_path):
+    from omegaconf import OmegaConf
+
+    from blocktrain.plugins.icbs import ICBSPlugin, ICBSPluginConfig
+    from blocktrain.trainer.context import RunContext
+    from blocktrain.trainer.tasks.base import Task
+    from blocktrain.trainer.tasks.language import CausalLMTask
+
+    plugin = ICBSPlugin(ICBSPluginConfig())
+    run = RunContext(cfg=OmegaConf.create({"task": {"kind": "toy"}}), run_dir=tmp_path, metrics=None, task=Task(None, {}))
+    with pytest.raises(UserError, match="plugin icbs needs a per-sample loss, and task toy has none"):
+        plugin.loss_fn(run)
+    run.task = CausalLMTask(None, {})
+    assert plugin.loss_fn(run) == run.task.per_sample_loss

@@ -129,3 +129,24 @@ def test_media_are_written_as_png_text_and_csv(tmp_path):
     assert csv_path.read_text().splitlines() == ["a,b", "1,x"]
     with pytest.raises(UserError, match="cannot log 'bad' as media"):
         write_media(tmp_path, "bad", {"x": 1}, 0)
+
+
+def test_per_sample_losses_average_to_the_task_loss():
+    from types import SimpleNamespace
+
+    from blocktrain.trainer.tasks.classification import ImageClassificationTask, SequenceClassificationTask
+    from blocktrain.trainer.tasks.language import CausalLMTask
+    from blocktrain.trainer.testing import tiny_bert_classifier, tiny_llama, tiny_timm_vit
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 60, (4, 9))
+    cases = [(CausalLMTask(None, {}), tiny_llama(64).eval(), {"input_ids": ids}),
+             (SequenceClassificationTask(None, {}), tiny_bert_classifier(64).eval(),
+              {"input_ids": ids, "labels": torch.tensor([0, 2, 1, 0])}),
+             (ImageClassificationTask(SimpleNamespace(label_smoothing=0.0), {}), tiny_timm_vit(num_classes=3).eval(),
+              (torch.randn(4, 3, 32, 32), torch.tensor([0, 2, 1, 0])))]
+    for task, model, batch in cases:
+        per_sample = task.per_sample_loss(model, batch)
+        assert task.has_per_sample_loss and per_sample.shape == (4,)
+        torch.testing.assert_close(per_sample.mean(), task.loss(model, batch).float(), rtol=1e-5, atol=1e-6)
+        assert per_sample.std() > 0  # one value per sample, not the batch mean repeated

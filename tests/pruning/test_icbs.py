@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocktrain.plugins.icbs import ICBSConfig, ICBSPruner, causal_lm_sample_losses, icbs_prune
+from blocktrain.plugins.icbs import ICBSConfig, ICBSPruner, icbs_prune
+from blocktrain.trainer.tasks.language import causal_lm_sample_losses
 from blocktrain.plugins.sparsity import wanda_prune
 from blocktrain.trainer.compression.masks import find_linear_names, row_keep_count, sparsity_report
 

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from blocktrain.plugins.icbs import (TabuList, allocate_steps, block_qubo, capture_io_grads, causal_lm_sample_losses,
+from blocktrain.plugins.icbs import (TabuList, allocate_steps, block_qubo, capture_io_grads,
                                      init_layer_state, mean_weight_grad, move_delta, per_sample_block_grads,
                                      quadratic_loss_change, scale_and_cutoff, select_block, split_batch)
+from blocktrain.trainer.tasks.language import causal_lm_sample_losses
 
 from .conftest import tiny_llama, token_batches
 

@@ -26,6 +26,14 @@ class Task:
     def eval_sums(self, model: torch.nn.Module, batch: Any) -> dict[str, tuple[float, int]]:
         raise NotImplementedError
 
+    def per_sample_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The loss of each sample, shape [N] (methods that need per-sample gradients, e.g. iCBS, use it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-sample loss")
+
+    @property
+    def has_per_sample_loss(self) -> bool:
+        return type(self).per_sample_loss is not Task.per_sample_loss
+
     def finalize(self, means: dict[str, float]) -> dict[str, float]:
         """Derived metrics from the means (e.g. perplexity from mean NLL)."""
         return means

@@ -17,6 +17,10 @@ class SequenceClassificationTask(Task):
     def loss(self, model, batch):
         return model(**batch).loss
 
+    def per_sample_loss(self, model, batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return F.cross_entropy(model(**inputs).logits.float(), batch["labels"], reduction="none")
+
     def eval_sums(self, model, batch):
         out = model(**batch)
         n = batch["labels"].shape[0]
@@ -30,6 +34,10 @@ class ImageClassificationTask(Task):
     def loss(self, model, batch):
         images, labels = batch
         return F.cross_entropy(_logits(model(images)), labels, label_smoothing=self.config.label_smoothing)
+
+    def per_sample_loss(self, model, batch):
+        images, labels = batch
+        return F.cross_entropy(_logits(model(images)).float(), labels, reduction="none")
 
     def eval_sums(self, model, batch):
         images, labels = batch
