@@ -45,7 +45,7 @@ class ICBSPluginConfig(SparsityConfig):
     beta1: float = 100.0
     beta_factor: float = 1.1
     sweeps: int = 1  # per temperature
-    faithful: bool = True  # the official Q[Q <= cutoff] = 0 (zeroes negative entries too); false: |Q| <= cutoff
+    faithful: bool = True  # official Q[Q <= cutoff] = 0 and exp(-2β·ΔE) acceptance; false: |Q| <= cutoff, exp(-β·ΔE)
     cutoff: float = 1e-12
     seed: Optional[int] = None  # the pruner's RNG (plan, annealing); null = the run's seed
     backend: Optional[str] = None  # annealer: null (kernel dispatch) | auto | reference | triton

@@ -63,7 +63,7 @@ class ICBSConfig:
     beta1: float = 100.0
     beta_factor: float = 1.1
     sweeps: int = 1
-    faithful: bool = True  # reproduce the official Q[Q <= cutoff] = 0 (else |Q| <= cutoff)
+    faithful: bool = True  # the official Q[Q <= cutoff] = 0 and exp(-2β·ΔE) acceptance (else |Q| <= cutoff, exp(-β·ΔE))
     cutoff: float = 1e-12
     seed: int = 0
     backend: str | None = None  # annealer path: None (the kernels dispatch), "auto", "reference", "triton"
@@ -72,6 +72,12 @@ class ICBSConfig:
     def block_k(self) -> int:
         """Currently-pruned candidates per block."""
         return self.block_size // 2 if self.k is None else self.k
+
+    @property
+    def beta_scale(self) -> float:
+        """The annealer's acceptance exp(−s·β·ΔE): s = 2 under ``faithful`` (``sa-card`` anneals an Ising energy
+        twice the QUBO's), else 1 (β acts on the QUBO energy itself)."""
+        return 2.0 if self.faithful else 1.0
 
     def __post_init__(self):
         if not 0.0 < self.density < 1.0:
@@ -192,7 +198,8 @@ class ICBSPruner:
         energy = 0.0
         if scaling is not None:
             xb, e = qubo_anneal(Qs, k, x0=xb, restarts=cfg.restarts, seed=seed, beta0=cfg.beta0, beta1=cfg.beta1,
-                                beta_factor=cfg.beta_factor, sweeps=cfg.sweeps, backend=cfg.backend)
+                                beta_factor=cfg.beta_factor, beta_scale=cfg.beta_scale, sweeps=cfg.sweeps,
+                                backend=cfg.backend)
             energy = e / scaling
         ridge = cfg.ridge_multiplier * float(move_delta(xb, w0b, dw).pow(2).sum())
         if state.tabu is not None:

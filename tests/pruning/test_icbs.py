@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blocktrain.kernels.qubo_anneal import qubo_anneal
 from blocktrain.plugins.icbs import ICBSConfig, ICBSPruner, causal_lm_sample_losses, icbs_prune
 from blocktrain.plugins.sparsity import find_linear_names, row_keep_count, sparsity_report, wanda_prune
 
@@ -52,6 +53,22 @@ def test_dL_is_never_positive_without_the_faithful_cutoff():
     pruner = icbs_prune(model, batches, causal_lm_sample_losses, density=0.5, faithful=False, **FAST)
     dL = torch.tensor(pruner.dL_track)
     assert len(dL) == 8 and (dL <= 1e-6 * dL.abs().max()).all() and dL.mean() < 0
+
+
+@pytest.mark.parametrize("faithful,scale", [(True, 2.0), (False, 1.0)])
+def test_faithful_anneals_at_the_official_temperature(faithful, scale, monkeypatch):
+    from blocktrain.plugins.icbs import pruner as pruner_module
+
+    scales = []
+
+    def spy(*args, **kwargs):
+        scales.append(kwargs["beta_scale"])
+        return qubo_anneal(*args, **kwargs)
+
+    monkeypatch.setattr(pruner_module, "qubo_anneal", spy)
+    icbs_prune(tiny_llama(), token_batches(2), causal_lm_sample_losses, density=0.5, faithful=faithful,
+               **{**FAST, "steps_per_epoch": 2})
+    assert scales == [scale, scale]
 
 
 def test_interrupted_run_resumes_to_the_same_masks():
