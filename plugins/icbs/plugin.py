@@ -2,9 +2,10 @@
 
 The initial mask comes from ``calibration`` samples (Wanda scores of the original weights); then
 ``epochs`` × ``steps_per_epoch`` steps, each on one batch of ``pruning`` samples, one layer and one block
-of ``block_size`` weights. Every step's estimated loss change is logged as ``icbs/dL``. The pruner's full
-state (masks, tabu lists, plan, RNG) is saved under the run dir, so ``resume=auto`` continues an
-interrupted run, and a finished one resumed with more ``epochs`` goes on. No torch import at module level.
+of ``block_size`` weights. Every step's estimated loss change is logged as ``icbs/dL``, and at the end the
+steps each layer got as ``icbs/steps/<layer>``. The pruner's full state (masks, tabu lists, plan, RNG) is
+saved under the run dir, so ``resume=auto`` continues an interrupted run, and a finished one resumed with
+more ``epochs`` goes on. No torch import at module level.
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ class ICBSPlugin(PruningPlugin):
 
             pruner.run(batches, c.epochs, on_step)
         state.save(pruner.state_dict())
-        summary = {"icbs/steps": pruner.steps_done, "icbs/epochs_done": pruner.epoch}
+        summary = {"icbs/steps": pruner.steps_done, "icbs/epochs_done": pruner.epoch,
+                   **{f"icbs/steps/{name}": n for name, n in pruner.layer_steps.items()}}
         if pruner.dL_track:
             summary.update({"icbs/dL_sum": sum(pruner.dL_track), "icbs/dL_mean": sum(pruner.dL_track) / pruner.steps_done})
         if total:

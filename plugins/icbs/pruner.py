@@ -116,6 +116,7 @@ class ICBSPruner:
         self.layers: dict[str, LayerState] = {}
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.dL_track: list[float] = []
+        self.layer_steps = {n: 0 for n in self.names}  # steps done on each layer (the realised allocation)
         self.epoch = 0
         self.steps_done = 0
         self._plan: list[str] = []
@@ -170,9 +171,11 @@ class ICBSPruner:
             raise RuntimeError("call initialize() or load_state_dict() before step()")
         if not self.remaining:
             self.plan_epoch()
-        dL = self._step_layer(self._plan[self._pos], batch)
+        name = self._plan[self._pos]
+        dL = self._step_layer(name, batch)
         self._pos += 1
         self.steps_done += 1
+        self.layer_steps[name] += 1
         self.dL_track.append(dL)
         return dL
 
@@ -229,7 +232,8 @@ class ICBSPruner:
         return {n: ~s.pruned.view(self.w0[n].shape) for n, s in self.layers.items()}
 
     def state_dict(self) -> dict:
-        """Everything needed to continue identically: masks, frozen sets, tabu lists, plan, counters, RNG, dL."""
+        """Everything needed to continue identically: masks, frozen sets, tabu lists, plan, counters (total and per
+        layer), RNG, dL."""
         return {
             "names": list(self.names),
             "w0_checksums": {n: _checksum(self.w0[n]) for n in self.names},
@@ -237,6 +241,7 @@ class ICBSPruner:
                            "tabu": None if s.tabu is None else s.tabu.state_dict()} for n, s in self.layers.items()},
             "epoch": self.epoch,
             "steps_done": self.steps_done,
+            "layer_steps": dict(self.layer_steps),
             "plan": list(self._plan),
             "plan_pos": self._pos,
             "generator": self.generator.get_state(),
@@ -261,6 +266,7 @@ class ICBSPruner:
             self._write(n)
         self.epoch = int(state["epoch"])
         self.steps_done = int(state["steps_done"])
+        self.layer_steps = {n: int(state["layer_steps"][n]) for n in self.names}
         self._plan = list(state["plan"])
         self._pos = int(state["plan_pos"])
         self.generator.set_state(state["generator"])

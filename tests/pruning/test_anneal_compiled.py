@@ -13,15 +13,6 @@ from . import anneal_parity
 
 
 @pytest.fixture
-def fresh_loader(monkeypatch, tmp_path):
-    """The C loop's loader as on a new machine: empty cache, nothing built or tried yet."""
-    monkeypatch.setenv("BLOCKTRAIN_CACHE", str(tmp_path))
-    _qubo_anneal_c._library.cache_clear()
-    yield tmp_path
-    _qubo_anneal_c._library.cache_clear()  # later tests build into their own cache again
-
-
-@pytest.fixture
 def compiled(fresh_loader):
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")

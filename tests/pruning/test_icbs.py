@@ -17,7 +17,7 @@ def test_zero_steps_is_the_wanda_per_output_mask():
     batches = token_batches(3)
     model = tiny_llama()
     pruner = icbs_prune(model, batches, causal_lm_sample_losses, density=0.5, epochs=0, **FAST)
-    assert pruner.steps_done == 0 and pruner.dL_track == []
+    assert pruner.steps_done == 0 and pruner.dL_track == [] and set(pruner.layer_steps.values()) == {0}
     wanda = wanda_prune(tiny_llama(), batches, density=0.5, pattern="row", sequential=False)
     reference = tiny_llama()
     for name, keep in pruner.masks().items():
@@ -53,6 +53,7 @@ def test_dL_is_never_positive_without_the_faithful_cutoff():
     pruner = icbs_prune(model, batches, causal_lm_sample_losses, density=0.5, faithful=False, **FAST)
     dL = torch.tensor(pruner.dL_track)
     assert len(dL) == 8 and (dL <= 1e-6 * dL.abs().max()).all() and dL.mean() < 0
+    assert pruner.layer_steps == {n: pruner.state_dict()["plan"].count(n) for n in pruner.names}  # one epoch: its plan
 
 
 @pytest.mark.parametrize("faithful,scale", [(True, 2.0), (False, 1.0)])
@@ -91,6 +92,7 @@ def test_interrupted_run_resumes_to_the_same_masks():
     resumed.run(batches, epochs=2)
     assert resumed.steps_done == full.steps_done == 16
     assert resumed.dL_track == full.dL_track
+    assert resumed.layer_steps == full.layer_steps and sum(full.layer_steps.values()) == 16
     for name, keep in full.masks().items():
         assert torch.equal(resumed.masks()[name], keep), name
         assert torch.equal(model.get_submodule(name).weight, full.model.get_submodule(name).weight)
