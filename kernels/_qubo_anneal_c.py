@@ -7,8 +7,8 @@ arithmetic per chain in plain C: same pre-drawn moves, same float32 operations i
 
 The library is built once with the system C compiler (``$CC``, else ``cc``) into
 ``$BLOCKTRAIN_CACHE`` (default ``~/.cache/blocktrain``)/kernels, named by a hash of the source and
-flags. Without a compiler, or with ``BLOCKTRAIN_ANNEAL_C=0``, :func:`load` returns ``None`` and callers
-use the torch reference loop.
+flags. Without a compiler (or when the build fails) :func:`load` warns once and returns ``None``, and
+callers use the torch reference loop; ``BLOCKTRAIN_ANNEAL_C=0`` chooses that loop without a warning.
 """
 from __future__ import annotations
 
@@ -104,6 +104,8 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn(f"could not build the CPU annealer ({err}); using the torch reference loop (slower)")
         return None
     if path is None:
+        warnings.warn(f"no C compiler {os.environ.get('CC', 'cc')!r} found ($CC, else cc) to build the CPU annealer; "
+                      "using the torch reference loop (slower)")
         return None
     lib = ctypes.CDLL(str(path))
     lib.anneal_levels.restype = None

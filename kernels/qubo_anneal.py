@@ -2,9 +2,10 @@
 
 Every move swaps a 1 and a 0, so Σx never changes. One sweep visits positions i = 0..b-1 in order; at
 position i the partner j is drawn uniformly from the opposite set (the zeros if x_i = 1, the ones
-otherwise) and the swap is accepted by the Metropolis rule at inverse temperature β. β runs
-geometrically from ``beta0`` (×``beta_factor`` per level, ``sweeps`` sweeps per level) while β <
-``beta1``; a restart stops early after a level in which it accepted no energy-changing move (as the
+otherwise) and the swap is accepted by the Metropolis rule with probability min(1, exp(−s·β·ΔE)),
+s = ``beta_scale``. β runs geometrically from ``beta0`` (×``beta_factor`` per level, ``sweeps`` sweeps
+per level) while β < ``beta1``. (The official ``sa-card`` anneals an Ising energy twice the QUBO's, so
+it accepts with exp(−2β·ΔE) on the QUBO: s = 2 reproduces it.) A restart stops early after a level in which it accepted no energy-changing move (as the
 official ``sa-card`` solver does). ``restarts`` independent chains run in parallel from the same start;
 the best state seen by any chain is returned.
 
@@ -20,17 +21,18 @@ available (``_qubo_anneal_c``; same float32 operations, bit-identical state, 6.3
 4096-weight block in benchmarks/pruning.py); the torch loop is the fallback and the definition that the
 parity tests check against.
 The path follows ``blocktrain.kernels.dispatch`` (``$BLOCKTRAIN_KERNELS``, ``set_backend``), or ``backend``
-(``auto`` | ``triton`` | ``reference``) per call.
+(``auto`` | ``triton`` | ``reference``) per call; :func:`move_loop` names the loop a call would run.
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
 from blocktrain.kernels import _qubo_anneal_c, dispatch
 
-__all__ = ["qubo_anneal", "beta_schedule"]
+__all__ = ["qubo_anneal", "beta_schedule", "move_loop"]
 
 try:  # Triton is optional: the torch reference is the CPU path.
     import triton
@@ -226,19 +228,35 @@ def _levels_triton(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> 
                          num_warps=4 if block <= 1024 else (8 if block <= 4096 else 16))
 
 
-def _pick_backend(Q: torch.Tensor, backend: str | None) -> str:
+def _pick_backend(device: torch.device, backend: str | None) -> str:
     """``"triton"`` or ``"reference"``: the shared dispatch's choice, or ``backend`` when given."""
     if backend is None:
-        return dispatch.select(Q.device, torch.float32)
+        return dispatch.select(device, torch.float32)
     with dispatch.use_backend(backend):
-        return dispatch.select(Q.device, torch.float32)
+        return dispatch.select(device, torch.float32)
+
+
+def _move_loop(device: torch.device, backend: str) -> tuple[str, Callable]:
+    """The name and function of the move loop for ``device`` and a picked ``backend``."""
+    if backend == "triton":
+        return "triton", _levels_triton
+    if device.type == "cpu" and _qubo_anneal_c.load() is not None:
+        return "compiled C loop", _qubo_anneal_c.levels_compiled
+    return "torch loop", _levels_reference
+
+
+def move_loop(device: torch.device | str = "cpu", backend: str | None = None) -> str:
+    """Which move loop :func:`qubo_anneal` runs on ``device``: ``"triton"``, ``"compiled C loop"`` or ``"torch loop"``
+    (building the C loop now if it is the CPU's and not built yet)."""
+    device = torch.device(device)
+    return _move_loop(device, _pick_backend(device, backend))[0]
 
 
 _LEVELS_PER_CHUNK = 8
 
 
 def _anneal(Q: torch.Tensor, x0: torch.Tensor, k: int, restarts: int, seed: int, beta0: float, beta1: float,
-            beta_factor: float, sweeps: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+            beta_factor: float, beta_scale: float, sweeps: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     b = Q.shape[0]
     if k in (0, b):
         return x0.clone(), (x0.double() @ Q.double() @ x0.double())
@@ -246,10 +264,8 @@ def _anneal(Q: torch.Tensor, x0: torch.Tensor, k: int, restarts: int, seed: int,
     Q = (0.5 * (Q + Q.T)).contiguous()
     diag = Q.diagonal().contiguous()
     st = _init_state(Q, x0, restarts)
-    betas = beta_schedule(beta0, beta1, beta_factor)
-    levels = _levels_triton if backend == "triton" else _levels_reference
-    if levels is _levels_reference and Q.device.type == "cpu" and _qubo_anneal_c.load() is not None:
-        levels = _qubo_anneal_c.levels_compiled
+    betas = beta_schedule(beta0, beta1, beta_factor) * beta_scale
+    levels = _move_loop(Q.device, backend)[1]
     gen = torch.Generator(device=Q.device).manual_seed(seed)
     for start in range(0, betas.shape[0], _LEVELS_PER_CHUNK):
         if not bool(st["active"].any()):
@@ -264,22 +280,25 @@ def _anneal(Q: torch.Tensor, x0: torch.Tensor, k: int, restarts: int, seed: int,
 
 @torch.library.custom_op("blocktrain::qubo_anneal", mutates_args=())
 def _qubo_anneal_op(Q: torch.Tensor, x0: torch.Tensor, k: int, restarts: int, seed: int, beta0: float,
-                    beta1: float, beta_factor: float, sweeps: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _anneal(Q, x0, k, restarts, seed, beta0, beta1, beta_factor, sweeps, backend)
+                    beta1: float, beta_factor: float, beta_scale: float, sweeps: int,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _anneal(Q, x0, k, restarts, seed, beta0, beta1, beta_factor, beta_scale, sweeps, backend)
 
 
 @_qubo_anneal_op.register_fake
-def _(Q, x0, k, restarts, seed, beta0, beta1, beta_factor, sweeps, backend):
+def _(Q, x0, k, restarts, seed, beta0, beta1, beta_factor, beta_scale, sweeps, backend):
     return x0.new_empty(x0.shape, dtype=torch.bool), Q.new_empty((), dtype=torch.float64)
 
 
 def qubo_anneal(Q: torch.Tensor, k: int, *, x0: torch.Tensor | None = None, restarts: int = 20, seed: int = 0,
-                beta0: float = 1e-3, beta1: float = 100.0, beta_factor: float = 1.1, sweeps: int = 1,
-                backend: str | None = None) -> tuple[torch.Tensor, float]:
+                beta0: float = 1e-3, beta1: float = 100.0, beta_factor: float = 1.1, beta_scale: float = 1.0,
+                sweeps: int = 1, backend: str | None = None) -> tuple[torch.Tensor, float]:
     """Minimise xᵀQx over x ∈ {0,1}ᵇ with exactly ``k`` ones by simulated annealing.
 
-    ``x0`` (bool, ``k`` ones; default: the first ``k`` positions) is every chain's start. Returns the best
-    state (bool ``[b]``, exactly ``k`` ones) and its energy xᵀQx (float64, recomputed exactly).
+    ``x0`` (bool, ``k`` ones; default: the first ``k`` positions) is every chain's start. A move is accepted
+    with probability min(1, exp(−beta_scale·β·ΔE)) at each β of the schedule (``beta_scale=2``: the official
+    ``sa-card``'s acceptance on the QUBO energy). Returns the best state (bool ``[b]``, exactly ``k`` ones) and
+    its energy xᵀQx (float64, recomputed exactly).
     """
     if Q.dim() != 2 or Q.shape[0] != Q.shape[1]:
         raise ValueError(f"Q must be square, got shape {tuple(Q.shape)}")
@@ -293,6 +312,8 @@ def qubo_anneal(Q: torch.Tensor, k: int, *, x0: torch.Tensor | None = None, rest
         raise ValueError(f"x0 must have {b} entries with exactly k={k} ones")
     if restarts < 1 or sweeps < 1:
         raise ValueError("restarts and sweeps must be >= 1")
-    backend = _pick_backend(Q, backend)
-    x, energy = _qubo_anneal_op(Q, x0, k, restarts, seed, beta0, beta1, beta_factor, sweeps, backend)
+    if not beta_scale > 0:
+        raise ValueError(f"beta_scale must be > 0, got {beta_scale}")
+    backend = _pick_backend(Q.device, backend)
+    x, energy = _qubo_anneal_op(Q, x0, k, restarts, seed, beta0, beta1, beta_factor, beta_scale, sweeps, backend)
     return x, float(energy)

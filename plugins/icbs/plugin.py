@@ -2,9 +2,10 @@
 
 The initial mask comes from ``calibration`` samples (Wanda scores of the original weights); then
 ``epochs`` × ``steps_per_epoch`` steps, each on one batch of ``pruning`` samples, one layer and one block
-of ``block_size`` weights. Every step's estimated loss change is logged as ``icbs/dL``. The pruner's full
-state (masks, tabu lists, plan, RNG) is saved under the run dir, so ``resume=auto`` continues an
-interrupted run, and a finished one resumed with more ``epochs`` goes on. No torch import at module level.
+of ``block_size`` weights. Every step's estimated loss change is logged as ``icbs/dL``, and at the end the
+steps each layer got as ``icbs/steps/<layer>``. The pruner's full state (masks, tabu lists, plan, RNG) is
+saved under the run dir, so ``resume=auto`` continues an interrupted run, and a finished one resumed with
+more ``epochs`` goes on. No torch import at module level.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class ICBSPluginConfig(SparsityConfig):
     beta1: float = 100.0
     beta_factor: float = 1.1
     sweeps: int = 1  # per temperature
-    faithful: bool = True  # the official Q[Q <= cutoff] = 0 (zeroes negative entries too); false: |Q| <= cutoff
+    faithful: bool = True  # official Q[Q <= cutoff] = 0 and exp(-2β·ΔE) acceptance; false: |Q| <= cutoff, exp(-β·ΔE)
     cutoff: float = 1e-12
     seed: Optional[int] = None  # the pruner's RNG (plan, annealing); null = the run's seed
     backend: Optional[str] = None  # annealer: null (kernel dispatch) | auto | reference | triton
@@ -125,7 +126,8 @@ class ICBSPlugin(PruningPlugin):
 
             pruner.run(batches, c.epochs, on_step)
         state.save(pruner.state_dict())
-        summary = {"icbs/steps": pruner.steps_done, "icbs/epochs_done": pruner.epoch}
+        summary = {"icbs/steps": pruner.steps_done, "icbs/epochs_done": pruner.epoch,
+                   **{f"icbs/steps/{name}": n for name, n in pruner.layer_steps.items()}}
         if pruner.dL_track:
             summary.update({"icbs/dL_sum": sum(pruner.dL_track), "icbs/dL_mean": sum(pruner.dL_track) / pruner.steps_done})
         if total:

@@ -63,7 +63,7 @@ class ICBSConfig:
     beta1: float = 100.0
     beta_factor: float = 1.1
     sweeps: int = 1
-    faithful: bool = True  # reproduce the official Q[Q <= cutoff] = 0 (else |Q| <= cutoff)
+    faithful: bool = True  # the official Q[Q <= cutoff] = 0 and exp(-2β·ΔE) acceptance (else |Q| <= cutoff, exp(-β·ΔE))
     cutoff: float = 1e-12
     seed: int = 0
     backend: str | None = None  # annealer path: None (the kernels dispatch), "auto", "reference", "triton"
@@ -72,6 +72,12 @@ class ICBSConfig:
     def block_k(self) -> int:
         """Currently-pruned candidates per block."""
         return self.block_size // 2 if self.k is None else self.k
+
+    @property
+    def beta_scale(self) -> float:
+        """The annealer's acceptance exp(−s·β·ΔE): s = 2 under ``faithful`` (``sa-card`` anneals an Ising energy
+        twice the QUBO's), else 1 (β acts on the QUBO energy itself)."""
+        return 2.0 if self.faithful else 1.0
 
     def __post_init__(self):
         if not 0.0 < self.density < 1.0:
@@ -110,6 +116,7 @@ class ICBSPruner:
         self.layers: dict[str, LayerState] = {}
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.dL_track: list[float] = []
+        self.layer_steps = {n: 0 for n in self.names}  # steps done on each layer (the realised allocation)
         self.epoch = 0
         self.steps_done = 0
         self._plan: list[str] = []
@@ -164,9 +171,11 @@ class ICBSPruner:
             raise RuntimeError("call initialize() or load_state_dict() before step()")
         if not self.remaining:
             self.plan_epoch()
-        dL = self._step_layer(self._plan[self._pos], batch)
+        name = self._plan[self._pos]
+        dL = self._step_layer(name, batch)
         self._pos += 1
         self.steps_done += 1
+        self.layer_steps[name] += 1
         self.dL_track.append(dL)
         return dL
 
@@ -192,7 +201,8 @@ class ICBSPruner:
         energy = 0.0
         if scaling is not None:
             xb, e = qubo_anneal(Qs, k, x0=xb, restarts=cfg.restarts, seed=seed, beta0=cfg.beta0, beta1=cfg.beta1,
-                                beta_factor=cfg.beta_factor, sweeps=cfg.sweeps, backend=cfg.backend)
+                                beta_factor=cfg.beta_factor, beta_scale=cfg.beta_scale, sweeps=cfg.sweeps,
+                                backend=cfg.backend)
             energy = e / scaling
         ridge = cfg.ridge_multiplier * float(move_delta(xb, w0b, dw).pow(2).sum())
         if state.tabu is not None:
@@ -222,7 +232,8 @@ class ICBSPruner:
         return {n: ~s.pruned.view(self.w0[n].shape) for n, s in self.layers.items()}
 
     def state_dict(self) -> dict:
-        """Everything needed to continue identically: masks, frozen sets, tabu lists, plan, counters, RNG, dL."""
+        """Everything needed to continue identically: masks, frozen sets, tabu lists, plan, counters (total and per
+        layer), RNG, dL."""
         return {
             "names": list(self.names),
             "w0_checksums": {n: _checksum(self.w0[n]) for n in self.names},
@@ -230,6 +241,7 @@ class ICBSPruner:
                            "tabu": None if s.tabu is None else s.tabu.state_dict()} for n, s in self.layers.items()},
             "epoch": self.epoch,
             "steps_done": self.steps_done,
+            "layer_steps": dict(self.layer_steps),
             "plan": list(self._plan),
             "plan_pos": self._pos,
             "generator": self.generator.get_state(),
@@ -254,6 +266,7 @@ class ICBSPruner:
             self._write(n)
         self.epoch = int(state["epoch"])
         self.steps_done = int(state["steps_done"])
+        self.layer_steps = {n: int(state["layer_steps"][n]) for n in self.names}
         self._plan = list(state["plan"])
         self._pos = int(state["plan_pos"])
         self.generator.set_state(state["generator"])

@@ -21,7 +21,9 @@ def allocate_steps(numels: dict[str, int], total: int, min_steps: int, generator
     frac = torch.tensor([math.log10(numels[n]) for n in names], dtype=torch.float64)
     steps = torch.round(frac / frac.sum() * total)
     steps[steps < min_steps] = min_steps
-    steps = torch.round(total * steps / steps.sum()).long()
+    if steps.sum() > 0:  # all zero when total < layers / 2 and min_steps = 0: the loop below hands them out
+        steps = torch.round(total * steps / steps.sum())
+    steps = steps.long()
     extra = int(steps.sum()) - total
     while extra:
         sign = 1 if extra > 0 else -1

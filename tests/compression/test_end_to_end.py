@@ -78,6 +78,8 @@ def test_icbs_llm_from_gguf_end_to_end(llama_dir, corpus, tmp_path):
     saved = torch.load(run_dir / "state" / "icbs.pt", weights_only=False)["payload"]
     assert len(saved["dL_track"]) == 8 and metrics["icbs/dL"] == saved["dL_track"][-1]
     assert metrics["icbs/dL_sum"] == pytest.approx(sum(saved["dL_track"]))
+    layer_steps = {n: metrics[f"icbs/steps/{n}"] for n in names}  # the realised allocation, one epoch = its plan
+    assert layer_steps == saved["layer_steps"] == {n: saved["plan"].count(n) for n in names}
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model").eval()
     check_real_zeros(model.state_dict(), metrics)

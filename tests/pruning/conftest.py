@@ -1,10 +1,22 @@
 """Tiny real models and calibration data for the pruning cores."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from blocktrain.kernels import _qubo_anneal_c
+
 VOCAB = 128
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The annealer's C loop loader as on a new machine: empty cache, nothing built or tried yet."""
+    monkeypatch.setenv("BLOCKTRAIN_CACHE", str(tmp_path))
+    _qubo_anneal_c._library.cache_clear()
+    yield tmp_path
+    _qubo_anneal_c._library.cache_clear()  # later tests build into their own cache again
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

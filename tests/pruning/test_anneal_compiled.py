@@ -7,18 +7,9 @@ import pytest
 import torch
 
 from blocktrain.kernels import _qubo_anneal_c
-from blocktrain.kernels.qubo_anneal import qubo_anneal
+from blocktrain.kernels.qubo_anneal import move_loop, qubo_anneal
 
 from . import anneal_parity
-
-
-@pytest.fixture
-def fresh_loader(monkeypatch, tmp_path):
-    """The C loop's loader as on a new machine: empty cache, nothing built or tried yet."""
-    monkeypatch.setenv("BLOCKTRAIN_CACHE", str(tmp_path))
-    _qubo_anneal_c._library.cache_clear()
-    yield tmp_path
-    _qubo_anneal_c._library.cache_clear()  # later tests build into their own cache again
 
 
 @pytest.fixture
@@ -39,20 +30,38 @@ def test_qubo_anneal_is_the_same_with_and_without_the_compiled_loop(compiled, mo
     gen = torch.Generator().manual_seed(4)
     G = torch.randn(8, 96, generator=gen)
     Q = G.T @ G / 8 + torch.diag(torch.randn(96, generator=gen))
-    with_c = qubo_anneal(Q, 40, restarts=4, seed=2, beta_factor=1.3)
+    with_c = qubo_anneal(Q, 40, restarts=4, seed=2, beta_factor=1.3, beta_scale=2.0)
     monkeypatch.setenv("BLOCKTRAIN_ANNEAL_C", "0")
     assert _qubo_anneal_c.load() is None
-    without_c = qubo_anneal(Q, 40, restarts=4, seed=2, beta_factor=1.3)
+    without_c = qubo_anneal(Q, 40, restarts=4, seed=2, beta_factor=1.3, beta_scale=2.0)
     assert torch.equal(with_c[0], without_c[0]) and with_c[1] == without_c[1]
     assert int(with_c[0].sum()) == 40
+
+
+@pytest.mark.parametrize("case", anneal_parity.OPTIMUM_CASES, ids=lambda c: f"b{c[0]}_k{c[1]}")
+def test_compiled_loop_reaches_the_brute_force_optimum(compiled, case):
+    assert move_loop("cpu") == "compiled C loop"
+    anneal_parity.optimum_case(*case)
 
 
 def test_without_a_working_compiler_the_torch_loop_is_used(fresh_loader, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with pytest.warns(UserWarning, match="could not build the CPU annealer .*false failed"):
         assert _qubo_anneal_c.load() is None
-    x, energy = qubo_anneal(torch.eye(6) - 0.1, 3, restarts=2, seed=0)
-    assert int(x.sum()) == 3 and energy == pytest.approx(3 * 0.9 - 6 * 0.1)
+    assert move_loop("cpu") == "torch loop"
+    anneal_parity.optimum_case(*anneal_parity.OPTIMUM_CASES[0])
+
+
+def test_a_missing_compiler_warns_once(fresh_loader, monkeypatch, recwarn):
+    monkeypatch.setenv("BLOCKTRAIN_ANNEAL_C", "0")  # chosen, not missing: no warning
+    assert _qubo_anneal_c.load() is None and move_loop("cpu") == "torch loop"
+    assert not recwarn.list
+    monkeypatch.delenv("BLOCKTRAIN_ANNEAL_C")
+    monkeypatch.setenv("CC", str(fresh_loader / "no-such-cc"))
+    with pytest.warns(UserWarning, match="no C compiler .*no-such-cc.* found"):
+        assert _qubo_anneal_c.load() is None
+    recwarn.clear()
+    assert move_loop("cpu") == "torch loop" and not recwarn.list  # once per process
 
 
 def test_an_unwritable_cache_falls_back_with_a_warning(fresh_loader, monkeypatch):

@@ -36,7 +36,8 @@ def parity_results() -> dict[str, dict]:
     return results
 
 
-NAMES = [f"levels_b{c[0]}_k{c[1]}_r{c[2]}_s{c[3]}" for c in anneal_parity.LEVEL_CASES] + ["qubo_anneal_b9"]
+NAMES = [f"levels_b{c[0]}_k{c[1]}_r{c[2]}_s{c[3]}" for c in anneal_parity.LEVEL_CASES] + ["qubo_anneal_b9"] + \
+    ["optimum_b{}_k{}".format(*anneal_parity.OPTIMUM_CASES[0])]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blocktrain.kernels.qubo_anneal import qubo_anneal
 from blocktrain.plugins.icbs import ICBSConfig, ICBSPruner, icbs_prune
-from blocktrain.trainer.tasks.language import causal_lm_sample_losses
 from blocktrain.plugins.sparsity import wanda_prune
 from blocktrain.trainer.compression.masks import find_linear_names, row_keep_count, sparsity_report
+from blocktrain.trainer.tasks.language import causal_lm_sample_losses
 
 from .conftest import input_square_sums_by_hand, row_topk_mask_by_hand, tiny_llama, token_batches
 
@@ -18,7 +19,7 @@ def test_zero_steps_is_the_wanda_per_output_mask():
     batches = token_batches(3)
     model = tiny_llama()
     pruner = icbs_prune(model, batches, causal_lm_sample_losses, density=0.5, epochs=0, **FAST)
-    assert pruner.steps_done == 0 and pruner.dL_track == []
+    assert pruner.steps_done == 0 and pruner.dL_track == [] and set(pruner.layer_steps.values()) == {0}
     wanda = wanda_prune(tiny_llama(), batches, density=0.5, pattern="row", sequential=False)
     reference = tiny_llama()
     for name, keep in pruner.masks().items():
@@ -54,6 +55,23 @@ def test_dL_is_never_positive_without_the_faithful_cutoff():
     pruner = icbs_prune(model, batches, causal_lm_sample_losses, density=0.5, faithful=False, **FAST)
     dL = torch.tensor(pruner.dL_track)
     assert len(dL) == 8 and (dL <= 1e-6 * dL.abs().max()).all() and dL.mean() < 0
+    assert pruner.layer_steps == {n: pruner.state_dict()["plan"].count(n) for n in pruner.names}  # one epoch: its plan
+
+
+@pytest.mark.parametrize("faithful,scale", [(True, 2.0), (False, 1.0)])
+def test_faithful_anneals_at_the_official_temperature(faithful, scale, monkeypatch):
+    from blocktrain.plugins.icbs import pruner as pruner_module
+
+    scales = []
+
+    def spy(*args, **kwargs):
+        scales.append(kwargs["beta_scale"])
+        return qubo_anneal(*args, **kwargs)
+
+    monkeypatch.setattr(pruner_module, "qubo_anneal", spy)
+    icbs_prune(tiny_llama(), token_batches(2), causal_lm_sample_losses, density=0.5, faithful=faithful,
+               **{**FAST, "steps_per_epoch": 2})
+    assert scales == [scale, scale]
 
 
 def test_interrupted_run_resumes_to_the_same_masks():
@@ -76,6 +94,7 @@ def test_interrupted_run_resumes_to_the_same_masks():
     resumed.run(batches, epochs=2)
     assert resumed.steps_done == full.steps_done == 16
     assert resumed.dL_track == full.dL_track
+    assert resumed.layer_steps == full.layer_steps and sum(full.layer_steps.values()) == 16
     for name, keep in full.masks().items():
         assert torch.equal(resumed.masks()[name], keep), name
         assert torch.equal(model.get_submodule(name).weight, full.model.get_submodule(name).weight)

@@ -76,6 +76,8 @@ def test_steps_follow_log10_sizes_with_a_minimum_and_sum_to_the_total():
     assert sum(counts.values()) == 100 and min(counts.values()) >= 11
     with pytest.warns(UserWarning, match="fewer"):
         assert len(allocate_steps(numels, 6, 2, torch.Generator())) == 6
+    few = allocate_steps({f"l{i}": 100 for i in range(14)}, 2, 0, torch.Generator())  # every share rounds to 0
+    assert len(few) == 2 and len(set(few)) == 2
 
 
 def test_initial_state_freezes_the_extremes_of_each_row():

@@ -48,6 +48,57 @@ def test_cholesky_inverse_upper_factors_the_damped_inverse():
     assert torch.allclose((U.T @ U).double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-5)
 
 
+def obs_reference(W: torch.Tensor, H: torch.Tensor, density: float, nm: tuple[int, int] | None, blocksize: int,
+                  damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT written the plain way, in float64, one column at a time (no Cholesky factor, no lazy updates).
+
+    Columns are processed left to right; when column c is reached, the columns c.. are still free, so OBS uses
+    Hc = inv(Hd[c:, c:]) (Hd: H damped by damp·mean(diag H)). Masks: at the start of each block of ``blocksize``
+    columns, the block's weights with the smallest w_j² / inv(Hd[j:, j:])[0, 0], as many as keep the layer's
+    pruned count at round-exact density up to the block's end; for N:M, at every M-th column, the M−N smallest
+    of each row's next M. A pruned w_c is removed by the OBS step W[:, c:] −= (w_c / Hc[0, 0]) ⊗ Hc[0, :].
+    """
+    W, H = W.double().clone(), H.double()
+    rows, cols = W.shape
+    Hd = H + damp * H.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
+    inverses = [torch.linalg.inv(Hd[c:, c:]) for c in range(cols)]
+    diag = torch.tensor([inv[0, 0] for inv in inverses], dtype=torch.float64)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+
+    def pruned_up_to(c: int) -> int:  # how many of the first c columns' weights are pruned
+        return rows * c - round(rows * c * density)
+
+    for c in range(cols):
+        if nm is None and c % blocksize == 0:
+            end = min(c + blocksize, cols)
+            saliency = (W[:, c:end] ** 2 / diag[c:end]).flatten()
+            block = torch.zeros(rows * (end - c), dtype=torch.bool)
+            block[saliency.argsort()[:pruned_up_to(end) - pruned_up_to(c)]] = True
+            pruned[:, c:end] = block.view(rows, end - c)
+        if nm is not None and c % nm[1] == 0:
+            saliency = W[:, c:c + nm[1]] ** 2 / diag[c:c + nm[1]]
+            pruned[:, c:c + nm[1]].scatter_(1, saliency.argsort(dim=1)[:, :nm[1] - nm[0]], True)
+        err = torch.where(pruned[:, c], W[:, c], 0.0) / inverses[c][0, 0]
+        W[:, c:] -= err[:, None] * inverses[c][0][None, :]
+    W[pruned] = 0
+    return W, ~pruned
+
+
+@pytest.mark.parametrize("pattern,nm,density", [("layer", None, 0.5), ("layer", None, 0.3), ("2:4", (2, 4), 0.5),
+                                                 ("4:8", (4, 8), 0.5)])
+def test_sparsegpt_matches_a_column_by_column_obs_reference(pattern, nm, density):
+    rows, cols, blocksize = 24, 64, 16  # 4 blocks: the lazy update carries each block's error to the next
+    x = correlated_inputs(512, cols, seed=3)
+    acc = HessianAccumulator(cols)
+    acc.add(x)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(5))
+    got, keep = sparsegpt_layer(w, acc.H, density=density, pattern=pattern, blocksize=blocksize, damp=0.01)
+    want, want_keep = obs_reference(w, acc.H, density, nm, blocksize, damp=0.01)
+    assert torch.equal(keep, want_keep)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4), float((got.double() - want).abs().max())
+    assert not torch.allclose(got.double(), w.double() * keep, atol=1e-2)  # the kept weights were updated
+
+
 @pytest.mark.parametrize("pattern,wanda_pattern", [("layer", "row"), ("layer", "layer"), ("2:4", "2:4")])
 def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(pattern, wanda_pattern):
     rows, cols = 48, 64
