@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from blocktrain import kernels
+from blocktrain.trainer.adapters import check_new_weights_trained
 from blocktrain.trainer.callbacks import LastCheckpoint, DataPositionCallback, RunStats, count_parameters
 from blocktrain.trainer.checkpoint import AtomicCheckpointIO, checkpoint_dir, load_weights, resolve_resume
 from blocktrain.trainer.context import RunContext
@@ -101,6 +102,8 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
         model = plugin.apply(model, ctx) or model
     if cfg.init_from:
         load_weights(model, Path(cfg.init_from), plugins)
+    if "fit" in cfg.stages:
+        check_new_weights_trained(model, loaded.info.get("new_weights", ()), plugins, cfg.init_from)
     task = build_task(cfg.task, datasets.info if datasets else {}) if cfg.task is not None else None
     if task is not None:
         task.setup(model, ctx)
