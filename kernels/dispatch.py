@@ -6,6 +6,8 @@ else the environment variable ``BLOCKTRAIN_KERNELS`` (``auto``, ``triton`` or ``
 reference otherwise. Forcing ``triton`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1``
 (Triton's interpreter, used by the parity tests).
 
+Each op calls :func:`announce` with the path it runs, which logs it at INFO once per process.
+
 Ops allocate their Triton outputs with :func:`empty`, so :func:`poisoned_outputs` can fill them with
 NaN (or an integer dtype's largest value) and a kernel that leaves an element unwritten fails its
 parity test.
@@ -14,6 +16,7 @@ parity test.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
@@ -23,6 +26,7 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "TRITON_DTYPES",
+    "announce",
     "empty",
     "get_backend",
     "interpret_mode",
@@ -37,7 +41,9 @@ BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "BLOCKTRAIN_KERNELS"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+log = logging.getLogger(__name__)
 _override: str | None = None
+_announced: set[tuple[str, str]] = set()
 _triton_importable: bool | None = None
 _poison = False
 
@@ -110,6 +116,15 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
         raise RuntimeError(f"the 'triton' kernel backend is forced but the inputs are {dtype}; "
                            f"the Triton kernels take {', '.join(map(str, TRITON_DTYPES))}")
     return "triton"
+
+
+def announce(op: str, backend: str) -> None:
+    """Log at INFO which path ``op`` runs (``triton`` or ``reference``), once per process and path."""
+    if (op, backend) in _announced or torch.compiler.is_compiling():
+        return
+    _announced.add((op, backend))
+    path = "the Triton kernel" if backend == "triton" else "the PyTorch reference"
+    log.info("kernel %s runs %s (requested backend: %s)", op, path, get_backend())
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -238,6 +238,7 @@ def lora_linear_seeded(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: T
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
     backend = dispatch.select(x.device, x.dtype)
+    dispatch.announce("lora_linear", backend)
     if dropout_p == 0.0:
         seed = None
     elif isinstance(seed, int):

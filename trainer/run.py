@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from blocktrain import kernels
+from blocktrain.trainer.adapters import check_new_weights_trained
 from blocktrain.trainer.callbacks import LastCheckpoint, DataPositionCallback, RunStats, count_parameters
 from blocktrain.trainer.checkpoint import AtomicCheckpointIO, checkpoint_dir, load_weights, resolve_resume
 from blocktrain.trainer.context import RunContext
@@ -117,6 +118,8 @@ def run(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> fl
         model = plugin.apply(model, ctx) or model
     if cfg.init_from:
         load_weights(model, Path(cfg.init_from), plugins)
+    if any(stage.kind == "fit" for stage in stages):
+        check_new_weights_trained(model, loaded.info.get("new_weights", ()), plugins, cfg.init_from)
     if task is not None:
         task.setup(model, ctx)
 

@@ -15,6 +15,7 @@ _EXPORTS = {
     "apply_block_lora": "surgery", "select_block_lora_targets": "surgery", "block_lora_layers": "surgery",
     "clip_towers": "surgery", "layer_index": "surgery", "split_multihead_attention": "surgery",
     "merge_lora": _LORA, "unmerge_lora": _LORA, "lora_state_dict": _LORA, "count_parameters": _LORA,
+    "modules_to_save": "blocktrain.trainer.adapters",
     "save_block_adapter": "export", "load_block_adapter": "export", "save_block_merged": "export",
     "is_block_adapter_dir": "export",
     "MODES": "checks", "DROPOUT_POSITIONS": "checks", "ENCODERS": "checks",

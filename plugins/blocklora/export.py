@@ -74,7 +74,8 @@ def load_block_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         split_multihead_attention(model, config["split_attention"])
         apply_block_lora(model, targets=exact_names(lora["targets"]), rank=lora["rank"], n_blocks=lora["n_blocks"],
                          alpha=lora["alpha"], scaling=lora["scaling"], dropout=lora["dropout"],
-                         dropout_position=config["dropout_position"], mode=config["mode"], split_attention=False)
+                         dropout_position=config["dropout_position"], mode=config["mode"], split_attention=False,
+                         modules_to_save=exact_names(lora["modules_to_save"]) if lora["modules_to_save"] else ())
     have = block_adapter_config(model)
     if have["mode"] != config["mode"]:
         raise UserError(f"the adapter in {path} is Block-LoRA mode {config['mode']}, the model's layers are "

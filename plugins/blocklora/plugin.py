@@ -34,6 +34,7 @@ class BlockLoraConfig(PluginConfig):
     targets: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])  # names (suffix match) or a regex
     encoder: str = "both"  # vision | text | both (CLIP models; ignored otherwise)
     layers: Optional[list[int]] = None  # [start, end) encoder-layer range; null = all
+    modules_to_save: list[str] = field(default_factory=list)  # kept fully trainable and exported, e.g. [classifier]
     export: list[str] = field(default_factory=lambda: ["adapter", "merged"])
 
     def __post_init__(self):
@@ -43,6 +44,7 @@ class BlockLoraConfig(PluginConfig):
         span = check_layers(self.layers)
         self.layers = None if span is None else list(span)
         self.targets = check_targets(self.targets, "plugin.blocklora.targets")
+        self.modules_to_save = [str(m) for m in self.modules_to_save]
         self.export = [str(f) for f in self.export]
         unknown = [f for f in self.export if f not in EXPORT_FORMATS]
         if unknown:
@@ -63,7 +65,7 @@ class BlockLoraPlugin(LoraPlugin):
         c = self.config
         return apply_block_lora(model, targets=c.targets, rank=c.rank, n_blocks=c.n_blocks, alpha=c.alpha,
                                 scaling=c.scaling, dropout=c.dropout, dropout_position=c.dropout_position,
-                                mode=c.mode, encoder=c.encoder, layers=c.layers)
+                                mode=c.mode, encoder=c.encoder, layers=c.layers, modules_to_save=c.modules_to_save)
 
     def writers(self) -> dict[str, Callable]:
         from blocktrain.plugins.blocklora.export import save_block_adapter, save_block_merged

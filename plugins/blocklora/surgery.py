@@ -16,7 +16,8 @@ from torch import nn
 from blocktrain.plugins.blocklora.attention import SplitMultiheadAttention
 from blocktrain.plugins.blocklora.checks import check_block_lora_args, check_encoder, check_layers
 from blocktrain.plugins.blocklora.layers import BlockLoraLinear, SumRankLoraLinear, block_lora_layer
-from blocktrain.plugins.lora.surgery import Targets, lora_layers, select_linears, wrap_linears
+from blocktrain.plugins.lora.surgery import lora_layers, select_linears, wrap_linears
+from blocktrain.trainer.adapters import Targets, keep_trainable, select_modules_to_save
 from blocktrain.trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,10 @@ def block_lora_layers(model: nn.Module) -> dict[str, BlockLoraLinear | SumRankLo
 def apply_block_lora(model: nn.Module, targets: Targets = ("q_proj", "k_proj", "v_proj"), rank: int = 2,
                      n_blocks: int = 8, alpha: float = 1.0, scaling: str = "sqrt_rank", dropout: float = 0.25,
                      dropout_position: str = "before_sum", mode: str = "tile_input", encoder: str = "both",
-                     layers: Sequence[int] | None = None, split_attention: bool | None = None) -> nn.Module:
-    """Replace the targeted ``nn.Linear`` layers by Block-LoRA layers (in place) and freeze everything else.
+                     layers: Sequence[int] | None = None, split_attention: bool | None = None,
+                     modules_to_save: Targets = ()) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` layers by Block-LoRA layers (in place) and freeze everything else
+    but ``modules_to_save`` (any modules, chosen like ``targets``; e.g. a new classification head).
 
     ``mode``: ``tile_input`` (Reading A, ``BlockLoraLinear``; needs n_blocks | in_features) or ``sum_rank``
     (Reading B, ``SumRankLoraLinear``; needs n_blocks | rank). ``split_attention`` first turns every
@@ -161,9 +164,11 @@ def apply_block_lora(model: nn.Module, targets: Targets = ("q_proj", "k_proj", "
     if split_attention:
         split_multihead_attention(model)
     names = select_block_lora_targets(model, targets, encoder, layers)
+    saved = select_modules_to_save(model, modules_to_save, adapted=names)
     wrap_linears(model, names, lambda linear: block_lora_layer(linear, mode, rank, alpha, dropout, scaling, n_blocks,
                                                                dropout_position),
                  "Block-LoRA", input_blocks=n_blocks if mode == "tile_input" else 1)
+    keep_trainable(model, saved)
     towers = clip_towers(model)
     per_tower = ", ".join(f"{kind} {sum(_inside(n, p) for n in names)}" for kind, p in towers.items())
     log.info("Block-LoRA (%s, r=%d, n=%d): adapted %d Linear layers%s", mode, rank, n_blocks, len(names),

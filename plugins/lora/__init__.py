@@ -9,7 +9,8 @@ from blocktrain.trainer.plugin import lazy_exports
 
 _EXPORTS = {
     "LoraLinear": "layers", "lora_scaling": "checks", "SCALINGS": "checks",
-    "apply_lora": "surgery", "select_linears": "surgery", "lora_layers": "surgery", "modules_to_save": "surgery",
+    "apply_lora": "surgery", "select_linears": "surgery", "lora_layers": "surgery",
+    "modules_to_save": "blocktrain.trainer.adapters",
     "merge_lora": "surgery", "unmerge_lora": "surgery", "lora_state_dict": "surgery", "count_parameters": "surgery",
     "save_adapter": "export", "load_adapter": "export", "save_peft_adapter": "export", "save_merged": "export",
     "merged_state_dict": "export", "peft_task_type": "export",

@@ -1,46 +1,16 @@
 """Finding target ``nn.Linear`` layers and replacing them with ``LoraLinear`` (core: no Lightning, no Hydra)."""
 from __future__ import annotations
 
-import re
-from typing import Callable, Iterable, Union
+from typing import Callable
 
 import torch
 from torch import nn
 
 from blocktrain.plugins.lora.checks import check_lora_args
 from blocktrain.plugins.lora.layers import LoraLinear
+from blocktrain.trainer.adapters import (Targets, examples, keep_trainable, label, matchers, modules_to_save,
+                                         name_matches, select_modules_to_save)
 from blocktrain.trainer.errors import UserError
-
-Targets = Union[str, Iterable[str]]
-SAVE_FLAG = "_lora_module_to_save"  # set on each module listed in modules_to_save
-
-
-def _name_matches(name: str, targets: Targets) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _examples(names: Iterable[str], limit: int = 12) -> str:
-    names = list(names)
-    short = sorted({n.rsplit(".", 1)[-1] for n in names})
-    text = ", ".join(short[:limit]) + (", ..." if len(short) > limit else "")
-    return f"{text} (e.g. {', '.join(names[:3])})" if names else "none"
-
-
-def _matchers(targets: Targets, what: str) -> list:
-    """One matcher per listed name (each must match something), or the regex string itself."""
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise UserError(f"LoRA {what} {targets!r} is not a valid regex: {exc}") from None
-        return [targets]
-    return [[str(t)] for t in targets]
-
-
-def _label(matcher) -> str:
-    return repr(matcher if isinstance(matcher, str) else matcher[0])
 
 
 def select_linears(model: nn.Module, targets: Targets) -> list[str]:
@@ -52,26 +22,16 @@ def select_linears(model: nn.Module, targets: Targets) -> list[str]:
     """
     modules = {n: m for n, m in model.named_modules() if n}
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    matchers = _matchers(targets, "targets")
-    if not matchers:
+    chosen = matchers(targets, "LoRA targets")
+    if not chosen:
         raise UserError("LoRA targets is empty: list module names (e.g. [q_proj, v_proj]) or give a regex")
-    for matcher in matchers:
-        if not any(_name_matches(n, matcher) for n in linears):
-            others = sorted({type(m).__name__ for n, m in modules.items() if _name_matches(n, matcher)})
+    for matcher in chosen:
+        if not any(name_matches(n, matcher) for n in linears):
+            others = sorted({type(m).__name__ for n, m in modules.items() if name_matches(n, matcher)})
             found = f" It matches only non-Linear modules ({', '.join(others)})." if others else ""
-            raise UserError(f"LoRA target {_label(matcher)} matches no nn.Linear in {type(model).__name__}.{found} "
-                            f"Linear layers: {_examples(linears)}")
-    return [n for n in linears if any(_name_matches(n, m) for m in matchers)]
-
-
-def _select_modules_to_save(model: nn.Module, names: Targets) -> list[str]:
-    modules = [n for n, _ in model.named_modules() if n]
-    matchers = _matchers(names, "modules_to_save")
-    for matcher in matchers:
-        if not any(_name_matches(n, matcher) for n in modules):
-            raise UserError(f"modules_to_save entry {_label(matcher)} matches no module in {type(model).__name__}. "
-                            f"Modules: {_examples(modules)}")
-    return [n for n in modules if any(_name_matches(n, m) for m in matchers)]
+            raise UserError(f"LoRA target {label(matcher)} matches no nn.Linear in {type(model).__name__}.{found} "
+                            f"Linear layers: {examples(linears)}")
+    return [n for n in linears if any(name_matches(n, m) for m in chosen)]
 
 
 def _tied_weight_names(model: nn.Module) -> set[str]:
@@ -86,11 +46,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules ``apply_lora`` kept fully trainable (its ``modules_to_save``), by qualified name."""
-    return {n: m for n, m in model.named_modules() if getattr(m, SAVE_FLAG, False)}
-
-
 def apply_lora(model: nn.Module, targets: Targets, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                scaling: str = "rank", n_blocks: int = 1, modules_to_save: Targets = ()) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers of ``model`` by ``LoraLinear`` (in place) and freeze the rest.
@@ -102,18 +57,10 @@ def apply_lora(model: nn.Module, targets: Targets, rank: int = 8, alpha: float =
     if lora_layers(model):
         raise UserError(f"{type(model).__name__} already has LoRA layers; apply LoRA once")
     names = select_linears(model, targets)
-    saved = _select_modules_to_save(model, modules_to_save)
-    for name in names:
-        inside = [s for s in saved if name == s or name.startswith(s + ".")]
-        if inside:
-            raise UserError(f"LoRA target {name} is in modules_to_save ({inside[0]}): "
-                            "a module is either adapted or fully trained, not both")
+    saved = select_modules_to_save(model, modules_to_save, adapted=names)
     wrap_linears(model, names, lambda linear: LoraLinear(linear, rank, alpha, dropout, scaling, n_blocks), "LoRA",
                  input_blocks=n_blocks)
-    modules = dict(model.named_modules())
-    for name in saved:
-        setattr(modules[name], SAVE_FLAG, True)
-        modules[name].requires_grad_(True)
+    keep_trainable(model, saved)
     return model
 
 

@@ -99,3 +99,16 @@ def test_poisoned_outputs_fill_new_buffers_and_restore():
         assert (dispatch.empty((4,), torch.uint8, CPU) == 255).all()
     assert dispatch.empty((2,), torch.float32, CPU).shape == (2,)
     assert not dispatch._poison
+
+
+def test_the_path_an_op_runs_is_logged_once_per_process(monkeypatch, caplog):
+    monkeypatch.setattr(dispatch, "_announced", set())
+    with caplog.at_level("INFO", logger="blocktrain.kernels.dispatch"):
+        for _ in range(3):
+            kernels.lora_linear(*_args())
+        dispatch.announce("lora_linear", "triton")  # another path is news again, once
+        dispatch.announce("lora_linear", "triton")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["kernel lora_linear runs the PyTorch reference (requested backend: auto)",
+                        "kernel lora_linear runs the Triton kernel (requested backend: auto)"]
+    assert all(r.levelname == "INFO" for r in caplog.records)

@@ -9,7 +9,6 @@ from torch import nn
 from blocktrain.plugins.blocklora import (BlockLoraLinear, SplitMultiheadAttention, SumRankLoraLinear,
                                           apply_block_lora, block_lora_layer, block_lora_layers, fused_state_dict,
                                           merge_lora, split_multihead_attention, unmerge_lora)
-from blocktrain.plugins.lora import LoraLinear
 from blocktrain.trainer.errors import UserError
 
 IN, OUT = 24, 10
@@ -52,20 +51,69 @@ def layer_delta(layer):
     return delta(layer.lora_A.detach(), layer.lora_B.detach(), layer.n_blocks)
 
 
+def dense_reference(x, layer, a, b, keep=None, tile=None):
+    """The spec's Block-LoRA written densely, without the layer's code: y = x·Wᵀ + b + s·x̃·ΔWᵀ with
+    x̃ = keep ⊙ x / (1 − p) (dropout on the adapter input, before the chunk-sum) and ΔW = B·tile(A_s, n),
+    n copies of A_s side by side along the input axis (Reading A), or ΔW = Σ_i B_i·A_s (Reading B).
+    n = 1 is LoRA (Hu et al.): y = x·Wᵀ + b + s·x̃·(B·A)ᵀ."""
+    n = layer.n_blocks
+    if layer.mode == "sum_rank":
+        delta = sum_rank_delta(a, b, n)
+    else:
+        delta = b @ (torch.cat([a] * n, dim=1) if tile is None else tile(a, n))
+    dropped = x if keep is None else x * keep / (1.0 - layer.dropout)
+    return x @ layer.weight.T + layer.bias + layer.scaling * dropped @ delta.T
+
+
+def run_with_mask(layer, x, grad_out, monkeypatch):
+    """``run`` plus the dropout keep-mask the layer drew (None without dropout), rebuilt from its seed."""
+    import importlib
+
+    op = importlib.import_module("blocktrain.kernels.lora_linear")
+    seeds = []
+    seeded = op.lora_linear_seeded
+    monkeypatch.setattr(op, "lora_linear_seeded", lambda *args: seeds.append(args[-1]) or seeded(*args))
+    result = run(layer, x, grad_out)
+    if layer.dropout == 0.0:
+        return result, None
+    keep = op.dropout_keep_mask(int(seeds[-1]), x[..., 0].numel(), x.shape[-1], layer.dropout)
+    return result, keep.view(x.shape).float()
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-@pytest.mark.parametrize("mode", ["tile_input", "sum_rank"])
-def test_one_block_is_lora_outputs_and_gradients(mode, dropout):
-    lora = LoraLinear(base_linear(), 4, 3.0, dropout, "sqrt_rank").train()
-    with torch.no_grad():
-        lora.lora_B.normal_()
-    block = make(mode, 4, 1, dropout).train()
-    with torch.no_grad():
-        block.lora_A.copy_(lora.lora_A)
-        block.lora_B.copy_(lora.lora_B)
-    assert block.lora_A.shape == lora.lora_A.shape and block.lora_B.shape == lora.lora_B.shape
+@pytest.mark.parametrize("mode, rank, n_blocks", [
+    ("tile_input", 3, 1), ("tile_input", 2, 2), ("tile_input", 3, 3), ("tile_input", 2, 8),
+    ("sum_rank", 4, 1), ("sum_rank", 4, 2), ("sum_rank", 4, 4)])
+def test_outputs_and_gradients_equal_the_dense_formula(mode, rank, n_blocks, dropout, monkeypatch):
+    """For every n, n = 1 (LoRA) included: the layer against the dense formula, with its dropout mask."""
+    layer = make(mode, rank, n_blocks, dropout).train()
     x, g = torch.randn(3, 5, IN), torch.randn(3, 5, OUT)
-    for got, want in zip(run(block, x, g), run(lora, x, g)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (y, gx, ga, gb), keep = run_with_mask(layer, x, g, monkeypatch)
+    a = layer.lora_A.detach().clone().requires_grad_(True)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    want = dense_reference(xr, layer, a, b, keep)
+    (want * g).sum().backward()
+    torch.testing.assert_close(y, want.detach(), rtol=1e-5, atol=1e-5)
+    for got, ref in ((gx, xr.grad), (ga, a.grad), (gb, b.grad)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if dropout:
+        assert 0 < keep.mean() < 1  # a real mask: some inputs dropped, some kept
+
+
+def test_the_dense_formula_tells_a_wrong_tiling_or_dropout_from_the_right_one(monkeypatch):
+    """The check above would catch a layer that tiles A_s wrongly or drops the wrong thing."""
+    layer = make("tile_input", 2, 4, dropout=0.25).train()
+    x, g = torch.randn(3, 5, IN), torch.randn(3, 5, OUT)
+    (y, *_), keep = run_with_mask(layer, x, g, monkeypatch)
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    torch.testing.assert_close(y, dense_reference(x, layer, a, b, keep), rtol=1e-5, atol=1e-5)
+    interleaved = dense_reference(x, layer, a, b, keep, tile=lambda a, n: a.repeat_interleave(n, 1))
+    first_chunk_only = dense_reference(x, layer, a, b, keep, tile=lambda a, n: F.pad(a, (0, a.shape[1] * (n - 1))))
+    wrong = {"each column of A_s repeated n times": interleaved, "A_s on the first chunk only": first_chunk_only,
+             "no dropout": dense_reference(x, layer, a, b), "another mask": dense_reference(x, layer, a, b, keep.flip(0))}
+    for what, other in wrong.items():
+        assert not torch.allclose(y, other, rtol=1e-3, atol=1e-3), what
 
 
 @pytest.mark.parametrize("bias", [True, False])

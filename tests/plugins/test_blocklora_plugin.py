@@ -19,7 +19,7 @@ from tests.plugins.test_blocklora_clip import clip_inputs, randomize, tiny_clip
 
 YAML = Path(blocktrain.conf.__file__).parent / "plugin" / "blocklora.yaml"
 RECIPE_KEYS = ["rank", "n_blocks", "alpha", "scaling", "dropout", "dropout_position", "mode", "targets", "encoder",
-               "layers", "export"]
+               "layers", "modules_to_save", "export"]
 
 
 def test_yaml_lists_the_dataclass_defaults():

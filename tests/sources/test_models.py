@@ -47,6 +47,7 @@ def test_local_bert_classifier_matches_the_saved_model(bert_dir):
     assert type(loaded.model).__name__ == "BertForSequenceClassification"
     assert loaded.source == f"transformers:{path.resolve()}"
     assert loaded.info["local"] and loaded.info["num_parameters"] == sum(p.numel() for p in saved.parameters())
+    assert loaded.info["new_weights"] == []  # everything came from the checkpoint
     batch = _ids(loaded.tokenizer)
     assert batch["input_ids"].tolist() == _ids(tokenizer)["input_ids"].tolist()
     with torch.no_grad():
@@ -61,6 +62,7 @@ def test_auto_class_by_name_and_kwargs_pass_through(bert_dir):
     five = load_model({"kind": "transformers", "id": str(path), "auto_class": "AutoModelForSequenceClassification",
                        "kwargs": {"num_labels": 5, "ignore_mismatched_sizes": True}})
     assert five.model.classifier.out_features == 5 and five.model.config.num_labels == 5
+    assert five.info["new_weights"] == ["classifier.bias", "classifier.weight"]  # re-initialised: other shape
 
 
 def test_llama_dtype_and_pad_token(llama_dir):
@@ -209,6 +211,7 @@ def test_timm_checkpoint_matches_the_saved_model(vit_files, file):
     root, saved = vit_files
     loaded = load_model({**TIMM, "pretrained": True, "checkpoint": str(root / file), "num_classes": 10})
     assert loaded.tokenizer is None and loaded.info["num_classes"] == 10 and not loaded.info["head_reinitialized"]
+    assert loaded.info["new_weights"] == []
     assert loaded.source == f"timm:vit_tiny_patch16_224 checkpoint {root / file}"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -219,6 +222,7 @@ def test_timm_new_head_keeps_the_backbone(vit_files):
     root, saved = vit_files
     loaded = load_model({**TIMM, "checkpoint": str(root / "vit.safetensors"), "num_classes": 4})
     assert loaded.info["head_reinitialized"] and loaded.model.head.out_features == 4
+    assert loaded.info["new_weights"] == ["head.bias", "head.weight"]
     torch.testing.assert_close(loaded.model.patch_embed.proj.weight, saved.patch_embed.proj.weight, rtol=0, atol=0)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -134,7 +134,7 @@ def _load_transformers(cfg, processor) -> LoadedModel:
 
     what = f"'{cfg.id}'" + (f" (gguf_file {gguf_file})" if gguf_file else "")
     try:
-        model = model_cls.from_pretrained(location, **kwargs)
+        model, loading = model_cls.from_pretrained(location, output_loading_info=True, **kwargs)
     except ImportError as e:
         raise UserError(f"cannot load {what}: {_first_line(e)}") from e
     except OSError as e:
@@ -165,6 +165,7 @@ def _load_transformers(cfg, processor) -> LoadedModel:
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "processor": type(processor).__name__ if processor is not None else None,
+        "new_weights": new_weights(loading),
     }
     if cfg.processor == "tokenizer":
         info["pad_token"] = processor.pad_token
@@ -173,6 +174,13 @@ def _load_transformers(cfg, processor) -> LoadedModel:
     else:
         source = f"transformers:{location}" if local else f"hub:{cfg.id}" + (f"@{cfg.revision}" if cfg.revision else "")
     return LoadedModel(model=model, tokenizer=processor, source=source, info=info)
+
+
+def new_weights(loading: dict) -> list[str]:
+    """The weights ``from_pretrained`` initialised itself (``output_loading_info``): missing from the
+    checkpoint, or of another shape there (``ignore_mismatched_sizes``), e.g. a new classifier head."""
+    mismatched = [k if isinstance(k, str) else k[0] for k in loading.get("mismatched_keys", ())]
+    return sorted({*loading.get("missing_keys", ()), *mismatched})
 
 
 def _transformers_class(name: str):
@@ -267,13 +275,15 @@ def _load_timm(cfg) -> LoadedModel:
         raise UserError(f"cannot get pretrained weights for timm model '{cfg.name}': {_first_line(e)} "
                         "If the weights are on disk, pass the file: model.checkpoint=/path/to/weights.safetensors "
                         "(or model.pretrained=false for a randomly initialised model)") from e
-    head_reset = False
+    pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
+    new = []
     if cfg.checkpoint is not None:
-        head_reset = _load_timm_checkpoint(model, cfg.name, cfg.checkpoint, cfg.num_classes is not None)
+        new = _load_timm_checkpoint(model, cfg.name, cfg.checkpoint, cfg.num_classes is not None)
         source = f"timm:{cfg.name} checkpoint {cfg.checkpoint}"
     else:
         source = f"timm:{cfg.name}" + (" (pretrained)" if pretrained else " (random init)")
-    pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
+        if pretrained and cfg.num_classes not in (None, pretrained_cfg.get("num_classes")):
+            new = sorted(_head_keys(model) & set(model.state_dict()))  # timm re-initialises a resized head
     info = {
         "kind": "timm",
         "name": cfg.name,
@@ -281,7 +291,8 @@ def _load_timm(cfg) -> LoadedModel:
         "checkpoint": cfg.checkpoint,
         "class": type(model).__name__,
         "num_classes": getattr(model, "num_classes", None),
-        "head_reinitialized": head_reset,
+        "head_reinitialized": bool(new),
+        "new_weights": new,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "mean": list(pretrained_cfg.get("mean", ())),
         "std": list(pretrained_cfg.get("std", ())),
@@ -289,9 +300,16 @@ def _load_timm(cfg) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=None, source=source, info=info)
 
 
-def _load_timm_checkpoint(model, name: str, path: str, num_classes_set: bool) -> bool:
+def _head_keys(model) -> set[str]:
+    """The state-dict keys of a timm model's classifier (``pretrained_cfg["classifier"]``)."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    names = [classifier] if isinstance(classifier, str) else classifier
+    return {f"{c}.{s}" for c in names for s in ("weight", "bias")}
+
+
+def _load_timm_checkpoint(model, name: str, path: str, num_classes_set: bool) -> list[str]:
     """Load a local weights file into ``model``; drop the classifier only where ``num_classes`` asked for
-    a different head. Returns whether the head was left freshly initialised."""
+    a different head. Returns the keys left freshly initialised (the dropped head)."""
     from timm.models import load_state_dict
 
     file = Path(path).expanduser()
@@ -302,10 +320,7 @@ def _load_timm_checkpoint(model, name: str, path: str, num_classes_set: bool) ->
     except Exception as e:  # unreadable or foreign file format: the user's file, not our bug
         raise UserError(f"cannot read model checkpoint {path}: {_first_line(e)}") from e
     own = model.state_dict()
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    head_keys = {f"{c}.{s}" for c in ([classifier] if isinstance(classifier, str) else classifier)
-                 for s in ("weight", "bias")}
-    dropped = {k for k in head_keys if k in state and k in own and state[k].shape != own[k].shape}
+    dropped = {k for k in _head_keys(model) if k in state and k in own and state[k].shape != own[k].shape}
     if dropped and not num_classes_set:
         raise UserError(f"checkpoint {path} has a {state[sorted(dropped)[0]].shape[0]}-class head but the model "
                         f"has {own[sorted(dropped)[0]].shape[0]}; set model.num_classes")
@@ -321,7 +336,7 @@ def _load_timm_checkpoint(model, name: str, path: str, num_classes_set: bool) ->
         raise UserError(f"checkpoint {path} does not match timm model '{name}' "
                         f"with these settings ({detail})")
     model.load_state_dict(state, strict=not dropped)
-    return bool(dropped)
+    return sorted(dropped)
 
 
 TRANSFORMERS = ModelSource(_load_transformers, _transformers_processor, _check_local)
