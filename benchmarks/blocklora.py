@@ -100,7 +100,7 @@ def worker(spec: dict) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from blocktrain.trainer.sources.tiny_clip import clip_style_tokenizer
+    from blocktrain.trainer.clip.tiny_clip import clip_style_tokenizer
     from blocktrain.trainer.tasks import build_task
 
     cuda = torch.cuda.is_available()

@@ -76,30 +76,32 @@ class Extension:
 class Registry(Mapping):
     """Name -> config dataclass of one extension point, read like a dict; ``load`` imports the implementation.
 
-    The built-in entries are registered by ``builtins`` (a module imported on first use); plugins add
+    The built-in entries are registered by ``builtins`` (modules imported on first use); plugins add
     theirs with ``register`` when their module is imported. A lookup of an unknown name first imports
     the third-party plugins (they may contribute it); a built-in name cannot be taken over.
     """
 
-    def __init__(self, what: str, builtins: str, plural: str = "kinds"):
+    def __init__(self, what: str, builtins: tuple[str, ...], plural: str = "kinds"):
         self.what, self._builtins, self._plural = what, builtins, plural
         self._entries: dict[str, Extension] = {}
         self._loaded = False
 
     def register(self, name: str, schema: type | None, target: str, description: str = "") -> None:
-        self._load_builtins()
-        old = self._entries.get(name)
+        old, new = self._entries.get(name), Extension(name, schema, target, description)
         if old is not None and old.target != target:
-            if old.target.startswith("blocktrain."):
-                print(f"warning: {self.what} '{name}' is built in; {target} is ignored", file=sys.stderr)
-                return
-            raise UserError(f"{self.what} '{name}' is registered twice: {old.target} and {target}")
-        self._entries[name] = Extension(name, schema, target, description)
+            builtin = [e for e in (old, new) if e.target.startswith("blocktrain.")]
+            if len(builtin) != 1:
+                raise UserError(f"{self.what} '{name}' is registered twice: {old.target} and {target}")
+            other = new if builtin[0] is old else old
+            print(f"warning: {self.what} '{name}' is built in; {other.target} is ignored", file=sys.stderr)
+            new = builtin[0]
+        self._entries[name] = new
 
     def _load_builtins(self) -> None:
         if not self._loaded:
             self._loaded = True
-            importlib.import_module(self._builtins)
+            for module in self._builtins:
+                importlib.import_module(module)
 
     def entry(self, name: str) -> Extension:
         """The entry for ``name``; ``UserError`` listing the valid names when there is none."""
@@ -132,10 +134,11 @@ class Registry(Mapping):
         return len(self._entries)
 
 
-TASKS = Registry("task.kind", "blocktrain.trainer.tasks")
-DATA_KINDS = Registry("data.kind", "blocktrain.trainer.sources.config")
-MODEL_KINDS = Registry("model.kind", "blocktrain.trainer.sources.config")
-STAGES = Registry("stage", "blocktrain.trainer.stages", plural="stages")
+_CLIP = "blocktrain.trainer.clip.config"  # the CLIP few-shot library's kinds
+TASKS = Registry("task.kind", ("blocktrain.trainer.tasks", _CLIP))
+DATA_KINDS = Registry("data.kind", ("blocktrain.trainer.sources.config", _CLIP))
+MODEL_KINDS = Registry("model.kind", ("blocktrain.trainer.sources.config", _CLIP))
+STAGES = Registry("stage", ("blocktrain.trainer.stages",), plural="stages")
 
 
 def register_task(kind: str, schema: type, target: str, description: str = "") -> None:

@@ -19,7 +19,6 @@ from blocktrain.trainer.compression.config import CalibrationConfig, check_densi
 from blocktrain.trainer.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from blocktrain.trainer.context import RunContext
 
 

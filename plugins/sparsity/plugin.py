@@ -18,7 +18,6 @@ from blocktrain.trainer.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from blocktrain.trainer.context import RunContext
 
 
 @dataclass

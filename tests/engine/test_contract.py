@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.plugin import Plugin
-from blocktrain.trainer.stages import Stage, metric_prefix, parse_stages
+from blocktrain.trainer.stages import metric_prefix, parse_stages
 from blocktrain.trainer.validation import check_combination
 
 

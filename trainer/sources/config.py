@@ -35,14 +35,14 @@ def _nonneg(v):
     return v >= 0
 
 
-def _choices(*values):
+def choices(*values):
     return {"choices": values}
 
 
-_PATH = {"path": True}  # a local file or folder (or glob pattern): must exist when a run starts
-_POSITIVE = {"check": (_positive, "a positive number")}
-_FRACTION = {"check": (_fraction, "a number in [0, 1)")}
-_NONNEG = {"check": (_nonneg, "a number >= 0")}
+PATH = {"path": True}  # a local file or folder (or glob pattern): must exist when a run starts
+POSITIVE = {"check": (_positive, "a positive number")}
+FRACTION = {"check": (_fraction, "a number in [0, 1)")}
+NONNEG = {"check": (_nonneg, "a number >= 0")}
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -54,11 +54,11 @@ class TransformersModelConfig:
     id: str = MISSING  # hub id, local directory, or pkg://python_package[/subdir]
     auto_class: str = "AutoModel"  # any transformers class by name, e.g. AutoModelForCausalLM, CLIPModel
     revision: Optional[str] = None
-    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16", "auto"))
+    dtype: str = field(default="float32", metadata=choices("float32", "bfloat16", "float16", "auto"))
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to from_pretrained (e.g. num_labels)
     tokenizer: Optional[str] = None  # where the processor comes from; null = same as id
     processor: str = field(default="tokenizer",
-                           metadata=_choices("tokenizer", "image_processor", "processor", "none"))
+                           metadata=choices("tokenizer", "image_processor", "processor", "none"))
     gguf_file: Optional[str] = None  # a .gguf file name inside id: loaded and dequantized
     unreachable_hint: Optional[str] = None  # added to "cannot find/reach the model" errors (e.g. an offline recipe)
 
@@ -73,30 +73,19 @@ class GGUFModelConfig(TransformersModelConfig):
 
 
 @dataclass
-class TinyClipModelConfig(TransformersModelConfig):
-    """The offline pipeline demo's tiny random CLIP: built at ``id`` on first use (see sources/tiny_clip.py),
-    then loaded like any local checkpoint. Not pretrained: its accuracies mean nothing."""
-
-    kind: str = "tiny_clip"
-    id: str = "~/.cache/blocktrain/models/tiny-clip-fashion-mnist"
-    auto_class: str = "CLIPModel"
-
-
-@dataclass
 class TimmModelConfig:
     """A timm model: ``timm.create_model(name)`` with hub weights, a local checkpoint, or none."""
 
     kind: str = "timm"
     name: str = MISSING
     pretrained: bool = True  # hub weights (ignored when checkpoint is set)
-    checkpoint: Optional[str] = field(default=None, metadata=_PATH)  # local .safetensors / .pth / .bin weights
-    num_classes: Optional[int] = field(default=None, metadata=_NONNEG)  # null = the model's default
+    checkpoint: Optional[str] = field(default=None, metadata=PATH)  # local .safetensors / .pth / .bin weights
+    num_classes: Optional[int] = field(default=None, metadata=NONNEG)  # null = the model's default
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to create_model (e.g. img_size)
 
 
 for _kind, _schema, _source in (("transformers", TransformersModelConfig, "models:TRANSFORMERS"),
-                                ("gguf", GGUFModelConfig, "models:TRANSFORMERS"), ("timm", TimmModelConfig, "models:TIMM"),
-                                ("tiny_clip", TinyClipModelConfig, "tiny_clip:TINY_CLIP")):
+                                ("gguf", GGUFModelConfig, "models:TRANSFORMERS"), ("timm", TimmModelConfig, "models:TIMM")):
     register_model_source(_kind, _schema, f"blocktrain.trainer.sources.{_source}")
 
 
@@ -106,9 +95,9 @@ class DataConfig:
     """Keys every data source carries; the engine's DataModule reads them."""
 
     kind: str = MISSING
-    batch_size: int = field(default=32, metadata=_POSITIVE)
-    eval_batch_size: Optional[int] = field(default=None, metadata=_POSITIVE)  # null = batch_size
-    num_workers: int = field(default=0, metadata=_NONNEG)
+    batch_size: int = field(default=32, metadata=POSITIVE)
+    eval_batch_size: Optional[int] = field(default=None, metadata=POSITIVE)  # null = batch_size
+    num_workers: int = field(default=0, metadata=NONNEG)
 
 
 @dataclass
@@ -116,12 +105,12 @@ class TextClassificationDataConfig(DataConfig):
     """CSV / TSV / JSONL / JSON records with a text and a label field, tokenised by the model's tokenizer."""
 
     kind: str = "text_classification"
-    train: str = field(default=MISSING, metadata=_PATH)
-    val: Optional[str] = field(default=None, metadata=_PATH)
-    val_fraction: float = field(default=0.1, metadata=_FRACTION)  # used when val is null
+    train: str = field(default=MISSING, metadata=PATH)
+    val: Optional[str] = field(default=None, metadata=PATH)
+    val_fraction: float = field(default=0.1, metadata=FRACTION)  # used when val is null
     text_field: str = "text"
     label_field: str = "label"
-    max_length: int = field(default=128, metadata=_POSITIVE)
+    max_length: int = field(default=128, metadata=POSITIVE)
 
 
 @dataclass
@@ -129,13 +118,13 @@ class TextCorpusDataConfig(DataConfig):
     """Plain-text files tokenised into fixed-length sequences for language modelling."""
 
     kind: str = "text_corpus"
-    batch_size: int = field(default=8, metadata=_POSITIVE)
-    files: List[str] = field(default=MISSING, metadata=_PATH)  # files, directories (searched with pattern) or globs
+    batch_size: int = field(default=8, metadata=POSITIVE)
+    files: List[str] = field(default=MISSING, metadata=PATH)  # files, directories (searched with pattern) or globs
     pattern: str = "**/*.txt"
-    seq_len: int = field(default=512, metadata=_POSITIVE)
-    stride: Optional[int] = field(default=None, metadata=_POSITIVE)  # null = seq_len (no overlap)
-    max_sequences: Optional[int] = field(default=None, metadata=_POSITIVE)  # per split, seeded subset
-    val_fraction: float = field(default=0.05, metadata=_FRACTION)  # tail of the token stream
+    seq_len: int = field(default=512, metadata=POSITIVE)
+    stride: Optional[int] = field(default=None, metadata=POSITIVE)  # null = seq_len (no overlap)
+    max_sequences: Optional[int] = field(default=None, metadata=POSITIVE)  # per split, seeded subset
+    val_fraction: float = field(default=0.05, metadata=FRACTION)  # tail of the token stream
     add_eos: bool = True  # end every file with the tokenizer's EOS token
 
 
@@ -143,8 +132,8 @@ class TextCorpusDataConfig(DataConfig):
 class ImageTransformConfig(DataConfig):
     """Image preprocessing shared by the image sources."""
 
-    image_size: Optional[int] = field(default=None, metadata=_POSITIVE)  # null = keep native size
-    channels: Optional[int] = field(default=None, metadata=_choices(None, 1, 3))  # null = native
+    image_size: Optional[int] = field(default=None, metadata=POSITIVE)  # null = keep native size
+    channels: Optional[int] = field(default=None, metadata=choices(None, 1, 3))  # null = native
     mean: List[float] = field(default_factory=lambda: [0.5])  # one value = every channel
     std: List[float] = field(default_factory=lambda: [0.5])
 
@@ -159,7 +148,7 @@ class TorchvisionDataConfig(ImageTransformConfig):
     download: bool = True
     train_split: str = "train"
     val_split: Optional[str] = "test"  # null = split val_fraction off the train split
-    val_fraction: float = field(default=0.1, metadata=_FRACTION)
+    val_fraction: float = field(default=0.1, metadata=FRACTION)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra dataset arguments
 
 
@@ -168,11 +157,11 @@ class ImageFolderDataConfig(ImageTransformConfig):
     """A ``root/class_name/image`` directory tree."""
 
     kind: str = "image_folder"
-    path: str = field(default=MISSING, metadata=_PATH)
-    val_path: Optional[str] = field(default=None, metadata=_PATH)
-    val_fraction: float = field(default=0.1, metadata=_FRACTION)  # used when val_path is null
-    image_size: Optional[int] = field(default=224, metadata=_POSITIVE)
-    channels: Optional[int] = field(default=3, metadata=_choices(None, 1, 3))
+    path: str = field(default=MISSING, metadata=PATH)
+    val_path: Optional[str] = field(default=None, metadata=PATH)
+    val_fraction: float = field(default=0.1, metadata=FRACTION)  # used when val_path is null
+    image_size: Optional[int] = field(default=224, metadata=POSITIVE)
+    channels: Optional[int] = field(default=3, metadata=choices(None, 1, 3))
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
@@ -182,44 +171,16 @@ class TensorsDataConfig(DataConfig):
     """Tensors ``x`` and ``y`` from a ``.pt`` or ``.safetensors`` file."""
 
     kind: str = "tensors"
-    path: str = field(default=MISSING, metadata=_PATH)
-    val_path: Optional[str] = field(default=None, metadata=_PATH)
-    val_fraction: float = field(default=0.1, metadata=_FRACTION)  # used when val_path is null
+    path: str = field(default=MISSING, metadata=PATH)
+    val_path: Optional[str] = field(default=None, metadata=PATH)
+    val_fraction: float = field(default=0.1, metadata=FRACTION)  # used when val_path is null
     x_key: str = "x"
     y_key: str = "y"
 
 
-@dataclass
-class FewShotDataConfig(DataConfig):
-    """K images per class for CLIP few-shot learning (CoOp / CLIP-LoRA protocol); see sources/few_shot.py."""
-
-    kind: str = "few_shot"
-    dataset: str = MISSING  # imagenet, caltech101, oxford_pets, stanford_cars, flowers102, food101, fgvc_aircraft,
-    #                         sun397, dtd, eurosat, ucf101, fashion_mnist, or any name of an image folder under root
-    source: Optional[str] = field(default=None, metadata=_choices(None, "torchvision", "image_folder", "idx"))
-    root: str = "~/.cache/blocktrain/data"  # torchvision download dir; folder datasets live in root/<folder>
-    path: Optional[str] = field(default=None, metadata=_PATH)  # this dataset's own directory; null = under root
-    # CoOp's split_zhou_<Dataset>.json: its train/val/test lists (paths under path)
-    split_file: Optional[str] = field(default=None, metadata=_PATH)
-    download: bool = True  # torchvision sources download where the network allows
-    train_split: Optional[str] = None  # split(s) the shots are drawn from, "a+b" pools; null = the dataset's
-    test_split: Optional[str] = None  # evaluated split; null = the dataset's
-    test_fraction: float = field(default=0.3, metadata={"check": (lambda v: 0 < v < 1, "a number in (0, 1)")})
-    shots: int = field(default=16, metadata=_POSITIVE)
-    sampling_seed: Optional[int] = None  # null = the run's seed
-    max_test: Optional[int] = field(default=None, metadata=_POSITIVE)  # cap on test images (fixed subset)
-    image_size: int = field(default=224, metadata=_POSITIVE)
-    class_names: Optional[List[str]] = None  # override, in label order
-    # one name per line, or "folder_name class name" lines
-    class_names_file: Optional[str] = field(default=None, metadata=_PATH)
-    imagenet_names: str = field(default="clip", metadata=_choices("clip", "torchvision"))  # CLIP's curated list
-    templates: Optional[List[str]] = None  # prompts; null = the dataset's CoOp template (the task trains with the first)
-    steps_per_shot: int = field(default=500, metadata=_POSITIVE)  # info.train_steps = steps_per_shot * shots
-
-
 for _kind, _schema in (("text_classification", TextClassificationDataConfig), ("text_corpus", TextCorpusDataConfig),
                       ("torchvision", TorchvisionDataConfig), ("image_folder", ImageFolderDataConfig),
-                      ("tensors", TensorsDataConfig), ("few_shot", FewShotDataConfig)):
+                      ("tensors", TensorsDataConfig)):
     register_data_kind(_kind, _schema, f"blocktrain.trainer.sources.data:build_{_kind}")
 
 

@@ -414,12 +414,6 @@ def build_image_folder(cfg, tokenizer, seed) -> Datasets:
                     info={"class_names": classes, "num_labels": len(classes), "image_size": cfg.image_size})
 
 
-def build_few_shot(cfg, tokenizer, seed) -> Datasets:
-    from blocktrain.trainer.sources.few_shot import build_few_shot
-
-    return build_few_shot(cfg, seed)
-
-
 # -- tensors -----------------------------------------------------------------------------------
 def load_tensors(path: str, key: str, x_key: str, y_key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensors ``x_key`` and ``y_key`` from a ``.pt``/``.pth`` (a dict saved with torch.save) or ``.safetensors`` file."""

@@ -6,7 +6,6 @@ The built-in kinds are registered here like a plugin's (``register_task``); sche
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from blocktrain.trainer.registry import TASKS, register_task
 
@@ -27,23 +26,10 @@ class ImageClassificationTaskConfig:
     label_smoothing: float = 0.0
 
 
-@dataclass
-class ClipFewShotTaskConfig:
-    """CLIP few-shot classification (CLIP-LoRA): CE on logit_scale·cos(image, text) over all class prompts."""
-
-    kind: str = "clip_few_shot"
-    logit_scale: float = 100.0  # fixed, as CLIP-LoRA; the model's learned logit_scale is not used
-    train_template: Optional[str] = None  # null = the data's first template (CLIP-LoRA); e.g. "a photo of a {}."
-    text_chunk_size: Optional[int] = None  # prompts per text-tower call; null = all at once
-    text_checkpointing: bool = False  # recompute the text tower in backward, chunk by chunk (bounds memory)
-    zero_shot: bool = True  # evaluate before training, logged as val/zero_shot_acc
-
-
 for _kind, _schema, _target in (
         ("sequence_classification", SequenceClassificationTaskConfig, "classification:SequenceClassificationTask"),
         ("causal_lm", CausalLMTaskConfig, "language:CausalLMTask"),
-        ("image_classification", ImageClassificationTaskConfig, "classification:ImageClassificationTask"),
-        ("clip_few_shot", ClipFewShotTaskConfig, "clip:ClipFewShotTask")):
+        ("image_classification", ImageClassificationTaskConfig, "classification:ImageClassificationTask")):
     register_task(_kind, _schema, f"blocktrain.trainer.tasks.{_target}")
 
 

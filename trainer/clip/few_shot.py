@@ -27,7 +27,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from blocktrain.trainer.errors import UserError
-from blocktrain.trainer.sources.class_names import (FASHION_MNIST, coop_class_names, imagenet_class_names,
+from blocktrain.trainer.clip.class_names import (FASHION_MNIST, coop_class_names, imagenet_class_names,
                                                     template_for)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -425,8 +425,8 @@ def load_pools(cfg) -> tuple[Pool, Pool, list[str]]:
     return train, test, class_names
 
 
-def build_few_shot(cfg, seed: int):
-    """The ``Datasets`` of a validated ``few_shot`` node: K shots per class for training, the test split as val."""
+def build_few_shot_data(cfg, tokenizer, seed: int):
+    """The ``few_shot`` data kind: K shots per class for training, the test split as val (``tokenizer`` unused)."""
     from blocktrain.trainer.sources.data import Datasets
 
     train_pool, test_pool, class_names = load_pools(cfg)

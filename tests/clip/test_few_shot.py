@@ -16,11 +16,11 @@ from PIL import Image
 
 from blocktrain.trainer import cli
 from blocktrain.trainer.errors import UserError
-from blocktrain.trainer.sources import few_shot as few_shot_source
-from blocktrain.trainer.sources.class_names import GENERIC_TEMPLATE, coop_class_names, imagenet_class_names, template_for
+from blocktrain.trainer.clip import few_shot as few_shot_source
+from blocktrain.trainer.clip.class_names import GENERIC_TEMPLATE, coop_class_names, imagenet_class_names, template_for
 from blocktrain.trainer.sources.data import build_datasets
-from blocktrain.trainer.sources.few_shot import augment_transform, eval_transform, hold_out, sample_shots
-from blocktrain.trainer.sources.tiny_clip import save_tiny_clip
+from blocktrain.trainer.clip.few_shot import augment_transform, eval_transform, hold_out, sample_shots
+from blocktrain.trainer.clip.tiny_clip import save_tiny_clip
 from blocktrain.trainer.tasks import build_task
 from blocktrain.trainer.testing import write_food101, write_mnist_raw
 

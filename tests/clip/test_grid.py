@@ -41,7 +41,7 @@ def sweep(tmp_path) -> Path:
 
 
 def test_summary_means_over_seeds_and_averages_only_complete_columns(sweep):
-    recipe = OmegaConf.load(Path(__file__).parents[1] / "recipes" / "blocklora_clip.yaml")
+    recipe = OmegaConf.load(Path(__file__).parents[2] / "recipes" / "blocklora_clip.yaml")
     options = OmegaConf.to_container(recipe.hydra.callbacks.results_table)
     assert options == CLIP
     write_tables(sweep, **options)

@@ -7,7 +7,7 @@ demo*, not a result. The demo recipe's model source ``model.kind=tiny_clip`` bui
 words of the class names and prompt templates (lower-cased, ``<|startoftext|> ... <|endoftext|>``, padded with
 ``<|endoftext|>`` as CLIP's is), built with the ``tokenizers`` library.
 
-    python -m blocktrain.trainer.sources.tiny_clip --out DIR --class-names cat dog    # one for other classes
+    python -m blocktrain.trainer.clip.tiny_clip --out DIR --class-names cat dog    # one for other classes
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Sequence
 
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.io import atomic_path
-from blocktrain.trainer.sources.class_names import FASHION_MNIST, GENERIC_TEMPLATE, template_for
+from blocktrain.trainer.clip.class_names import FASHION_MNIST, GENERIC_TEMPLATE, template_for
 from blocktrain.trainer.sources.models import ModelSource
 
 DEMO_DIR = "~/.cache/blocktrain/models/tiny-clip-fashion-mnist"

@@ -16,12 +16,12 @@ from PIL import Image
 from blocktrain.trainer import cli
 from blocktrain.trainer.cli import load_config
 from blocktrain.trainer.run import RunInterrupted, run
-from blocktrain.trainer.sources import few_shot, tiny_clip
+from blocktrain.trainer.clip import few_shot, tiny_clip
 from blocktrain.trainer.sources.models import load_processor
-from blocktrain.trainer.sources.tiny_clip import save_tiny_clip
-from blocktrain.trainer.tasks.clip import ZeroShotEvaluation
+from blocktrain.trainer.clip.tiny_clip import save_tiny_clip
+from blocktrain.trainer.clip.task import ZeroShotEvaluation
 from tests.helpers import read_metrics, train, wandb_history
-from tests.test_clip_few_shot import offline_download, write_gzipped_fashion_mnist
+from tests.clip.test_few_shot import offline_download, write_gzipped_fashion_mnist
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the tiny model gains nothing from two, which stall on busy shared cores
