@@ -23,9 +23,6 @@ TEMPLATES: dict[str, str] = {
     "ucf101": "a photo of a person doing {}.",
 }
 
-# the 11 datasets of the CoOp / CLIP-LoRA few-shot benchmark (the grid's average is over these)
-BENCHMARK = tuple(TEMPLATES)
-
 FASHION_MNIST = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot"]
 
