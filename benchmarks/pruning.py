@@ -301,10 +301,10 @@ def time_annealer(args, device) -> dict:
     g = torch.Generator().manual_seed(0)
     G = torch.randn(16, b, generator=g)
     Q = (G.T @ G / 16 + torch.diag(torch.randn(b, generator=g))).to(device)
-    settings = ["1"] if device.type != "cpu" else ["1", "0"]  # BLOCKTRAIN_ANNEAL_C: the compiled loop, the torch loop
+    settings = ["auto"] if device.type != "cpu" else ["compiled", "reference"]  # the compiled C loop, the torch loop
     seconds, results = {}, []
-    for use_c in settings:  # same trajectory on every loop
-        with mock.patch.dict(os.environ, {"BLOCKTRAIN_ANNEAL_C": use_c}):
+    for backend in settings:  # same trajectory on every loop
+        with mock.patch.dict(os.environ, {"BLOCKTRAIN_KERNELS": backend}):
             path = f"{device.type}, {move_loop(device)}"
             if path in seconds:
                 print(f"annealer: {path} already timed (no compiled C loop here)", flush=True)

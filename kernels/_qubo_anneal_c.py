@@ -8,7 +8,8 @@ arithmetic per chain in plain C: same pre-drawn moves, same float32 operations i
 The library is built once with the system C compiler (``$CC``, else ``cc``) into
 ``$BLOCKTRAIN_CACHE`` (default ``~/.cache/blocktrain``)/kernels, named by a hash of the source and
 flags. Without a compiler (or when the build fails) :func:`load` warns once and returns ``None``, and
-callers use the torch reference loop; ``BLOCKTRAIN_ANNEAL_C=0`` chooses that loop without a warning.
+callers use the torch reference loop; the kernel dispatch's ``BLOCKTRAIN_KERNELS=reference`` chooses that
+loop without building anything (``compiled`` is the dispatch's name for this loop).
 """
 from __future__ import annotations
 
@@ -114,10 +115,13 @@ def _library() -> ctypes.CDLL | None:
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled library (built on first use), or ``None`` where no C compiler works or it is switched off."""
-    if os.environ.get("BLOCKTRAIN_ANNEAL_C", "1") == "0":
-        return None
+    """The compiled library (built on first use), or ``None`` where no C compiler works."""
     return _library()
+
+
+def available() -> bool:
+    """Whether the compiled loop can run here (building it on first use)."""
+    return load() is not None
 
 
 def levels_compiled(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> None:

@@ -1,10 +1,13 @@
-"""Backend choice for every kernel op: Triton on CUDA, the PyTorch reference elsewhere.
+"""Backend choice for every kernel op: Triton on CUDA, a compiled CPU loop where an op has one, else the
+PyTorch reference.
 
 The choice is, in order: the value set by :func:`set_backend` / :func:`use_backend` (process-wide),
-else the environment variable ``BLOCKTRAIN_KERNELS`` (``auto``, ``triton`` or ``reference``), else
-``auto``. ``auto`` picks Triton for CUDA tensors of a supported dtype when Triton imports, and the
-reference otherwise. Forcing ``triton`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1``
-(Triton's interpreter, used by the parity tests).
+else the environment variable ``BLOCKTRAIN_KERNELS`` (``auto``, ``triton``, ``compiled`` or
+``reference``), else ``auto``. ``auto`` picks Triton for CUDA tensors of a supported dtype when Triton
+imports, the op's compiled CPU loop for CPU tensors when it has one that builds, and the reference
+otherwise. ``compiled`` forces the compiled loop of the ops that have one (the others run their
+reference); ``reference`` forces the PyTorch reference everywhere. Forcing ``triton`` on CPU tensors is
+allowed only under ``TRITON_INTERPRET=1`` (Triton's interpreter, used by the parity tests).
 
 Each op calls :func:`announce` with the path it runs, which logs it at INFO once per process.
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -37,7 +40,7 @@ __all__ = [
     "use_backend",
 ]
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "compiled", "reference")
 ENV_VAR = "BLOCKTRAIN_KERNELS"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -97,14 +100,22 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
-def select(device: torch.device, dtype: torch.dtype) -> str:
-    """``"triton"`` or ``"reference"`` for an op whose inputs live on ``device`` with ``dtype``."""
+def select(device: torch.device, dtype: torch.dtype, compiled: Callable[[], bool] | None = None) -> str:
+    """``"triton"``, ``"compiled"`` or ``"reference"`` for an op whose inputs live on ``device`` with ``dtype``;
+    ``compiled`` tells (building it if needed) whether the op's compiled CPU loop is usable, for ops that have one."""
     requested = get_backend()
     if requested == "reference":
         return "reference"
     on_cuda = device.type == "cuda"
-    if requested == "auto":
-        return "triton" if on_cuda and dtype in TRITON_DTYPES and triton_available() else "reference"
+    if requested in ("auto", "compiled") and not on_cuda:
+        if compiled is not None and device.type == "cpu" and compiled():
+            return "compiled"
+        if requested == "compiled" and compiled is not None:
+            raise RuntimeError(f"the 'compiled' kernel backend is forced but the compiled loop cannot be built here "
+                               f"(see the warning above); set {ENV_VAR}=auto or reference")
+        return "reference"
+    if requested in ("auto", "compiled"):
+        return "triton" if dtype in TRITON_DTYPES and triton_available() else "reference"
     if not triton_available():
         raise RuntimeError("the 'triton' kernel backend is forced but Triton cannot be imported; "
                            f"install triton or set {ENV_VAR}=auto")
@@ -119,11 +130,11 @@ def select(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def announce(op: str, backend: str) -> None:
-    """Log at INFO which path ``op`` runs (``triton`` or ``reference``), once per process and path."""
+    """Log at INFO which path ``op`` runs (``triton``, ``compiled`` or ``reference``), once per process and path."""
     if (op, backend) in _announced or torch.compiler.is_compiling():
         return
     _announced.add((op, backend))
-    path = "the Triton kernel" if backend == "triton" else "the PyTorch reference"
+    path = {"triton": "the Triton kernel", "compiled": "the compiled CPU loop"}.get(backend, "the PyTorch reference")
     log.info("kernel %s runs %s (requested backend: %s)", op, path, get_backend())
 
 

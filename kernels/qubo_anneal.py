@@ -17,11 +17,11 @@ Both paths consume the same pre-drawn moves (a partner slot and a Metropolis thr
 chain, drawn level-chunk by level-chunk from a generator seeded with ``seed``), so the torch reference
 (the CPU path) and the Triton kernel (CUDA; one program per chain, its state held in registers) follow
 identical trajectories. On the CPU the reference's move loop runs compiled from C when a C compiler is
-available (``_qubo_anneal_c``; same float32 operations, bit-identical state, 6.3x faster on a
-4096-weight block in benchmarks/pruning.py); the torch loop is the fallback and the definition that the
-parity tests check against.
+available (``_qubo_anneal_c``, the dispatch's ``compiled`` backend; same float32 operations, bit-identical
+state, 6.3x faster on a 4096-weight block in benchmarks/pruning.py); the torch loop (``reference``) is the
+fallback and the definition that the parity tests check against.
 The path follows ``blocktrain.kernels.dispatch`` (``$BLOCKTRAIN_KERNELS``, ``set_backend``), or ``backend``
-(``auto`` | ``triton`` | ``reference``) per call; :func:`move_loop` names the loop a call would run.
+(``auto`` | ``triton`` | ``compiled`` | ``reference``) per call; :func:`move_loop` names the loop a call would run.
 """
 from __future__ import annotations
 
@@ -229,20 +229,15 @@ def _levels_triton(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> 
 
 
 def _pick_backend(device: torch.device, backend: str | None) -> str:
-    """``"triton"`` or ``"reference"``: the shared dispatch's choice, or ``backend`` when given."""
-    if backend is None:
-        return dispatch.select(device, torch.float32)
-    with dispatch.use_backend(backend):
-        return dispatch.select(device, torch.float32)
+    """``"triton"``, ``"compiled"`` or ``"reference"``: the shared dispatch's choice, or ``backend`` when given."""
+    with dispatch.use_backend(backend) if backend is not None else contextlib.nullcontext():
+        return dispatch.select(device, torch.float32, compiled=_qubo_anneal_c.available)
 
 
 def _move_loop(device: torch.device, backend: str) -> tuple[str, Callable]:
-    """The name and function of the move loop for ``device`` and a picked ``backend``."""
-    if backend == "triton":
-        return "triton", _levels_triton
-    if device.type == "cpu" and _qubo_anneal_c.load() is not None:
-        return "compiled C loop", _qubo_anneal_c.levels_compiled
-    return "torch loop", _levels_reference
+    """The name and function of the move loop for a picked ``backend``."""
+    return {"triton": ("triton", _levels_triton), "compiled": ("compiled C loop", _qubo_anneal_c.levels_compiled),
+            "reference": ("torch loop", _levels_reference)}[backend]
 
 
 def move_loop(device: torch.device | str = "cpu", backend: str | None = None) -> str:
@@ -315,5 +310,6 @@ def qubo_anneal(Q: torch.Tensor, k: int, *, x0: torch.Tensor | None = None, rest
     if not beta_scale > 0:
         raise ValueError(f"beta_scale must be > 0, got {beta_scale}")
     backend = _pick_backend(Q.device, backend)
+    dispatch.announce("qubo_anneal", backend)
     x, energy = _qubo_anneal_op(Q, x0, k, restarts, seed, beta0, beta1, beta_factor, beta_scale, sweeps, backend)
     return x, float(energy)

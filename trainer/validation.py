@@ -110,8 +110,8 @@ def validate_config(cfg: DictConfig, allow_missing: bool = False) -> dict[str, D
     stages = parse_stages(cfg.stages)
     if cfg.resume not in (None, "auto") and not isinstance(cfg.resume, str):
         raise UserError(f"resume must be null, 'auto' or a checkpoint path, got {cfg.resume!r}")
-    if cfg.kernel_backend not in ("auto", "triton", "reference"):
-        raise UserError(f"kernel_backend must be auto, triton or reference, got {cfg.kernel_backend!r}")
+    if cfg.kernel_backend not in ("auto", "triton", "compiled", "reference"):
+        raise UserError(f"kernel_backend must be auto, triton, compiled or reference, got {cfg.kernel_backend!r}")
     if cfg.optimize_direction not in ("maximize", "minimize"):
         raise UserError(f"optimize_direction must be maximize or minimize, got {cfg.optimize_direction!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):

@@ -43,8 +43,24 @@ def test_env_var_forces_a_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.select(CPU, torch.float32) == "triton"
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
-    with pytest.raises(ValueError, match="BLOCKTRAIN_KERNELS.*auto, triton, reference"):
+    with pytest.raises(ValueError, match="BLOCKTRAIN_KERNELS.*auto, triton, compiled, reference"):
         dispatch.get_backend()
+
+
+def test_compiled_cpu_loops_are_one_more_backend_of_the_same_dispatch(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    built, broken = (lambda: True), (lambda: False)
+    assert dispatch.select(CPU, torch.float32, compiled=built) == "compiled"  # auto: an op's C loop on the CPU
+    assert dispatch.select(CPU, torch.float32, compiled=broken) == "reference"  # no compiler: the reference
+    assert dispatch.select(CPU, torch.float32) == "reference"  # an op without a compiled loop
+    assert dispatch.select(CUDA, torch.float32, compiled=built) == "triton"
+    with dispatch.use_backend("reference"):
+        assert dispatch.select(CPU, torch.float32, compiled=lambda: pytest.fail("built for nothing")) == "reference"
+    with dispatch.use_backend("compiled"):
+        assert dispatch.select(CPU, torch.float32, compiled=built) == "compiled"
+        assert dispatch.select(CPU, torch.float32) == "reference"
+        with pytest.raises(RuntimeError, match="'compiled' kernel backend is forced but the compiled loop cannot"):
+            dispatch.select(CPU, torch.float32, compiled=broken)
 
 
 def test_setter_and_context_manager_override_the_env_and_restore(monkeypatch):

@@ -29,7 +29,6 @@ def test_finds_the_brute_force_optimum_on_small_blocks():
 
 @pytest.mark.parametrize("case", anneal_parity.OPTIMUM_CASES, ids=lambda c: f"b{c[0]}_k{c[1]}")
 def test_torch_loop_reaches_the_brute_force_optimum(case, monkeypatch):
-    monkeypatch.setenv("BLOCKTRAIN_ANNEAL_C", "0")
     assert qa.move_loop("cpu", "reference") == "torch loop"
     anneal_parity.optimum_case(*case, backend="reference")
 
@@ -69,7 +68,7 @@ def test_beta_scale_sets_the_acceptance_probability(monkeypatch):
         ends.append(float(st["x"][:, 1].double().mean()))
 
     monkeypatch.setattr(qa, "_levels_reference", spy)
-    monkeypatch.setenv("BLOCKTRAIN_ANNEAL_C", "0")  # the spied torch loop, not the compiled one
+    monkeypatch.setenv("BLOCKTRAIN_KERNELS", "reference")  # the spied torch loop, not the compiled one
     beta, d = 0.5, 2 * math.log(2.0)  # β·d = ln 4
     Q = torch.diag(torch.tensor([0.0, d]))
     for scale in (1.0, 2.0):
