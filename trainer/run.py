@@ -234,6 +234,8 @@ class RunState:
         self.trainer = self._trainer(trainer_kwargs(self.cfg, stage), stage)
         resume = self.cfg.resume if self.cfg.resume in (None, "auto") or stage.name == self._first_fit else "auto"
         ckpt = resolve_resume(resume, self.run_dir, stage.name)
+        if self.datamodule is not None:  # each phase counts its own position in the data (a resumed one restores it)
+            self.datamodule.position = {"epoch": 0, "batches": 0}
         try:
             self.trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(ckpt) if ckpt else None,
                              weights_only=False)

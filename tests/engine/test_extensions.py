@@ -104,3 +104,30 @@ def test_extension_kinds_are_validated_after_the_plugins_are_imported(site, tmp_
     assert "toy_points" in bad.stderr and "traceback" not in bad.stderr.lower()
     bad = train(f"recipe={recipe}", f"run_dir={tmp_path / 'run'}", "stages=[fit,{report:{fil:x}}]", PYTHONPATH=str(site))
     assert bad.returncode != 0 and "unknown key 'fil' in stages.report" in bad.stderr
+
+
+def test_a_run_interrupted_in_its_second_fit_phase_resumes_there(site, tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    from blocktrain.trainer.cli import load_config
+    from blocktrain.trainer.run import RunInterrupted, run
+
+    class InterruptHead(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if pl_module.prefix == "head/" and trainer.global_step == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.syspath_prepend(str(site))  # the entry point and modules of the installed extension
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(RECIPE)
+    args = [f"recipe={recipe}", "logger=none"]
+    run(load_config([*args, f"run_dir={tmp_path / 'straight'}"]))
+    with pytest.raises(RunInterrupted, match="resume=auto"):
+        run(load_config([*args, f"run_dir={tmp_path / 'resumed'}"]), extra_callbacks=[InterruptHead()])
+    stopped = read_metrics(tmp_path / "resumed")
+    assert stopped["status"] == "interrupted" and stopped["stage"] == "head"
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "head" / "last.ckpt", weights_only=False)["global_step"] == 2
+    run(load_config([*args, f"run_dir={tmp_path / 'resumed'}", "resume=auto"]))
+    for phase in ("checkpoints", "checkpoints/head"):
+        straight, resumed = (_weights(tmp_path / d / phase / "last.ckpt") for d in ("straight", "resumed"))
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), phase
