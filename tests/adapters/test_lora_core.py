@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocktrain.plugins.blocklora import TileInputVariant
-from blocktrain.trainer.adapters import (LoraLinear, apply_lora, count_parameters, lora_layers, lora_scaling,
-                                         lora_state_dict, merge_lora, select_linears, unmerge_lora)
+from blocktrain.trainer.adapters import (LoraLinear, LoraVariant, apply_lora, count_parameters, lora_layers,
+                                         lora_scaling, lora_state_dict, merge_lora, select_linears, unmerge_lora)
 from blocktrain.trainer.errors import UserError
 
 
@@ -260,3 +260,33 @@ def test_bf16_layer_and_autocast():
         y = layer(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+
+
+class DoubledVariant(LoraVariant):
+    """A toy variant: the update is 2·s·B·A."""
+
+    def forward(self, layer, x):
+        return F.linear(x, layer.weight, layer.bias) + 2 * layer.scaling * F.linear(F.linear(x, layer.lora_A),
+                                                                                    layer.lora_B)
+
+    def delta_weight(self, layer):
+        return 2 * super().delta_weight(layer)
+
+    def extra_repr(self):
+        return ", doubled"
+
+
+def test_the_layer_takes_init_forward_and_merge_from_its_variant():
+    plain = make_layer()
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(12, 7), 3, 5.0, variant=DoubledVariant())
+    torch.testing.assert_close(layer.lora_A, plain.lora_A)  # the base variant's Kaiming init, same draws
+    with torch.no_grad():
+        layer.lora_B.copy_(plain.lora_B)
+    x = torch.randn(5, 12)
+    base = F.linear(x, plain.weight, plain.bias)
+    y = layer(x)
+    torch.testing.assert_close(y - base, 2 * (plain(x) - base))
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    assert "doubled" in repr(layer) and layer.n_blocks == 1

@@ -93,7 +93,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if not lora_layers(model):
         if config["n_blocks"] != 1:
             raise UserError(f"the adapter in {path} has n_blocks={config['n_blocks']} (a LoRA variant): load it "
-                            "with the plugin that wrote it (blocklora), or put that variant's layers on the model first")
+                            "with the plugin that wrote it (e.g. blocklora), or put that variant's layers on the "
+                            "model first")
         apply_lora(model, targets=exact_names(config["targets"]), rank=config["rank"], alpha=config["alpha"],
                    dropout=config["dropout"], scaling=config["scaling"],
                    modules_to_save=exact_names(config["modules_to_save"]) if config["modules_to_save"] else ())
