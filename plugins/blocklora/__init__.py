@@ -1,25 +1,30 @@
 """Block-LoRA ("One Head Eight Arms", Zhou et al. 2025): LoRA whose down-projection is shared by n blocks.
 
-The core (``layers``, ``attention``, ``surgery``, ``export``) is plain PyTorch; ``plugin`` binds it to a run.
-Merging, the adapter's state dict and parameter counts are the ``lora`` plugin's, re-exported here.
-Names are imported on first use, so loading the plugin's config class does not import torch.
+Block-LoRA is two variants (``variants``: Reading A ``tile_input``, Reading B ``sum_rank``) of the adapter
+library's ``LoraLinear`` (``blocktrain.trainer.adapters``), which also chooses the targets (CLIP towers,
+layer ranges), splits ``nn.MultiheadAttention``, merges, counts and saves; its names used here are
+re-exported. ``surgery`` and ``export`` add Block-LoRA's own entry point and adapter format; ``plugin`` binds
+them to a run. Names are imported on first use, so loading the plugin's config class does not import torch.
 """
 from __future__ import annotations
 
 from blocktrain.trainer.plugin import lazy_exports
 
-_LORA = "blocktrain.plugins.lora.surgery"
+_LIB = "blocktrain.trainer.adapters"
 _EXPORTS = {
-    "BlockLoraLinear": "layers", "SumRankLoraLinear": "layers", "block_lora_layer": "layers",
-    "SplitMultiheadAttention": "attention", "fused_state_dict": "attention",
-    "apply_block_lora": "surgery", "select_block_lora_targets": "surgery", "block_lora_layers": "surgery",
-    "clip_towers": "surgery", "layer_index": "surgery", "split_multihead_attention": "surgery",
-    "merge_lora": _LORA, "unmerge_lora": _LORA, "lora_state_dict": _LORA, "count_parameters": _LORA,
-    "modules_to_save": "blocktrain.trainer.adapters",
-    "save_block_adapter": "export", "load_block_adapter": "export", "save_block_merged": "export",
-    "is_block_adapter_dir": "export",
-    "MODES": "checks", "DROPOUT_POSITIONS": "checks", "ENCODERS": "checks",
+    "TileInputVariant": "variants", "SumRankVariant": "variants", "BlockLoraVariant": "variants",
+    "block_lora_variant": "variants", "block_lora_layer": "variants",
+    "apply_block_lora": "surgery", "block_lora_layers": "surgery",
+    "save_block_adapter": "export", "load_block_adapter": "export", "is_block_adapter_dir": "export",
+    "MODES": "checks", "DROPOUT_POSITIONS": "checks",
     "BlockLoraConfig": "plugin", "BlockLoraPlugin": "plugin",
+    "SplitMultiheadAttention": f"{_LIB}.attention", "fused_state_dict": f"{_LIB}.attention",
+    "split_multihead_attention": f"{_LIB}.attention",
+    "select_targets": f"{_LIB}.targeting", "clip_towers": f"{_LIB}.targeting", "layer_index": f"{_LIB}.targeting",
+    "ENCODERS": f"{_LIB}.checks",
+    "merge_lora": f"{_LIB}.surgery", "unmerge_lora": f"{_LIB}.surgery", "lora_state_dict": f"{_LIB}.surgery",
+    "count_parameters": f"{_LIB}.trainable", "modules_to_save": f"{_LIB}.trainable",
+    "save_merged": f"{_LIB}.export",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,12 +1,8 @@
-"""Export formats of a Block-LoRA model (core: no Lightning, no Hydra).
-
-- ``save_block_adapter`` / ``load_block_adapter``: the ``lora`` plugin's adapter files
-  (``lora_config.json`` with rank, alpha, scaling, n_blocks and the adapted layers;
-  ``lora_adapter.safetensors`` with every ``lora_A``/``lora_B``) plus ``blocklora_config.json`` (mode,
-  dropout position, split attention modules). What ``init_from`` loads.
-- ``save_block_merged``: the merged model without adapters, as the ``lora`` plugin's ``save_merged``
-  writes it (``save_pretrained`` for transformers models); a model whose ``nn.MultiheadAttention`` was
-  split (open_clip) gets ``model.safetensors`` with the fused keys of the original model.
+"""Block-LoRA's adapter format (core: no Lightning, no Hydra): the adapter library's files
+(``lora_config.json`` with rank, alpha, scaling, n_blocks and the adapted layers;
+``lora_adapter.safetensors`` with every ``lora_A``/``lora_B``) plus ``blocklora_config.json`` (mode,
+dropout position, split attention modules). What ``init_from`` loads. The merged model is the library's
+``save_merged`` (it fuses split attention back).
 """
 from __future__ import annotations
 
@@ -15,11 +11,10 @@ from pathlib import Path
 
 from torch import nn
 
-from blocktrain.plugins.blocklora.attention import fused_state_dict, split_attention_modules
-from blocktrain.plugins.blocklora.surgery import apply_block_lora, block_lora_layers, split_multihead_attention
-from blocktrain.plugins.lora.export import (ADAPTER_CONFIG, MERGED_WEIGHTS, exact_names, save_tensors, is_adapter_dir,
-                                            load_adapter, merged_state_dict, save_adapter, save_merged)
-from blocktrain.plugins.lora.surgery import lora_layers
+from blocktrain.plugins.blocklora.surgery import apply_block_lora, block_lora_layers
+from blocktrain.trainer.adapters.attention import split_attention_modules, split_multihead_attention
+from blocktrain.trainer.adapters.export import ADAPTER_CONFIG, exact_names, is_adapter_dir, load_adapter, save_adapter
+from blocktrain.trainer.adapters.surgery import lora_layers
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.io import write_json
 
@@ -35,7 +30,7 @@ def block_adapter_config(model: nn.Module) -> dict:
     if len(block_lora_layers(model)) != len(layers):
         raise UserError(f"{type(model).__name__} has plain LoRA layers (not Block-LoRA): "
                         "export them with the lora plugin")
-    settings = {(m.mode, m.dropout_position) for m in layers.values()}
+    settings = {(m.variant.mode, m.variant.dropout_position) for m in layers.values()}
     if len(settings) > 1:
         raise UserError("the Block-LoRA layers differ in mode/dropout_position; an adapter holds one setting")
     mode, dropout_position = settings.pop()
@@ -81,12 +76,3 @@ def load_block_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise UserError(f"the adapter in {path} is Block-LoRA mode {config['mode']}, the model's layers are "
                         f"mode {have['mode']}")
     return load_adapter(model, path)
-
-
-def save_block_merged(model: nn.Module, out_dir: str | Path) -> list[Path]:
-    """Save the merged model so it reloads as the plain model class; return the files written."""
-    out_dir = Path(out_dir)
-    if not split_attention_modules(model):
-        return save_merged(model, out_dir)
-    save_tensors(fused_state_dict(model, merged_state_dict(model)), out_dir / MERGED_WEIGHTS)
-    return [out_dir / MERGED_WEIGHTS]

@@ -1,4 +1,5 @@
-"""The ``blocklora`` plugin: binds the Block-LoRA core to a run (surgery, export, ``init_from``).
+"""The ``blocklora`` plugin: binds Block-LoRA (the adapter library with this package's variants) to a run
+(surgery, export, ``init_from``).
 
 This module imports no torch, so a run's config is validated before anything heavy loads.
 """
@@ -7,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from blocktrain.plugins.blocklora.checks import (check_block_lora_args, check_encoder, check_layers,
-                                                 check_targets)
-from blocktrain.plugins.lora.plugin import LoraPlugin
-from blocktrain.trainer.errors import UserError
+from blocktrain.plugins.blocklora.checks import check_block_lora_args
+from blocktrain.trainer.adapters.checks import check_encoder, check_export, check_layers, check_targets
+from blocktrain.trainer.adapters.plugin import AdapterPlugin
 from blocktrain.trainer.plugin import PluginConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,19 +40,15 @@ class BlockLoraConfig(PluginConfig):
     def __post_init__(self):
         check_block_lora_args(self.rank, self.alpha, self.dropout, self.scaling, self.n_blocks, self.mode,
                               self.dropout_position)
-        check_encoder(self.encoder)
-        span = check_layers(self.layers)
+        check_encoder(self.encoder, "Block-LoRA")
+        span = check_layers(self.layers, "Block-LoRA")
         self.layers = None if span is None else list(span)
         self.targets = check_targets(self.targets, "plugin.blocklora.targets")
         self.modules_to_save = [str(m) for m in self.modules_to_save]
-        self.export = [str(f) for f in self.export]
-        unknown = [f for f in self.export if f not in EXPORT_FORMATS]
-        if unknown:
-            raise UserError(f"unknown plugin.blocklora.export format {unknown[0]!r}. Valid formats: "
-                            f"{', '.join(EXPORT_FORMATS)}")
+        self.export = check_export(self.export, EXPORT_FORMATS, "plugin.blocklora.export")
 
 
-class BlockLoraPlugin(LoraPlugin):
+class BlockLoraPlugin(AdapterPlugin):
     """Block-LoRA on q/k/v of CLIP's towers (or any Linear layers); exports our adapter and the merged model."""
 
     name = "blocklora"
@@ -68,9 +64,10 @@ class BlockLoraPlugin(LoraPlugin):
                                 mode=c.mode, encoder=c.encoder, layers=c.layers, modules_to_save=c.modules_to_save)
 
     def writers(self) -> dict[str, Callable]:
-        from blocktrain.plugins.blocklora.export import save_block_adapter, save_block_merged
+        from blocktrain.plugins.blocklora.export import save_block_adapter
+        from blocktrain.trainer.adapters.export import save_merged
 
-        return {"adapter": save_block_adapter, "merged": save_block_merged}
+        return {"adapter": save_block_adapter, "merged": save_merged}
 
     def adapter_reader(self) -> tuple[Callable, Callable]:
         from blocktrain.plugins.blocklora.export import is_block_adapter_dir, load_block_adapter

@@ -87,7 +87,7 @@ def test_block_lora_on_vit_b16_clip_parameter_count(mode, rank, n_blocks, expect
     r = 2 it needs n | r, so n = 8 takes r = 8 (or n = 2 at r = 2)."""
     model = apply_block_lora(meta_vit_b16(), targets=QKV, rank=rank, n_blocks=n_blocks, mode=mode)
     layers = block_lora_layers(model)
-    assert len(layers) == 72 and all(layer.mode == mode for layer in layers.values())
+    assert len(layers) == 72 and all(layer.variant.mode == mode for layer in layers.values())
     assert count_parameters(model)[0] == 36 * (per_matrix(768, rank, n_blocks) + per_matrix(512, rank, n_blocks))
     assert count_parameters(model)[0] == expected
     if mode == "tile_input":
@@ -190,7 +190,7 @@ def test_selection_errors_are_clear():
 def test_other_models_ignore_encoder_with_a_log_line(caplog):
     from blocktrain.trainer.testing import tiny_bert_classifier, tiny_timm_vit
 
-    with caplog.at_level(logging.INFO, logger="blocktrain.plugins.blocklora"):
+    with caplog.at_level(logging.INFO, logger="blocktrain.trainer.adapters"):
         model = apply_block_lora(tiny_bert_classifier(100), targets=["query", "value"], encoder="vision",
                                  layers=[1, 2], n_blocks=4)
     assert "BertForSequenceClassification is not a CLIP model" in caplog.text

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocktrain.plugins.blocklora import (BlockLoraLinear, SplitMultiheadAttention, SumRankLoraLinear,
-                                          apply_block_lora, block_lora_layer, block_lora_layers, fused_state_dict,
-                                          merge_lora, split_multihead_attention, unmerge_lora)
+from blocktrain.plugins.blocklora import (SplitMultiheadAttention, SumRankVariant, apply_block_lora, block_lora_layer,
+                                          block_lora_layers, fused_state_dict, merge_lora, save_merged,
+                                          split_multihead_attention, unmerge_lora)
 from blocktrain.trainer.errors import UserError
 
 IN, OUT = 24, 10
@@ -47,7 +47,7 @@ def sum_rank_delta(a, b, n_blocks):
 
 
 def layer_delta(layer):
-    delta = tile_delta if layer.mode == "tile_input" else sum_rank_delta
+    delta = tile_delta if layer.variant.mode == "tile_input" else sum_rank_delta
     return delta(layer.lora_A.detach(), layer.lora_B.detach(), layer.n_blocks)
 
 
@@ -57,7 +57,7 @@ def dense_reference(x, layer, a, b, keep=None, tile=None):
     n copies of A_s side by side along the input axis (Reading A), or ΔW = Σ_i B_i·A_s (Reading B).
     n = 1 is LoRA (Hu et al.): y = x·Wᵀ + b + s·x̃·(B·A)ᵀ."""
     n = layer.n_blocks
-    if layer.mode == "sum_rank":
+    if layer.variant.mode == "sum_rank":
         delta = sum_rank_delta(a, b, n)
     else:
         delta = b @ (torch.cat([a] * n, dim=1) if tile is None else tile(a, n))
@@ -212,10 +212,10 @@ def test_argument_errors_are_clear():
     with pytest.raises(UserError, match="unknown Block-LoRA mode 'tile'. Valid values: tile_input, sum_rank"):
         block_lora_layer(base_linear(), "tile", 2, 1.0)
     with pytest.raises(UserError, match="unknown Block-LoRA dropout_position 'middle'"):
-        BlockLoraLinear(base_linear(), 2, 1.0, dropout_position="middle")
+        block_lora_layer(base_linear(), "tile_input", 2, 1.0, dropout_position="middle")
     with pytest.raises(UserError, match="in_features 24 is not divisible by n_blocks 5"):
-        BlockLoraLinear(base_linear(), 2, 1.0, n_blocks=5)
-    assert isinstance(block_lora_layer(base_linear(), "sum_rank", 4, 1.0, n_blocks=2), SumRankLoraLinear)
+        block_lora_layer(base_linear(), "tile_input", 2, 1.0, n_blocks=5)
+    assert isinstance(block_lora_layer(base_linear(), "sum_rank", 4, 1.0, n_blocks=2).variant, SumRankVariant)
 
 
 # -- nn.MultiheadAttention split into q/k/v Linear layers (open_clip, OpenAI CLIP) ------------------------
@@ -268,8 +268,6 @@ class ToyAttentionModel(nn.Module):
 def test_split_attention_adapts_and_merges_back_into_the_fused_layout(tmp_path):
     from safetensors.torch import load_file
 
-    from blocktrain.plugins.blocklora import save_block_merged
-
     plain = ToyAttentionModel().eval()
     x = torch.randn(5, 2, 16)
     with pytest.raises(UserError, match="uses its out_proj weight without calling the layer"):
@@ -284,7 +282,7 @@ def test_split_attention_adapts_and_merges_back_into_the_fused_layout(tmp_path):
             layer.lora_B.normal_(std=0.2)
     y = model(x)
     assert not torch.allclose(y, plain(x), atol=1e-3)
-    assert save_block_merged(model, tmp_path) == [tmp_path / "model.safetensors"]
+    assert save_merged(model, tmp_path) == [tmp_path / "model.safetensors"]
     merged = copy.deepcopy(plain)
     merged.load_state_dict(load_file(str(tmp_path / "model.safetensors")))  # strict: the plain model's keys
     torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)

@@ -91,7 +91,7 @@ def test_plugin_apply_export_and_load_weights(tmp_path, settings):
     run = RunContext(cfg=None, run_dir=tmp_path, metrics=None)
     model = plugin.apply(copy.deepcopy(base), run)
     layers = block_lora_layers(model)
-    assert {layer.mode for layer in layers.values()} == {plugin.config.mode}
+    assert {layer.variant.mode for layer in layers.values()} == {plugin.config.mode}
     assert count_parameters(model)[0] == sum(l.lora_A.numel() + l.lora_B.numel() for l in layers.values())
     randomize(layers)
     inputs = clip_inputs()

@@ -2,6 +2,7 @@
 attribute and hook of ``Plugin``, and its example is a working plugin."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import re
@@ -63,6 +64,28 @@ def test_plugin_yaml_lists_the_config_fields(name):
     assert node.get(PLUGIN_MARKER) == name
     fields = [f.name for f in dataclasses.fields(plugin_class(name).config_class)]
     assert [k for k in node if k != PLUGIN_MARKER] == fields, f"{path} must list exactly the config's fields, in order"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The absolute module names a source file imports (``from X import a`` also counts ``X.a``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plugin_imports_no_other_plugin(name):
+    package = package_of(name)
+    folder = ROOT / "plugins" / package.rpartition(".")[2]
+    others = {f"blocktrain.plugins.{p.name}" for p in (ROOT / "plugins").iterdir() if p.is_dir()} - {package}
+    for path in sorted(folder.rglob("*.py")):
+        bad = sorted(m for m in imported_modules(path) if any(m == o or m.startswith(o + ".") for o in others))
+        assert not bad, f"{path.relative_to(ROOT)} imports another plugin's package: {bad} (use the engine's libraries)"
 
 
 @pytest.mark.parametrize("name", NAMES)

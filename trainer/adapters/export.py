@@ -1,11 +1,13 @@
-"""Export formats of a LoRA-adapted model (core: no Lightning, no Hydra).
+"""Export formats of a LoRA-adapted model, any variant (core: no Lightning, no Hydra).
 
-- ``save_adapter`` / ``load_adapter``: our own adapter (``lora_config.json`` + ``lora_adapter.safetensors``),
-  any ``n_blocks``; what ``init_from`` loads.
+- ``save_adapter`` / ``load_adapter``: our own adapter (``lora_config.json`` + ``lora_adapter.safetensors``);
+  what ``init_from`` loads. A variant's plugin adds its own settings file beside them (``blocklora``).
 - ``save_peft_adapter``: ``adapter_config.json`` + ``adapter_model.safetensors`` that
   ``peft.PeftModel.from_pretrained(base, dir)`` loads (plain LoRA only, ``n_blocks == 1``).
 - ``save_merged``: the merged weights without the LoRA wrappers: ``save_pretrained`` for transformers
-  models, ``model.safetensors`` + timm's ``config.json`` for timm models, ``model.safetensors`` otherwise.
+  models, ``model.safetensors`` + timm's ``config.json`` for timm models, ``model.safetensors`` otherwise;
+  a model whose ``nn.MultiheadAttention`` was split (open_clip) gets ``model.safetensors`` with the fused
+  keys of the original model.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from blocktrain.plugins.lora.surgery import apply_lora, lora_layers, lora_state_dict, modules_to_save
+from blocktrain.trainer.adapters.attention import fused_state_dict, split_attention_modules
+from blocktrain.trainer.adapters.surgery import apply_lora, lora_layers, lora_state_dict
+from blocktrain.trainer.adapters.trainable import modules_to_save
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.io import atomic_path, write_json
 
@@ -87,8 +91,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if config.get("format") != FORMAT:
         raise UserError(f"{path / ADAPTER_CONFIG} is not a {FORMAT} config (format={config.get('format')!r})")
     if not lora_layers(model):
+        if config["n_blocks"] != 1:
+            raise UserError(f"the adapter in {path} has n_blocks={config['n_blocks']} (a LoRA variant): load it "
+                            "with the plugin that wrote it (e.g. blocklora), or put that variant's layers on the "
+                            "model first")
         apply_lora(model, targets=exact_names(config["targets"]), rank=config["rank"], alpha=config["alpha"],
-                   dropout=config["dropout"], scaling=config["scaling"], n_blocks=config["n_blocks"],
+                   dropout=config["dropout"], scaling=config["scaling"],
                    modules_to_save=exact_names(config["modules_to_save"]) if config["modules_to_save"] else ())
     have = adapter_config(model)
     for key in ("targets", "modules_to_save", "rank", "alpha", "scaling", "n_blocks"):
@@ -179,10 +187,14 @@ def save_merged(model: nn.Module, out_dir: str | Path) -> list[Path]:
 
     transformers: ``save_pretrained`` (reload with ``from_pretrained(out_dir)``); timm: ``model.safetensors`` +
     ``config.json`` (reload with ``timm.create_model("local-dir:" + out_dir, pretrained=True)``); any other
-    module: ``model.safetensors`` (``load_state_dict`` into the plain model).
+    module: ``model.safetensors`` (``load_state_dict`` into the plain model). A model with split attention:
+    ``model.safetensors`` with ``nn.MultiheadAttention``'s fused keys (open_clip's own loader reads them).
     """
     out_dir = Path(out_dir)
     state = merged_state_dict(model)
+    if split_attention_modules(model):
+        save_tensors(fused_state_dict(model, state), out_dir / MERGED_WEIGHTS)
+        return [out_dir / MERGED_WEIGHTS]
     if hasattr(model, "save_pretrained") and hasattr(model, "config"):
         model.save_pretrained(out_dir, state_dict=state)
         return sorted(p for p in out_dir.iterdir() if p.is_file())

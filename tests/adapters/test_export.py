@@ -1,12 +1,14 @@
-"""LoRA exports: PEFT adapter (loaded by PEFT itself), merged model (reloaded as the plain class), our adapter."""
+"""The adapter library's exports: PEFT adapter (loaded by PEFT itself), merged model (reloaded as the plain class),
+our adapter; plain LoRA and Block-LoRA's tile_input variant."""
 import copy
 import json
 
 import pytest
 import torch
 
-from blocktrain.plugins.lora import (apply_lora, load_adapter, lora_layers, merge_lora, merged_state_dict,
-                                     save_adapter, save_merged, save_peft_adapter)
+from blocktrain.plugins.blocklora import TileInputVariant
+from blocktrain.trainer.adapters import (apply_lora, load_adapter, lora_layers, merge_lora, merged_state_dict,
+                                         save_adapter, save_merged, save_peft_adapter)
 from blocktrain.trainer.errors import UserError
 
 
@@ -93,7 +95,7 @@ def test_peft_loads_our_adapter_on_timm(tmp_path):
 
 
 def test_block_lora_has_no_peft_format(tmp_path):
-    _, model = adapted(tiny_vit, targets=["qkv"], rank=2, alpha=1, n_blocks=8)
+    _, model = adapted(tiny_vit, targets=["qkv"], rank=2, alpha=1, variant=TileInputVariant(8))
     with pytest.raises(UserError, match="n_blocks=8.*no PEFT format"):
         save_peft_adapter(model, tmp_path)
 
@@ -125,7 +127,8 @@ def test_merged_causal_lm_reloads(tmp_path):
 def test_merged_timm_block_lora_reloads_with_timm(tmp_path):
     import timm
 
-    _, model = adapted(tiny_vit, targets=["qkv", "fc1"], rank=2, alpha=1, n_blocks=4, modules_to_save=["head"])
+    _, model = adapted(tiny_vit, targets=["qkv", "fc1"], rank=2, alpha=1, variant=TileInputVariant(4),
+                       modules_to_save=["head"])
     x = torch.randn(2, 3, 32, 32)
     y = model(x)
     save_merged(model, tmp_path)
@@ -143,18 +146,23 @@ def test_merged_state_dict_of_merged_model_is_not_merged_twice():
 
 @pytest.mark.parametrize("n_blocks", [1, 4])
 def test_our_adapter_round_trip(tmp_path, n_blocks):
+    variant = TileInputVariant(n_blocks) if n_blocks > 1 else None
     base, model = adapted(tiny_vit, targets=["qkv", "proj"], rank=3, alpha=5, dropout=0.1, scaling="sqrt_rank",
-                          n_blocks=n_blocks, modules_to_save="head|norm")  # top-level only
+                          variant=variant, modules_to_save="head|norm")  # top-level only
     x = torch.randn(2, 3, 32, 32)
     y = model(x)
     save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "lora_config.json").read_text())
     assert config["n_blocks"] == n_blocks and config["modules_to_save"] == ["norm", "head"]
-    fresh = load_adapter(copy.deepcopy(base), tmp_path)
-    torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
-    assert [layer.dropout for layer in lora_layers(fresh).values()] == [0.1] * 24
+    if variant is None:
+        fresh = load_adapter(copy.deepcopy(base), tmp_path)
+        torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+        assert [layer.dropout for layer in lora_layers(fresh).values()] == [0.1] * 24
+    else:  # the variant's plugin puts its layers on first (blocklora's load_block_adapter)
+        with pytest.raises(UserError, match=r"n_blocks=4 \(a LoRA variant\): load it with the plugin"):
+            load_adapter(copy.deepcopy(base), tmp_path)
     already = apply_lora(copy.deepcopy(base), targets=["qkv", "proj"], rank=3, alpha=5, scaling="sqrt_rank",
-                         n_blocks=n_blocks, modules_to_save="head|norm")
+                         variant=variant, modules_to_save="head|norm")
     torch.testing.assert_close(load_adapter(already, tmp_path)(x), y, rtol=0, atol=0)
 
 

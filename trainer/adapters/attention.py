@@ -4,9 +4,12 @@
 ``in_proj_weight`` and reads ``out_proj.weight`` directly instead of calling ``out_proj``, so LoRA layers
 put on them would be bypassed. ``SplitMultiheadAttention`` computes the same attention through four
 ``nn.Linear`` modules (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``), as CLIP-LoRA's
-``PlainMultiheadAttentionLoRA`` does; ``fused_state_dict`` maps its keys back to the fused layout.
+``PlainMultiheadAttentionLoRA`` does; ``split_multihead_attention`` puts them on a model and
+``fused_state_dict`` maps their keys back to the fused layout.
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +95,23 @@ class SplitMultiheadAttention(nn.Module):
         if unbatched:
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+def split_multihead_attention(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
+    """Replace ``nn.MultiheadAttention`` modules (all, or those ``names``) by ``SplitMultiheadAttention``
+    in place; returns their qualified names."""
+    modules = dict(model.named_modules())
+    if names is None:
+        names = [n for n, m in modules.items() if n and isinstance(m, nn.MultiheadAttention)]
+    names = list(names)
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, nn.MultiheadAttention):
+            raise UserError(f"{name} is not an nn.MultiheadAttention in {type(model).__name__} "
+                            f"(it is {type(module).__name__ if module is not None else 'missing'})")
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, SplitMultiheadAttention(module))
+    return names
 
 
 def split_attention_modules(model: nn.Module) -> dict[str, SplitMultiheadAttention]:

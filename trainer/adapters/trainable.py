@@ -1,51 +1,19 @@
-"""What every adapter plugin shares (core: no Lightning, no Hydra): choosing modules by name, the modules
-kept fully trainable beside the adapter (``modules_to_save``, e.g. a new classification head), and the
-check that no newly initialised weight is left frozen.
+"""What trains beside an adapter (core: no Lightning, no Hydra): the modules kept fully trainable
+(``modules_to_save``, e.g. a new classification head), the check that no newly initialised weight is left
+frozen, and parameter counts.
 """
 from __future__ import annotations
 
 import logging
-import re
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Sequence
 
 from torch import nn
 
+from blocktrain.trainer.adapters.targeting import Targets, examples, label, matchers, name_matches
 from blocktrain.trainer.errors import UserError
 
 log = logging.getLogger(__name__)
-Targets = Union[str, Iterable[str]]
 SAVE_FLAG = "_adapter_module_to_save"  # set on each module kept trainable by keep_trainable
-
-
-def name_matches(name: str, targets: Targets) -> bool:
-    """Whether a qualified module name is chosen: a regex string matches it in full; a list entry
-    matches a name equal to it or ending in ``.entry`` (as PEFT's ``target_modules``)."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def matchers(targets: Targets, what: str) -> list:
-    """One matcher per listed name (so each can be required to match), or the regex string itself."""
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise UserError(f"{what} {targets!r} is not a valid regex: {exc}") from None
-        return [targets]
-    return [[str(t)] for t in targets]
-
-
-def label(matcher) -> str:
-    return repr(matcher if isinstance(matcher, str) else matcher[0])
-
-
-def examples(names: Iterable[str], limit: int = 12) -> str:
-    """Short names (last parts) of ``names`` with three full ones, for error messages."""
-    names = list(names)
-    short = sorted({n.rsplit(".", 1)[-1] for n in names})
-    text = ", ".join(short[:limit]) + (", ..." if len(short) > limit else "")
-    return f"{text} (e.g. {', '.join(names[:3])})" if names else "none"
 
 
 def select_modules_to_save(model: nn.Module, names: Targets, adapted: Sequence[str] = ()) -> list[str]:
@@ -107,3 +75,9 @@ def check_new_weights_trained(model: nn.Module, new_weights: Iterable[str], plug
         log.warning("%s (unless init_from=%s supplies them)", message, init_from)
         return
     raise UserError(message)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared parameter counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,37 +1,17 @@
-"""Finding target ``nn.Linear`` layers and replacing them with ``LoraLinear`` (core: no Lightning, no Hydra)."""
+"""Putting ``LoraLinear`` layers on a model and taking their updates in and out (core: no Lightning, no Hydra)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from blocktrain.plugins.lora.checks import check_lora_args
-from blocktrain.plugins.lora.layers import LoraLinear
-from blocktrain.trainer.adapters import (Targets, examples, keep_trainable, label, matchers, modules_to_save,
-                                         name_matches, select_modules_to_save)
+from blocktrain.trainer.adapters.attention import split_multihead_attention
+from blocktrain.trainer.adapters.checks import check_lora_args
+from blocktrain.trainer.adapters.layer import LoraLinear, LoraVariant
+from blocktrain.trainer.adapters.targeting import Targets, select_targets
+from blocktrain.trainer.adapters.trainable import keep_trainable, modules_to_save, select_modules_to_save
 from blocktrain.trainer.errors import UserError
-
-
-def select_linears(model: nn.Module, targets: Targets) -> list[str]:
-    """Qualified names of the ``nn.Linear`` layers chosen by ``targets``.
-
-    ``targets`` is a list of module names, each matching a qualified name equal to it or ending in
-    ``.name`` (as PEFT's ``target_modules``), or a regex string matched in full against the qualified name.
-    Every listed name (or the regex) must match at least one ``nn.Linear``.
-    """
-    modules = {n: m for n, m in model.named_modules() if n}
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    chosen = matchers(targets, "LoRA targets")
-    if not chosen:
-        raise UserError("LoRA targets is empty: list module names (e.g. [q_proj, v_proj]) or give a regex")
-    for matcher in chosen:
-        if not any(name_matches(n, matcher) for n in linears):
-            others = sorted({type(m).__name__ for n, m in modules.items() if name_matches(n, matcher)})
-            found = f" It matches only non-Linear modules ({', '.join(others)})." if others else ""
-            raise UserError(f"LoRA target {label(matcher)} matches no nn.Linear in {type(model).__name__}.{found} "
-                            f"Linear layers: {examples(linears)}")
-    return [n for n in linears if any(name_matches(n, m) for m in chosen)]
 
 
 def _tied_weight_names(model: nn.Module) -> set[str]:
@@ -42,24 +22,32 @@ def _tied_weight_names(model: nn.Module) -> set[str]:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """The model's ``LoraLinear`` layers by qualified name."""
+    """The model's ``LoraLinear`` layers (any variant) by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
 def apply_lora(model: nn.Module, targets: Targets, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               scaling: str = "rank", n_blocks: int = 1, modules_to_save: Targets = ()) -> nn.Module:
-    """Replace the targeted ``nn.Linear`` layers of ``model`` by ``LoraLinear`` (in place) and freeze the rest.
+               scaling: str = "rank", variant: LoraVariant | None = None, encoder: str = "both",
+               layers: Sequence[int] | None = None, split_attention: bool = False, modules_to_save: Targets = (),
+               what: str = "LoRA") -> nn.Module:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` by ``LoraLinear`` of ``variant`` (plain LoRA by
+    default), in place, and freeze the rest. Returns ``model``.
 
-    Only the LoRA parameters and the parameters of ``modules_to_save`` (any modules, chosen like
-    ``targets``: names or a regex; e.g. a classification head) stay trainable. Returns ``model``.
+    Targets are chosen by ``select_targets`` (names or a regex, a CLIP tower, a layer range);
+    ``split_attention`` first turns every ``nn.MultiheadAttention`` into q/k/v/out_proj Linears. Only the
+    adapter and ``modules_to_save`` (any modules, chosen like ``targets``; e.g. a classification head)
+    stay trainable. ``what`` names the adapter in messages.
     """
-    check_lora_args(rank, alpha, dropout, scaling, n_blocks)
+    check_lora_args(rank, alpha, dropout, scaling)
+    variant = variant or LoraVariant()
     if lora_layers(model):
-        raise UserError(f"{type(model).__name__} already has LoRA layers; apply LoRA once")
-    names = select_linears(model, targets)
+        raise UserError(f"{type(model).__name__} already has LoRA layers; apply {what} once")
+    if split_attention:
+        split_multihead_attention(model)
+    names = select_targets(model, targets, encoder, layers, what)
     saved = select_modules_to_save(model, modules_to_save, adapted=names)
-    wrap_linears(model, names, lambda linear: LoraLinear(linear, rank, alpha, dropout, scaling, n_blocks), "LoRA",
-                 input_blocks=n_blocks)
+    wrap_linears(model, names, lambda linear: LoraLinear(linear, rank, alpha, dropout, scaling, variant), what,
+                 input_blocks=variant.input_blocks)
     keep_trainable(model, saved)
     return model
 
@@ -70,7 +58,6 @@ def wrap_linears(model: nn.Module, names: list[str], make_layer: Callable[[nn.Li
 
     Refused: a Linear that ``nn.MultiheadAttention`` reads without calling it (its ``out_proj``), a
     Linear whose weight is tied to another module, an input width not divisible by ``input_blocks``.
-    Shared by the LoRA-style surgeries (``lora``, ``blocklora``).
     """
     modules = dict(model.named_modules())
     tied = _tied_weight_names(model)
@@ -115,9 +102,3 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in modules_to_save(model).items():
         state.update({f"{name}.{k}": v.detach() for k, v in module.state_dict().items()})
     return state
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared parameter counted once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,4 +1,5 @@
-"""LoRA core: the layer's math (forward, gradient, dropout, merge) and model surgery on real model classes."""
+"""The adapter library's LoRA layer and surgery: the layer's math (forward, gradient, dropout, merge), with the plain
+variant and Block-LoRA's tile_input variant (n_blocks input chunks), and model surgery on real model classes."""
 import copy
 import math
 import re
@@ -8,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocktrain.plugins.lora import (LoraLinear, apply_lora, count_parameters, lora_layers, lora_scaling,
-                                     lora_state_dict, merge_lora, select_linears, unmerge_lora)
+from blocktrain.plugins.blocklora import TileInputVariant
+from blocktrain.trainer.adapters import (LoraLinear, LoraVariant, apply_lora, count_parameters, lora_layers,
+                                         lora_scaling, lora_state_dict, merge_lora, select_linears, unmerge_lora)
 from blocktrain.trainer.errors import UserError
 
 
@@ -47,7 +49,8 @@ def randomize_lora(model, seed=1):
 
 def make_layer(in_f=12, out_f=7, rank=3, alpha=5.0, scaling="rank", n_blocks=1, dropout=0.0, bias=True):
     torch.manual_seed(0)
-    layer = LoraLinear(nn.Linear(in_f, out_f, bias=bias), rank, alpha, dropout, scaling, n_blocks)
+    variant = TileInputVariant(n_blocks) if n_blocks > 1 else None
+    layer = LoraLinear(nn.Linear(in_f, out_f, bias=bias), rank, alpha, dropout, scaling, variant)
     with torch.no_grad():
         layer.lora_B.normal_()
     return layer
@@ -153,7 +156,7 @@ def test_layer_argument_errors():
     with pytest.raises(UserError, match="dropout"):
         LoraLinear(nn.Linear(8, 8), 2, 1.0, dropout=1.0)
     with pytest.raises(UserError, match="in_features 8 is not divisible by n_blocks 3"):
-        LoraLinear(nn.Linear(8, 8), 2, 1.0, n_blocks=3)
+        LoraLinear(nn.Linear(8, 8), 2, 1.0, variant=TileInputVariant(3))
 
 
 BERT_QV = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")]
@@ -196,7 +199,7 @@ def test_bert_surgery_trainable_counts_and_merge():
 
 def test_vit_block_lora_counts_and_merge():
     model = tiny_vit()
-    apply_lora(model, targets=["qkv", "proj"], rank=2, alpha=1, scaling="sqrt_rank", n_blocks=8)
+    apply_lora(model, targets=["qkv", "proj"], rank=2, alpha=1, scaling="sqrt_rank", variant=TileInputVariant(8))
     layers = lora_layers(model)
     assert len(layers) == 24 and all(not re.search(r"patch_embed", n) for n in layers)  # patch_embed.proj is a Conv2d
     expected = sum(2 * (m.in_features // 8 + m.out_features) for m in layers.values())
@@ -231,7 +234,7 @@ def test_surgery_errors_are_clear():
         apply_lora(model, targets="query(")
     with pytest.raises(UserError, match=r"bert.encoder.layer.0.intermediate.dense: in_features 32 is not divisible "
                                         r"by n_blocks 3"):
-        apply_lora(model, targets=["intermediate.dense"], n_blocks=3)
+        apply_lora(model, targets=["intermediate.dense"], variant=TileInputVariant(3))
     with pytest.raises(UserError, match="modules_to_save entry 'head'"):
         apply_lora(model, targets=["query"], modules_to_save=["head"])
     with pytest.raises(UserError, match="is in modules_to_save"):
@@ -257,3 +260,33 @@ def test_bf16_layer_and_autocast():
         y = layer(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+
+
+class DoubledVariant(LoraVariant):
+    """A toy variant: the update is 2·s·B·A."""
+
+    def forward(self, layer, x):
+        return F.linear(x, layer.weight, layer.bias) + 2 * layer.scaling * F.linear(F.linear(x, layer.lora_A),
+                                                                                    layer.lora_B)
+
+    def delta_weight(self, layer):
+        return 2 * super().delta_weight(layer)
+
+    def extra_repr(self):
+        return ", doubled"
+
+
+def test_the_layer_takes_init_forward_and_merge_from_its_variant():
+    plain = make_layer()
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(12, 7), 3, 5.0, variant=DoubledVariant())
+    torch.testing.assert_close(layer.lora_A, plain.lora_A)  # the base variant's Kaiming init, same draws
+    with torch.no_grad():
+        layer.lora_B.copy_(plain.lora_B)
+    x = torch.randn(5, 12)
+    base = F.linear(x, plain.weight, plain.bias)
+    y = layer(x)
+    torch.testing.assert_close(y - base, 2 * (plain(x) - base))
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    assert "doubled" in repr(layer) and layer.n_blocks == 1

@@ -1,0 +1,116 @@
+"""``LoraLinear``: a frozen ``nn.Linear`` plus a trainable low-rank update (core: no Lightning, no Hydra).
+
+What the update is comes from a *variant*, as in PEFT's ``tuners/lora/variants.py``: it makes the
+layer's ``lora_A``/``lora_B``, computes the adapted output and the dense update a merge adds.
+``LoraVariant`` is plain LoRA (Hu et al. 2021): y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ, merged W + s·B·A.
+Other variants subclass it (Block-LoRA's, in ``blocktrain.plugins.blocklora``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blocktrain import kernels
+from blocktrain.trainer.adapters.checks import check_lora_args, lora_scaling
+
+
+class LoraVariant:
+    """Plain LoRA, and the base of every variant; one object serves all layers of an adapter.
+
+    ``n_blocks`` is what the adapter files record (1 for plain LoRA); ``input_blocks`` the number of
+    equal input chunks the fused kernel sums (the input width must be divisible by it).
+    """
+
+    n_blocks = 1
+    input_blocks = 1
+
+    def check(self, base: nn.Linear, rank: int) -> None:
+        """Raise ``UserError`` if this variant cannot adapt ``base`` at ``rank``."""
+
+    def shapes(self, layer: "LoraLinear") -> tuple[tuple[int, int], tuple[int, int]]:
+        """The shapes of ``lora_A`` and ``lora_B``: (r, in) and (out, r)."""
+        return (layer.rank, layer.in_features), (layer.out_features, layer.rank)
+
+    def init(self, layer: "LoraLinear") -> None:
+        """Register ``lora_A`` Kaiming-uniform and ``lora_B`` = 0 (shaped by ``shapes``), so ΔW = 0 at start."""
+        factory = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+        shape_a, shape_b = self.shapes(layer)
+        layer.lora_A = nn.Parameter(torch.empty(shape_a, **factory))
+        layer.lora_B = nn.Parameter(torch.zeros(shape_b, **factory))
+        nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+
+    def forward(self, layer: "LoraLinear", x: torch.Tensor) -> torch.Tensor:
+        """The unmerged layer's output, base and update in one fused op."""
+        return kernels.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                                   n_blocks=self.input_blocks, dropout_p=layer.dropout, training=layer.training)
+
+    def delta_weight(self, layer: "LoraLinear") -> torch.Tensor:
+        """s·B·A, the (out, in) update a merge adds to the weight, in float32."""
+        return layer.scaling * (layer.lora_B.detach().float() @ layer.lora_A.detach().float())
+
+    def extra_repr(self) -> str:
+        """Appended to the layer's ``extra_repr``."""
+        return ""
+
+
+class LoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` with a LoRA update of ``variant`` (plain LoRA by default); takes over the
+    base layer's ``weight`` and ``bias``.
+
+    The base parameters keep their names (``weight``, ``bias``), so the wrapped model's state dict is
+    the base model's plus ``lora_A`` and ``lora_B``, shaped by the variant.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, scaling: str = "rank",
+                 variant: LoraVariant | None = None):
+        super().__init__()
+        self.variant = variant or LoraVariant()
+        check_lora_args(rank, alpha, dropout, scaling)
+        self.variant.check(base, rank)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
+        self.scaling_mode = scaling
+        self.scaling = lora_scaling(alpha, rank, scaling)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.variant.init(self)
+        self.merged = False
+        self.train(base.training)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.variant.n_blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return self.variant.forward(self, x)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·ΔW: the (out, in) update ``merge`` adds to the weight, in float32."""
+        return self.variant.delta_weight(self)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + s·ΔW; the forward then skips the adapter. No-op if already merged."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − s·ΔW, undoing ``merge`` (exact up to floating-point rounding). No-op if not merged."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling_mode}, n_blocks={self.n_blocks}, "
+                f"dropout={self.dropout:g}, merged={self.merged}{self.variant.extra_repr()}")
