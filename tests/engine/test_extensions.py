@@ -117,6 +117,11 @@ def test_a_run_interrupted_in_its_second_fit_phase_resumes_there(site, tmp_path,
             if pl_module.prefix == "head/" and trainer.global_step == 2:
                 raise KeyboardInterrupt
 
+    from blocktrain.trainer.registry import DATA_KINDS, MODEL_KINDS, STAGES, TASKS
+
+    for registry in (TASKS, DATA_KINDS, MODEL_KINDS, STAGES):  # the extension's kinds leave with this test
+        assert len(registry)  # the built-ins are loaded before the copy
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
     monkeypatch.syspath_prepend(str(site))  # the entry point and modules of the installed extension
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(RECIPE)
