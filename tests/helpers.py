@@ -57,3 +57,16 @@ def wandb_history(run_dir: Path) -> list[dict]:
                     rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                                  for item in record.history.item})
     return rows
+
+
+def interrupt_at(step: int, phase_prefix: str = ""):
+    """A Lightning callback that simulates Ctrl-C right after optimizer step ``step`` (of the fit phase whose
+    metric prefix is ``phase_prefix``: "" for the phase named fit)."""
+    import pytorch_lightning as pl
+
+    class InterruptAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == step and pl_module.prefix == phase_prefix:
+                raise KeyboardInterrupt
+
+    return InterruptAt()

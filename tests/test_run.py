@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from blocktrain.trainer.cli import load_config
 from blocktrain.trainer.run import RunInterrupted, run
-from tests.helpers import cli_env, read_metrics, train, wandb_history
+from tests.helpers import cli_env, interrupt_at, read_metrics, train, wandb_history
 
 
 def test_lora_text_classifier_end_to_end(lora_args, tmp_path):
@@ -38,17 +37,6 @@ def test_lora_text_classifier_end_to_end(lora_args, tmp_path):
     assert "adapter_config.json" in exported and "adapter_model.safetensors" in exported
 
 
-class _InterruptAt(pl.Callback):
-    """Simulates Ctrl-C right after optimizer step ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def _final_state(run_dir: Path, step: int) -> tuple[dict, dict]:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == step
@@ -63,7 +51,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(lora_args, tmp_path):
 
     resumed = tmp_path / "resumed"
     with pytest.raises(RunInterrupted, match="resume=auto"):
-        run(load_config([*common, f"run_dir={resumed}"]), extra_callbacks=[_InterruptAt(6)])
+        run(load_config([*common, f"run_dir={resumed}"]), extra_callbacks=[interrupt_at(6)])
     assert read_metrics(resumed)["status"] == "interrupted"
     assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     run(load_config([*common, f"run_dir={resumed}", "resume=auto"]))

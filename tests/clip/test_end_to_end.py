@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
@@ -20,7 +19,7 @@ from blocktrain.trainer.clip import few_shot, tiny_clip
 from blocktrain.trainer.sources.models import load_processor
 from blocktrain.trainer.clip.tiny_clip import save_tiny_clip
 from blocktrain.trainer.clip.task import ZeroShotEvaluation
-from tests.helpers import read_metrics, train, wandb_history
+from tests.helpers import interrupt_at, read_metrics, train, wandb_history
 from tests.clip.test_few_shot import offline_download, write_gzipped_fashion_mnist
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
@@ -145,17 +144,6 @@ def test_grid_multirun_writes_csv_markdown_and_a_wandb_table(colour_data, tmp_pa
     assert logged and logged[0]["sweep/runs/nrows"] == 4 and logged[0]["sweep/summary/nrows"] == 4 + 2
 
 
-class _InterruptAt(pl.Callback):
-    """Simulates Ctrl-C right after optimizer step ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_resume_restores_the_zero_shot_accuracy_instead_of_measuring_trained_weights(colour_data, tmp_path,
                                                                                       monkeypatch):
     root, model = colour_data
@@ -164,7 +152,7 @@ def test_resume_restores_the_zero_shot_accuracy_instead_of_measuring_trained_wei
             "data.shots=4", "data.steps_per_shot=2", f"run_dir={run_dir}", "logger=none",
             "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2"]
     with pytest.raises(RunInterrupted):
-        run(load_config(args), extra_callbacks=[_InterruptAt(3)])
+        run(load_config(args), extra_callbacks=[interrupt_at(3)])
     zero_shot = read_metrics(run_dir)["metrics"]["val/zero_shot_acc"]
     monkeypatch.setattr(ZeroShotEvaluation, "_evaluate", lambda *a: pytest.fail("zero-shot evaluation on resume"))
     run(load_config([*args, "resume=auto"]))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import read_metrics, train
+from tests.helpers import interrupt_at, read_metrics, train
 
 HERE = Path(__file__).parent
 RECIPE = """\
@@ -107,15 +107,8 @@ def test_extension_kinds_are_validated_after_the_plugins_are_imported(site, tmp_
 
 
 def test_a_run_interrupted_in_its_second_fit_phase_resumes_there(site, tmp_path, monkeypatch):
-    import pytorch_lightning as pl
-
     from blocktrain.trainer.cli import load_config
     from blocktrain.trainer.run import RunInterrupted, run
-
-    class InterruptHead(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if pl_module.prefix == "head/" and trainer.global_step == 2:
-                raise KeyboardInterrupt
 
     from blocktrain.trainer.registry import DATA_KINDS, MODEL_KINDS, STAGES, TASKS
 
@@ -128,7 +121,7 @@ def test_a_run_interrupted_in_its_second_fit_phase_resumes_there(site, tmp_path,
     args = [f"recipe={recipe}", "logger=none"]
     run(load_config([*args, f"run_dir={tmp_path / 'straight'}"]))
     with pytest.raises(RunInterrupted, match="resume=auto"):
-        run(load_config([*args, f"run_dir={tmp_path / 'resumed'}"]), extra_callbacks=[InterruptHead()])
+        run(load_config([*args, f"run_dir={tmp_path / 'resumed'}"]), extra_callbacks=[interrupt_at(2, "head/")])
     stopped = read_metrics(tmp_path / "resumed")
     assert stopped["status"] == "interrupted" and stopped["stage"] == "head"
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "head" / "last.ckpt", weights_only=False)["global_step"] == 2

@@ -12,14 +12,13 @@ import signal
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from blocktrain.trainer.cli import load_config
 from blocktrain.trainer.registry import available_plugins, load_plugin_class
 from blocktrain.trainer.run import RunInterrupted, run
 from blocktrain.trainer.validation import validate_config
-from tests.helpers import read_metrics
+from tests.helpers import interrupt_at, read_metrics
 
 TINY = {  # toy-scale settings of a method (the defaults are the paper's)
     "blocklora": ["plugin.blocklora.targets=[query,value]", "plugin.blocklora.modules_to_save=[classifier]"],
@@ -48,12 +47,6 @@ def pruning_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -> t
 
 
 SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario}
-
-
-class _InterruptAfterStep(pl.Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == 1:
-            raise KeyboardInterrupt
 
 
 def _sigint_after_first_progress_step(monkeypatch) -> None:
@@ -96,7 +89,7 @@ def test_plugin_compose_run_resume_export_reload(name, tiny_bert_dir, sentiment_
     interrupted = False
     with monkeypatch.context() as patch:
         if kind == "adapter":
-            extra = [_InterruptAfterStep()]
+            extra = [interrupt_at(1)]
         else:
             extra = []
             _sigint_after_first_progress_step(patch)
