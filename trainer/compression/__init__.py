@@ -5,6 +5,7 @@
 - ``calibration``: calibration samples by seed; ``replay``: block capture/replay (sequential calibration);
 - ``masks``: masks and N:M patterns; ``scores``: magnitude/Wanda scores and input statistics;
 - ``hessian``: the layer-input Hessian and its damped Cholesky inverse (SparseGPT, GPTQ);
+- ``quant``: the uniform quantization grid (scales, zero points, codes) every quantization method shares;
 - ``learn``: the engine's optimiser loop for methods that learn during calibration;
 - ``state``: the resumable calibrate state; ``evaluation``: perplexity and lm-eval; ``report``: sparsity report.
 """

@@ -1,0 +1,96 @@
+"""The uniform quantization grid every quantization method shares (RTN, GPTQ, CBQ, packed export).
+
+One convention, used everywhere:
+
+- a weight [out, in] is quantized per output channel (``group_size=None``) or per group of ``group_size``
+  consecutive input columns; its ``scale`` and ``zero`` have shape [out, n_groups] (n_groups = 1 or in/g);
+- integer codes ``q`` lie on 2^bits consecutive integers: asymmetric ``[0, 2^b − 1]`` with an integer zero
+  point, symmetric ``[−2^(b−1), 2^(b−1) − 1]`` with zero point 0;
+- ``q = clamp(round(w / s) + z)`` and ``ŵ = s · (q − z)``, so 0 is always exactly representable (min/max
+  ranges are widened to contain 0) and a pruned (zero) weight can stay exactly zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["QuantSpec", "qrange", "expand_groups", "minmax_qparams", "quantize", "dequantize", "fake_quantize"]
+
+SUPPORTED_BITS = tuple(range(2, 9))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a weight is quantized: bits, symmetric or asymmetric, per channel (None) or per group of columns."""
+
+    bits: int = 4
+    symmetric: bool = False
+    group_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1 or None (per channel), got {self.group_size}")
+
+    def n_groups(self, in_features: int) -> int:
+        if self.group_size is None:
+            return 1
+        if in_features % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide the input width {in_features}")
+        return in_features // self.group_size
+
+
+def qrange(spec: QuantSpec) -> tuple[int, int]:
+    """The smallest and largest integer code."""
+    if spec.symmetric:
+        return -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+    return 0, 2 ** spec.bits - 1
+
+
+def expand_groups(t: torch.Tensor, in_features: int) -> torch.Tensor:
+    """[out, n_groups] → [out, in]: each group's value repeated over its columns."""
+    return t.repeat_interleave(in_features // t.shape[1], dim=1)
+
+
+def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    out, cols = w.shape
+    return w.reshape(out, spec.n_groups(cols), -1)
+
+
+@torch.no_grad()
+def minmax_qparams(w: torch.Tensor, spec: QuantSpec, clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point [out, n_groups] from each group's range, shrunk by ``clip`` (1 = the full range)."""
+    g = _grouped(w.detach().float(), spec)
+    lo, hi = qrange(spec)
+    wmin = g.amin(dim=2).clamp(max=0) * clip
+    wmax = g.amax(dim=2).clamp(min=0) * clip
+    if spec.symmetric:
+        scale = torch.maximum(wmax, -wmin) / hi
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.zeros_like(scale)
+    scale = (wmax - wmin) / (hi - lo)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = (-wmin / scale).round().clamp(lo, hi)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (as int32) of ``w`` on the grid ``scale``/``zero`` [out, n_groups], round to nearest."""
+    lo, hi = qrange(spec)
+    cols = w.shape[1]
+    s, z = expand_groups(scale, cols), expand_groups(zero, cols)
+    return torch.clamp(torch.round(w.float() / s) + z, lo, hi).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ŵ = s · (q − z), with ``scale``/``zero`` [out, n_groups] expanded over their columns."""
+    cols = q.shape[1]
+    return (expand_groups(scale.float(), cols) * (q.float() - expand_groups(zero.float(), cols))).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round to nearest on the grid and back (no gradient): ``dequantize(quantize(w))`` in ``w``'s dtype."""
+    return dequantize(quantize(w, scale, zero, spec), scale, zero, w.dtype)
