@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["QuantSpec", "qrange", "expand_groups", "minmax_qparams", "quantize", "dequantize", "fake_quantize"]
+__all__ = ["QuantSpec", "ActQuantSpec", "QuantLinear", "qrange", "expand_groups", "minmax_qparams", "quantize", "dequantize",
+           "fake_quantize", "fake_quantize_tokens"]
 
 SUPPORTED_BITS = tuple(range(2, 9))
 
@@ -94,3 +95,87 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Round to nearest on the grid and back (no gradient): ``dequantize(quantize(w))`` in ``w``'s dtype."""
     return dequantize(quantize(w, scale, zero, spec), scale, zero, w.dtype)
+
+
+@dataclass(frozen=True)
+class ActQuantSpec:
+    """How a linear's input is quantized: per token from its own range (``dynamic``), or one static scale/zero."""
+
+    bits: int = 8
+    symmetric: bool = False
+    dynamic: bool = True
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"activation bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+
+    @property
+    def grid(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.symmetric)
+
+
+def fake_quantize_tokens(x: torch.Tensor, spec: ActQuantSpec) -> torch.Tensor:
+    """Per-token (last dim) round-to-nearest fake quantization of activations from each token's own range; the
+    gradient passes straight through (STE), so layers before it still train (e.g. adapters on a quantized base)."""
+    flat = x.reshape(-1, x.shape[-1])
+    scale, zero = minmax_qparams(flat, spec.grid)
+    return x + (fake_quantize(flat.detach(), scale, zero, spec.grid).reshape(x.shape) - x).detach()
+
+
+class QuantLinear(torch.nn.Module):
+    """A Linear whose weight is final integer codes + scale/zero (``ŵ = s·(q − z)``), the result of any
+    quantization method; its input is fake-quantized when ``act`` is set. Kept zeros (``mask``) stay zero.
+
+    The dequantized weight is cached on first use; ``codes``, ``scale``, ``zero`` and ``bias`` are what an
+    export packs.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+                 bias: torch.Tensor | None = None, act: ActQuantSpec | None = None,
+                 act_scale: torch.Tensor | None = None, act_zero: torch.Tensor | None = None):
+        super().__init__()
+        self.spec, self.act = spec, act
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("codes", codes.to(torch.int32))
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero", zero.float())
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if act is not None and not act.dynamic:
+            if act_scale is None or act_zero is None:
+                raise ValueError("a static activation quantizer needs act_scale and act_zero")
+            self.register_buffer("act_scale", act_scale.float().reshape(1, 1))
+            self.register_buffer("act_zero", act_zero.float().reshape(1, 1))
+        self._weight: torch.Tensor | None = None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+                    bias: torch.Tensor | None = None, **act) -> "QuantLinear":
+        """Round ``weight`` to nearest on the given grid (a method that chose its own codes passes them to __init__)."""
+        return cls(quantize(weight.detach(), scale, zero, spec), scale, zero, spec, bias, **act)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (what the layer computes with)."""
+        if self._weight is None or self._weight.device != self.codes.device:
+            self._weight = dequantize(self.codes, self.scale, self.zero)
+        return self._weight
+
+    def _apply(self, fn, recurse=True):
+        self._weight = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            if self.act.dynamic:
+                x = fake_quantize_tokens(x, self.act)
+            else:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                q = fake_quantize(flat, self.act_scale.expand(flat.shape[0], 1), self.act_zero.expand(flat.shape[0], 1),
+                                  self.act.grid)
+                x = x + (q.reshape(x.shape) - x).detach()
+        w = self.weight
+        return torch.nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        act = "" if self.act is None else f", act={self.act}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}{act}"
