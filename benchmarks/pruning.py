@@ -154,6 +154,9 @@ def main() -> None:
                              "with 2s+1, iCBS's plan and annealing seeded with s; mean ± sd over several")
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows for perplexity")
     parser.add_argument("--icbs-minutes", type=float, default=60.0, help="time for iCBS's epochs of steps, per seed")
+    parser.add_argument("--icbs-steps", type=int, default=None,
+                        help="iCBS steps per epoch, fixed (instead of fitted to --icbs-minutes): the same budget on every seed "
+                             "whatever the machine's load")
     parser.add_argument("--icbs-epochs", type=int, nargs="+", default=[1, 2, 4],
                         help="iCBS perplexity after the initial mask and after these epochs (the last one's steps fill "
                              "--icbs-minutes)")
@@ -339,13 +342,13 @@ def icbs_curve(args, device, dense, calib, pruning, ppl, seed: int) -> dict:
     del probe
     step_s = warm.seconds / 2
     epochs = sorted(args.icbs_epochs)
-    steps = max(1, int(args.icbs_minutes * 60 / (epochs[-1] * step_s)))
+    steps = args.icbs_steps or max(1, int(args.icbs_minutes * 60 / (epochs[-1] * step_s)))
     pruner.config.steps_per_epoch = steps
     loop = move_loop(device, config.backend)
     curve = [{"epochs": 0, "ppl": ppl(model), "seconds": init.seconds, "peak_gb": init.peak_gb}]
     print(f"\niCBS, seed {seed}: block {args.block_size}, {args.restarts} restarts, batch {args.pruning_batch}, "
-          f"annealer: {loop}; measured {step_s:.1f}s/step -> {steps} steps/epoch for {args.icbs_minutes:g} min over "
-          f"{epochs[-1]} epochs\n"
+          f"annealer: {loop}; measured {step_s:.1f}s/step -> {steps} steps/epoch "
+          f"({'fixed by --icbs-steps' if args.icbs_steps else f'for {args.icbs_minutes:g} min'}) over {epochs[-1]} epochs\n"
           "| iCBS epochs | steps | perplexity | cumulative s (initial mask included) | mean dL | peak memory GB |\n"
           "|---:|---:|---:|---:|---:|---:|\n"
           f"| 0 | 0 | {curve[0]['ppl']:.2f} | {init.seconds:.1f} | - | {init.peak_gb:.2f} |", flush=True)
