@@ -27,7 +27,7 @@ class RunModule(pl.LightningModule):
         self.scheduler_cfg = scheduler_cfg
         self.run = run
         self.prefix = prefix
-        self._eval_sums: dict[str, list[float]] = {}
+        self._eval_means: dict = {}  # metric name -> torchmetrics MeanMetric
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -66,9 +66,9 @@ class RunModule(pl.LightningModule):
         self.log(f"{p}train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
-    # -- evaluation: exact means over the whole split, summed across ranks ----------------------
+    # -- evaluation: exact means over the whole split, reduced across ranks by torchmetrics ----------
     def on_validation_epoch_start(self):
-        self._eval_sums = {}
+        self._eval_means = {}
 
     def has_eval_metrics(self) -> bool:
         """Whether a validate loop measures anything: a task, or a plugin with its own ``eval_sums``."""
@@ -77,21 +77,22 @@ class RunModule(pl.LightningModule):
         return self.task is not None or any(type(p).eval_sums is not Plugin.eval_sums for p in self.plugins)
 
     def validation_step(self, batch, batch_idx):
+        from torchmetrics import MeanMetric
+
         sums = dict(self.task.eval_sums(self.model, batch)) if self.task is not None else {}
         for plugin in self.plugins:
             sums.update(plugin.eval_sums(self.model, batch, self.run))
         for name, (total, count) in sums.items():
-            acc = self._eval_sums.setdefault(name, [0.0, 0.0])
-            acc[0] += float(total)
-            acc[1] += float(count)
+            if name not in self._eval_means:  # sum/count over the split and all ranks = a count-weighted mean
+                self._eval_means[name] = MeanMetric(nan_strategy="error").set_dtype(torch.float64).to(self.device)
+            count = float(count)
+            self._eval_means[name].update(float(total) / count if count else 0.0, weight=count)
 
     def on_validation_epoch_end(self):
-        if not self._eval_sums:
+        if not self._eval_means:
             return
-        names = sorted(self._eval_sums)
-        sums = torch.tensor([self._eval_sums[n] for n in names], dtype=torch.float64, device=self.device)
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        means = {n: s / c for n, (s, c) in zip(names, sums.tolist()) if c > 0}
+        means = {name: float(metric.compute()) for name, metric in sorted(self._eval_means.items())}
+        means = {name: value for name, value in means.items() if value == value}  # NaN: no samples on any rank
         for name, value in (self.task.finalize(means) if self.task is not None else means).items():
             self.log(f"{self.prefix}val/{name}", value, on_epoch=True, sync_dist=False, rank_zero_only=True)
 
