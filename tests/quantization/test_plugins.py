@@ -107,7 +107,8 @@ def test_static_activation_ranges_come_from_the_calibration_inputs(llama_dir, co
     (["plugin.rtn.group_size=0"], r"plugin.rtn.group_size=0 is not supported: null .* or a positive number"),
     (["plugin.rtn.act_bits=3"], r"plugin.rtn.act_bits=3 is not supported: 4..8, or 16"),
     (["plugin.rtn.group_size=24"], r"plugin.rtn.group_size=24 does not divide the input width of \d+ target layer\(s\), "
-                                   r"e.g. model.layers.0.self_attn.q_proj \(32 inputs\); .*they share 32"),
+                                   r"e.g. model.layers.0.self_attn.q_proj \(32 inputs\); use a divisor of 32, the widths' greatest common "
+                                   r"divisor \(e.g. 32\)"),
     (["plugin.rtn.exclude=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"],
      r"plugin rtn: the model has no nn.Linear layers to quantize"),
     (["plugin=[rtn,gptq]"], r"plugin rtn cannot be combined with gptq \(another quantize plugin\)"),
