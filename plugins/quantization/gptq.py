@@ -44,14 +44,14 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize
     column_spec = QuantSpec(spec.bits, spec.symmetric)
     scale = torch.zeros(rows, n_groups, device=W.device)
     zero = torch.zeros_like(scale)
-    ready = torch.zeros(n_groups, dtype=torch.bool)
-    if static_groups or spec.group_size is None:
+    ready = [static_groups or spec.group_size is None] * n_groups
+    if ready[0]:
         scale, zero = minmax_qparams(W, spec)
-        ready[:] = True
 
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
     perm = perm.to(W.device)
     position = torch.argsort(perm)  # column c is swept at position[c]
+    group_of = (perm // g).tolist()  # the group of the column swept at each position
     W = W[:, perm]
     keep_p = None if keep is None else keep[:, perm]
     U = cholesky_inverse_upper(H[perm][:, perm], damp)
@@ -64,7 +64,7 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize
         err = torch.zeros_like(W1)
         for i in range(i2 - i1):
             p = i1 + i
-            k = int(perm[p]) // g
+            k = group_of[p]
             if not ready[k]:  # the sweep reaches group k: its range from its weights as updated so far
                 at = position[k * g:(k + 1) * g]
                 current = torch.where(at[None, :] < i2, W1[:, (at - i1).clamp(0, i2 - i1 - 1)],
