@@ -17,7 +17,7 @@ from torch import nn
 
 from blocktrain.trainer.compression.hessian import HessianAccumulator, cholesky_inverse_upper
 from blocktrain.trainer.compression.masks import find_linear_names
-from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec, dequantize, minmax_qparams, quantize
+from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec, dequantize, minmax_qparams, qrange
 from blocktrain.trainer.compression.quantizing import replace_with_quant_linears
 from blocktrain.trainer.compression.replay import calibrate_layers, default_forward
 
@@ -55,7 +55,8 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize
     W = W[:, perm]
     keep_p = None if keep is None else keep[:, perm]
     U = cholesky_inverse_upper(H[perm][:, perm], damp)
-    Q = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
+    Q = torch.zeros(rows, cols, device=W.device)
+    lo, hi = qrange(spec)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -73,17 +74,17 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize
                     current = current * keep_p[:, at]
                 scale[:, k:k + 1], zero[:, k:k + 1] = minmax_qparams(current, column_spec)
                 ready[k] = True
-            s, z = scale[:, k:k + 1], zero[:, k:k + 1]
+            s, z = scale[:, k], zero[:, k]
             w = W1[:, i]
-            q = quantize(w[:, None], s, z, column_spec)[:, 0]
+            q = torch.clamp(torch.round(w / s) + z, lo, hi)  # quant.quantize of one column, inlined (the hot loop)
             if keep_p is not None:
-                q = torch.where(keep_p[:, p], q, z[:, 0].to(q.dtype))
+                q = torch.where(keep_p[:, p], q, z)
             Q[:, p] = q
-            e = (w - dequantize(q[:, None], s, z)[:, 0]) / U1[i, i]
-            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            e = (w - s * (q - z)) / U1[i, i]
+            W1[:, i:].addr_(e, U1[i, i:], alpha=-1)
             err[:, i] = e
         W[:, i2:] -= err @ U[i1:i2, i2:]
-    return Q[:, position], scale, zero
+    return Q[:, position].to(torch.int32), scale, zero
 
 
 def gptq_quantize(model: nn.Module, batches: Iterable, spec: QuantSpec, forward: Callable = default_forward,
