@@ -17,7 +17,7 @@ from torch import nn
 
 from blocktrain.trainer.compression.hessian import HessianAccumulator, cholesky_inverse_upper
 from blocktrain.trainer.compression.masks import find_linear_names
-from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec, dequantize, minmax_qparams, quantize
+from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec, dequantize, minmax_qparams, qrange
 from blocktrain.trainer.compression.quantizing import replace_with_quant_linears
 from blocktrain.trainer.compression.replay import calibrate_layers, default_forward
 
@@ -44,18 +44,19 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize
     column_spec = QuantSpec(spec.bits, spec.symmetric)
     scale = torch.zeros(rows, n_groups, device=W.device)
     zero = torch.zeros_like(scale)
-    ready = torch.zeros(n_groups, dtype=torch.bool)
-    if static_groups or spec.group_size is None:
+    ready = [static_groups or spec.group_size is None] * n_groups
+    if ready[0]:
         scale, zero = minmax_qparams(W, spec)
-        ready[:] = True
 
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
     perm = perm.to(W.device)
     position = torch.argsort(perm)  # column c is swept at position[c]
+    group_of = (perm // g).tolist()  # the group of the column swept at each position
     W = W[:, perm]
     keep_p = None if keep is None else keep[:, perm]
     U = cholesky_inverse_upper(H[perm][:, perm], damp)
-    Q = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
+    Q = torch.zeros(rows, cols, device=W.device)
+    lo, hi = qrange(spec)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -64,7 +65,7 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize
         err = torch.zeros_like(W1)
         for i in range(i2 - i1):
             p = i1 + i
-            k = int(perm[p]) // g
+            k = group_of[p]
             if not ready[k]:  # the sweep reaches group k: its range from its weights as updated so far
                 at = position[k * g:(k + 1) * g]
                 current = torch.where(at[None, :] < i2, W1[:, (at - i1).clamp(0, i2 - i1 - 1)],
@@ -73,17 +74,17 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize
                     current = current * keep_p[:, at]
                 scale[:, k:k + 1], zero[:, k:k + 1] = minmax_qparams(current, column_spec)
                 ready[k] = True
-            s, z = scale[:, k:k + 1], zero[:, k:k + 1]
+            s, z = scale[:, k], zero[:, k]
             w = W1[:, i]
-            q = quantize(w[:, None], s, z, column_spec)[:, 0]
+            q = torch.clamp(torch.round(w / s) + z, lo, hi)  # quant.quantize of one column, inlined (the hot loop)
             if keep_p is not None:
-                q = torch.where(keep_p[:, p], q, z[:, 0].to(q.dtype))
+                q = torch.where(keep_p[:, p], q, z)
             Q[:, p] = q
-            e = (w - dequantize(q[:, None], s, z)[:, 0]) / U1[i, i]
-            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            e = (w - s * (q - z)) / U1[i, i]
+            W1[:, i:].addr_(e, U1[i, i:], alpha=-1)
             err[:, i] = e
         W[:, i2:] -= err @ U[i1:i2, i2:]
-    return Q[:, position], scale, zero
+    return Q[:, position].to(torch.int32), scale, zero
 
 
 def gptq_quantize(model: nn.Module, batches: Iterable, spec: QuantSpec, forward: Callable = default_forward,

@@ -1,4 +1,4 @@
-"""The pruning recipes compose and validate, with real hub ids as defaults and the offline GGUF override."""
+"""The pruning and quantization recipes compose and validate, with real hub ids as defaults and the offline GGUF override."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ from blocktrain.trainer.cli import load_config
 from blocktrain.trainer.validation import validate_config
 
 RECIPES = {"magnitude_llm": "magnitude", "wanda_llm": "wanda", "sparsegpt_llm": "sparsegpt", "icbs_llm": "icbs",
-           "wanda_vit": "wanda", "icbs_vit": "icbs"}
+           "wanda_vit": "wanda", "icbs_vit": "icbs", "rtn_llm": "rtn", "gptq_llm": "gptq"}
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))

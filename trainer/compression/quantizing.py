@@ -159,11 +159,11 @@ class QuantizationPlugin(Plugin):
             widths = {name: model.get_submodule(name).in_features for name in self.names}
             bad = [name for name, width in widths.items() if width % c.group_size]
             if bad:
-                divisor = math.gcd(*widths.values())
+                common = math.gcd(*widths.values())
                 raise UserError(f"plugin.{self.name}.group_size={c.group_size} does not divide the input width of "
                                 f"{len(bad)} target layer(s), e.g. {bad[0]} ({widths[bad[0]]} inputs); use a divisor "
-                                f"of every target's width (they share {divisor}), null for one scale per output "
-                                f"channel, or leave those layers out with plugin.{self.name}.exclude")
+                                f"of {common}, the widths' greatest common divisor (e.g. {common & -common}), null for "
+                                f"one scale per output channel, or leave those layers out with plugin.{self.name}.exclude")
         self.keep_zeros = bool(_prune_plugins_before(run, self.name))
         return model
 
