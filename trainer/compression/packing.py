@@ -27,7 +27,7 @@ import torch
 
 from blocktrain.trainer.compression.quant import QuantLinear, dequantize
 
-__all__ = ["FORMATS", "export_quantized", "quant_linears", "save_compressed", "save_dequantized"]
+__all__ = ["FORMATS", "export_quantized", "pack_quant_linear", "quant_linears", "save_compressed", "save_dequantized"]
 
 FORMATS = ("compressed-tensors", "dequantized")
 
@@ -60,6 +60,15 @@ def _dense_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(dense.get_submodule(parent) if parent else dense, child, linear)
     return dense
+
+
+def pack_quant_linear(q: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed, scale, zero) of ``q`` for :func:`blocktrain.kernels.quant_matmul` (2, 4 or 8 bits): codes made
+    unsigned (symmetric ones shifted up by 2^(b−1), their zero point with them), so ŵ = s·(u − z) is unchanged."""
+    from blocktrain.kernels.quant_matmul import pack_codes
+
+    offset = 2 ** (q.spec.bits - 1) if q.spec.symmetric else 0
+    return pack_codes(q.codes + offset, q.spec.bits), q.scale, q.zero + offset
 
 
 def _save(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer) -> Path:
