@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from blocktrain.trainer.compression.packing import export_quantized, save_compressed, save_dequantized
+from blocktrain.trainer.compression.packing import (PackedLinear, export_quantized, pack_model, save_compressed,
+                                                    save_dequantized)
 from blocktrain.trainer.compression.quant import ActQuantSpec, QuantLinear, QuantSpec, minmax_qparams
 
 pytest.importorskip("compressed_tensors")
@@ -24,10 +25,12 @@ def tiny_llama(tied: bool = False) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def quantized(spec: QuantSpec, act: ActQuantSpec | None = None, density: float = 1.0, lm_head: bool = False,
+def quantized(spec, act: ActQuantSpec | None = None, density: float = 1.0, lm_head: bool = False,
               tied: bool = False) -> LlamaForCausalLM:
-    """The tiny model with every block Linear (and ``lm_head`` if asked) replaced by a min/max QuantLinear; with
-    ``density`` < 1 the smallest weights of each are zeroed first (a pruned model)."""
+    """The tiny model with every block Linear (and ``lm_head`` if asked) replaced by a min/max QuantLinear on ``spec``
+    (a QuantSpec, or a function of the layer name); with ``density`` < 1 the smallest weights of each are zeroed
+    first (a pruned model)."""
+    spec_of = spec if callable(spec) else lambda name: spec
     model = tiny_llama(tied)
     for name, linear in list(model.named_modules()):
         if not isinstance(linear, torch.nn.Linear) or (name == "lm_head" and not lm_head):
@@ -41,8 +44,9 @@ def quantized(spec: QuantSpec, act: ActQuantSpec | None = None, density: float =
             if not act.dynamic:
                 kw.update(act_scale=torch.tensor(0.05), act_zero=torch.tensor(0.0 if act.symmetric else 2 ** (act.bits - 1)))
         parent, _, child = name.rpartition(".")
+        grid = spec_of(name)
         setattr(model.get_submodule(parent) if parent else model, child,
-                QuantLinear.from_weight(w, *minmax_qparams(w, spec), spec, linear.bias, **kw))
+                QuantLinear.from_weight(w, *minmax_qparams(w, grid), grid, linear.bias, **kw))
     return model
 
 
@@ -67,6 +71,16 @@ def test_packed_reload_is_bit_exact(tmp_path, bits, symmetric, group):
     assert weights["strategy"] == ("channel" if group is None else "group")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_mixed_settings_get_one_config_group_each(tmp_path):
+    model = quantized(lambda name: QuantSpec(8, True) if ".mlp." in name else QuantSpec(4, True, 32))
+    save_compressed(model, tmp_path)
+    groups = ct_config(tmp_path)["config_groups"].values()
+    assert sorted(g["weights"]["num_bits"] for g in groups) == [4, 8]
+    mlp = next(g for g in groups if g["weights"]["num_bits"] == 8)["targets"]
+    assert sorted(mlp) == [f"model.layers.0.mlp.{p}_proj" for p in ("down", "gate", "up")]
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval()), logits(model))
 
 
 @pytest.mark.parametrize("act,exact", [(ActQuantSpec(8, False, dynamic=True), True),
@@ -106,7 +120,7 @@ def test_dequantized_export_reloads_as_plain_linears(tmp_path):
 def test_pruned_weights_stay_exactly_zero(tmp_path, symmetric):
     model = quantized(QuantSpec(4, symmetric, 32), density=0.5)
     paths = export_quantized(model, tmp_path)
-    for path in paths.values():
+    for path in (paths["compressed-tensors"], paths["dequantized"]):
         reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
         logits(reloaded)  # compressed-tensors decompresses on the first forward
         for name, q in model.named_modules():
@@ -119,18 +133,33 @@ def test_pruned_weights_stay_exactly_zero(tmp_path, symmetric):
 def test_export_report(tmp_path):
     model = quantized(QuantSpec(4, False, 32))
     paths = export_quantized(model, tmp_path)
-    report = json.loads((tmp_path / "quantization.json").read_text())
+    assert set(paths) == {"compressed-tensors", "dequantized", "report"}
+    report = json.loads(paths["report"].read_text())
     assert report["code_bits_per_weight"] == 4
     assert report["bits_per_weight"] == pytest.approx(4 + (32 + 4) / 32)  # fp32 scale + 4-bit zero per 32 weights
     assert len(report["layers"]) == 7
-    sizes = {fmt: report["formats"][fmt]["size_bytes"] for fmt in paths}
+    sizes = {fmt: report["formats"][fmt]["size_bytes"] for fmt in ("compressed-tensors", "dequantized")}
     assert 0 < sizes["compressed-tensors"] < sizes["dequantized"]
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(4, False, 32), (2, True, None)])
+def test_packed_inference_path_equals_the_quant_linears(bits, symmetric, group):
+    model = quantized(QuantSpec(bits, symmetric, group))
+    want = logits(model)
+    pack_model(model)
+    assert type(model.model.layers[0].mlp.up_proj) is PackedLinear
+    assert model.model.layers[0].mlp.up_proj.packed.dtype == torch.int32
+    assert torch.equal(logits(model), want)
 
 
 def test_unsupported_settings_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="tied to the input embedding"):
         save_compressed(quantized(QuantSpec(4), lm_head=True, tied=True), tmp_path)
+    with pytest.raises(ValueError, match="asymmetric weight-only layers mixed"):
+        save_compressed(quantized(lambda name: QuantSpec(8, True) if ".mlp." in name else QuantSpec(4)), tmp_path)
     with pytest.raises(ValueError, match="no QuantLinear"):
         save_compressed(tiny_llama(), tmp_path)
     with pytest.raises(ValueError, match="unknown export format"):
         export_quantized(quantized(QuantSpec(4)), tmp_path, formats=("gguf",))
+    with pytest.raises(ValueError, match="weight-only"):
+        pack_model(quantized(QuantSpec(4), ActQuantSpec(8)))

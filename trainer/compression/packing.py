@@ -27,7 +27,8 @@ import torch
 
 from blocktrain.trainer.compression.quant import QuantLinear, dequantize
 
-__all__ = ["FORMATS", "export_quantized", "pack_quant_linear", "quant_linears", "save_compressed", "save_dequantized"]
+__all__ = ["FORMATS", "PackedLinear", "export_quantized", "pack_model", "pack_quant_linear", "quant_linears",
+           "save_compressed", "save_dequantized"]
 
 FORMATS = ("compressed-tensors", "dequantized")
 
@@ -69,6 +70,35 @@ def pack_quant_linear(q: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch
 
     offset = 2 ** (q.spec.bits - 1) if q.spec.symmetric else 0
     return pack_codes(q.codes + offset, q.spec.bits), q.scale, q.zero + offset
+
+
+class PackedLinear(torch.nn.Module):
+    """A weight-only QuantLinear kept packed (b/32 of an int32 per weight) and run by the ``quant_matmul`` kernel."""
+
+    def __init__(self, q: QuantLinear):
+        super().__init__()
+        if q.act is not None:
+            raise ValueError(f"PackedLinear runs weight-only layers; this one quantizes its input ({q.act})")
+        self.bits, self.in_features, self.out_features = q.spec.bits, q.in_features, q.out_features
+        packed, scale, zero = pack_quant_linear(q)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("zero", zero)
+        self.bias = q.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from blocktrain.kernels import quant_matmul
+
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return quant_matmul(x, self.packed, self.scale, self.zero, self.bits, bias)
+
+
+def pack_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every QuantLinear of ``model`` by its :class:`PackedLinear`, in place; returns ``model``."""
+    for name, q in quant_linears(model).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(q))
+    return model
 
 
 def _save(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer) -> Path:
@@ -137,10 +167,16 @@ def save_compressed(model: torch.nn.Module, out_dir: str | os.PathLike, tokenize
                           "(pip install compressed-tensors); the 'dequantized' format does not") from exc
     layers = quant_linears(model)
     _check_untied(model, layers)
-    dense = _dense_copy(model, torch.float32)  # codes are re-derived exactly from fp32 ŵ and fp32 scales
     groups: dict[str, list[str]] = {}
     for name, q in layers.items():
         groups.setdefault(repr((q.spec, q.act)), []).append(name)
+    asymmetric = any(not q.spec.symmetric and q.act is None for q in layers.values())
+    if asymmetric and len(groups) > 1:
+        raise ValueError("asymmetric weight-only layers mixed with other settings: transformers (5.24) can load such "
+                         "a compressed-tensors checkpoint only by dequantizing it, and that path applies the first "
+                         "config group's scheme to every layer; use one setting for all layers or symmetric weights "
+                         "(the 'dequantized' format has no such limit)")
+    dense = _dense_copy(model, torch.float32)  # codes are re-derived exactly from fp32 ŵ and fp32 scales
     for names in groups.values():
         targets = ["Linear"] if len(groups) == 1 else names
         for name in names:
@@ -160,7 +196,7 @@ def save_compressed(model: torch.nn.Module, out_dir: str | os.PathLike, tokenize
         _check_codes(name, dense.get_submodule(name), q)
     out = _save(dense, out_dir, tokenizer)
     compressor.update_config(str(out))
-    if any(not q.spec.symmetric and q.act is None for q in layers.values()):
+    if asymmetric:
         _dequantize_on_load(out / "config.json")
     return out
 
@@ -205,7 +241,8 @@ def _code_bits(model: torch.nn.Module) -> dict:
 def export_quantized(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer=None,
                      formats: tuple[str, ...] | list[str] = FORMATS) -> dict[str, Path]:
     """Write each of ``formats`` (``compressed-tensors``, ``dequantized``) under ``out_dir/<format>`` and a
-    ``quantization.json`` (settings, bits per weight, size on disk per format); returns {format: path}."""
+    ``quantization.json`` (settings, bits per weight, size on disk per format); returns {format: folder} plus
+    ``"report"``: the json file."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; expected some of {list(FORMATS)}")
@@ -220,4 +257,4 @@ def export_quantized(model: torch.nn.Module, out_dir: str | os.PathLike, tokeniz
         "formats": {fmt: {"path": str(p), "size_bytes": _size(p)} for fmt, p in paths.items()},
     }
     (out / "quantization.json").write_text(json.dumps(report, indent=2))
-    return paths
+    return {**paths, "report": out / "quantization.json"}
