@@ -2,8 +2,9 @@
 
 Each program computes a (BLOCK_M, BLOCK_N) tile of y; per BLOCK_K step it loads the int32 words that hold a
 (BLOCK_K, BLOCK_N) tile of codes, shifts and masks the codes out, dequantizes them with their group's scale and
-zero point in fp32 and feeds them to ``tl.dot`` (fp32 inputs: exact ``ieee`` products; bf16/fp16: the weight
-tile is cast to x's dtype, fp32 accumulation). The dequantized weight never reaches global memory.
+zero point in fp32 and feeds them to ``tl.dot`` with fp32 accumulation (fp32 inputs: exact ``ieee`` products;
+bf16/fp16 inputs: tf32 tensor-core products, in which x is exact). The dequantized weight never reaches global
+memory.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
+                    other=0.0).to(tl.float32)
         tile_ok = k_ok[:, None] & col_ok[None, :]
         words = tl.load(w_ptr + cols64[None, :] * stride_wn + (ks // per_word)[:, None], mask=tile_ok, other=0)
         codes = (words >> ((ks % per_word) * BITS)[:, None]) & ((1 << BITS) - 1)
@@ -45,8 +46,8 @@ def _kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         w = scale * (codes.to(tl.float32) - zero)
         if x_ptr.dtype.element_ty == tl.float32:
             acc += tl.dot(x, w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+        else:  # a bf16/fp16 x is exact in tf32, and ŵ keeps more bits there than in x's dtype
+            acc += tl.dot(x, w, input_precision="tf32")
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
