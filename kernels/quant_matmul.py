@@ -53,15 +53,16 @@ def unpack_codes(packed: Tensor, bits: int, in_features: int) -> Tensor:
     _check_bits(bits)
     per_word = 32 // bits
     shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits
-    codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.reshape(packed.shape[0], -1)[:, :in_features]
+    codes = (packed.unsqueeze(-1) >> shifts).bitwise_and_(2**bits - 1)
+    return codes.view(packed.shape[0], -1)[:, :in_features]
 
 
 def dequantize_packed(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, in_features: int) -> Tensor:
-    """ŵ = s·(u − z) (out, in_features) in ``scale``'s dtype, scale/zero (out, n_groups) spread over their groups."""
-    group = in_features // scale.shape[1]
-    u = unpack_codes(packed, bits, in_features).to(scale.dtype)
-    return scale.repeat_interleave(group, 1) * (u - zero.to(scale.dtype).repeat_interleave(group, 1))
+    """ŵ = s·(u − z) (out, in_features) in ``scale``'s dtype, scale/zero (out, n_groups) each covering
+    in_features/n_groups consecutive columns."""
+    out, n_groups = scale.shape
+    u = unpack_codes(packed, bits, in_features).to(scale.dtype).view(out, n_groups, -1)
+    return u.sub_(zero.to(scale.dtype).unsqueeze(-1)).mul_(scale.unsqueeze(-1)).view(out, in_features)
 
 
 def quant_matmul_reference(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bits: int,
