@@ -73,6 +73,16 @@ def test_packed_reload_is_bit_exact(tmp_path, bits, symmetric, group):
     assert torch.equal(logits(reloaded), logits(model))
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_tied_embeddings_survive_both_exports(tmp_path, symmetric):
+    """SmolLM2 ties lm_head to the embedding: the blocks are quantized, the tie stays."""
+    model = quantized(QuantSpec(4, symmetric, 32), tied=True)
+    for path in (save_compressed(model, tmp_path / "ct"), save_dequantized(model, tmp_path / "dq")):
+        reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+        assert torch.equal(logits(reloaded), logits(model))
+        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+
 def test_mixed_settings_get_one_config_group_each(tmp_path):
     model = quantized(lambda name: QuantSpec(8, True) if ".mlp." in name else QuantSpec(4, True, 32))
     save_compressed(model, tmp_path)
@@ -153,8 +163,9 @@ def test_packed_inference_path_equals_the_quant_linears(bits, symmetric, group):
 
 
 def test_unsupported_settings_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="tied to the input embedding"):
-        save_compressed(quantized(QuantSpec(4), lm_head=True, tied=True), tmp_path)
+    for save in (save_compressed, save_dequantized):
+        with pytest.raises(ValueError, match="tied to the input embedding"):
+            save(quantized(QuantSpec(4), lm_head=True, tied=True), tmp_path)
     with pytest.raises(ValueError, match="asymmetric weight-only layers mixed"):
         save_compressed(quantized(lambda name: QuantSpec(8, True) if ".mlp." in name else QuantSpec(4)), tmp_path)
     with pytest.raises(ValueError, match="no QuantLinear"):

@@ -43,11 +43,24 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def _check_untied(model: torch.nn.Module, layers: dict[str, QuantLinear]) -> None:
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = [name for name, q in layers.items() if q is output]
+    if tied:
+        raise ValueError(f"{tied[0]} is quantized but tied to the input embedding (config.tie_word_embeddings): "
+                         "a reload would tie it back to the unquantized embedding, and compressed-tensors cannot pack "
+                         "a weight the embedding shares; leave it out of the quantization targets or untie it first")
+
+
 def _dense_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A copy of ``model`` whose QuantLinears are nn.Linears holding their dequantized weight in ``dtype``."""
     layers = quant_linears(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layers: quantize it before exporting a quantized model")
+    _check_untied(model, layers)
     # deep-copy without the quantized layers (their codes would be copied only to be dropped)
     memo = {id(m): None for m in layers.values()}
     dense = copy.deepcopy(model, memo)
@@ -115,18 +128,6 @@ def save_dequantized(model: torch.nn.Module, out_dir: str | os.PathLike, tokeniz
     return _save(_dense_copy(model, _model_dtype(model)), out_dir, tokenizer)
 
 
-def _check_untied(model: torch.nn.Module, layers: dict[str, QuantLinear]) -> None:
-    config = getattr(model, "config", None)
-    if not getattr(config, "tie_word_embeddings", False):
-        return
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = [name for name, q in layers.items() if q is output]
-    if tied:
-        raise ValueError(f"{tied[0]} is quantized but tied to the input embedding (config.tie_word_embeddings): "
-                         "compressed-tensors cannot store a packed output layer that shares the embedding's weight; "
-                         "leave it out of the quantization targets or untie it first")
-
-
 def _ct_args(bits: int, symmetric: bool, strategy: str, **kw):
     from compressed_tensors.quantization import QuantizationArgs
 
@@ -166,7 +167,6 @@ def save_compressed(model: torch.nn.Module, out_dir: str | os.PathLike, tokenize
         raise ImportError("the compressed-tensors export needs the 'compressed-tensors' package "
                           "(pip install compressed-tensors); the 'dequantized' format does not") from exc
     layers = quant_linears(model)
-    _check_untied(model, layers)
     groups: dict[str, list[str]] = {}
     for name, q in layers.items():
         groups.setdefault(repr((q.spec, q.act)), []).append(name)
