@@ -2,5 +2,6 @@
 
 from blocktrain.kernels.dispatch import get_backend, set_backend, use_backend
 from blocktrain.kernels.lora_linear import lora_linear
+from blocktrain.kernels.quant_matmul import quant_matmul
 
-__all__ = ["get_backend", "lora_linear", "set_backend", "use_backend"]
+__all__ = ["get_backend", "lora_linear", "quant_matmul", "set_backend", "use_backend"]

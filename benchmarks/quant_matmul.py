@@ -1,0 +1,96 @@
+"""Time ``quant_matmul`` (packed low-bit weight) against a dense matmul with the same, dequantized, weight.
+
+    python benchmarks/quant_matmul.py [--repeats N] [--bits 4 2] [--group 32]
+
+Shapes: SmolLM2-135M's MLP (576→1536, 1536→576) and Llama-7B's up projection (4096→11008), at 1, 16 and 256
+tokens. On CPU the op runs its reference path (unpack, dequantize, ``F.linear``; fp32) — torchao's CPU int4
+kernels are not used (torchao is not a dependency). On CUDA it runs the Triton kernel (bf16) and the dense
+side is cuBLAS in bf16. Each time is the median of ``--repeats`` calls, with the 25th–75th percentile spread;
+the two sides take turns so load changes hit both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# This folder holds a file named like the PyPI package `kernels`, which bitsandbytes tries to import.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from blocktrain.kernels import dispatch, quant_matmul  # noqa: E402
+from blocktrain.kernels.quant_matmul import dequantize_packed, pack_codes  # noqa: E402
+from blocktrain.trainer.testing import describe_machine  # noqa: E402
+
+SHAPES = [("SmolLM2 up", 576, 1536), ("SmolLM2 down", 1536, 576), ("Llama-7B up", 4096, 11008)]
+TOKENS = (1, 16, 256)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fns: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float, float]]:
+    """(median, 25th, 75th percentile) seconds of each function, taking turns."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, t in times.items():
+        q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+        out[name] = (statistics.median(t), q[0], q[2])
+    return out
+
+
+def ms(t: tuple[float, float, float]) -> str:
+    return f"{t[0] * 1e3:8.3f} [{t[1] * 1e3:.3f}–{t[2] * 1e3:.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--group", type=int, default=32, help="input columns per scale/zero (0: per channel)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = dispatch.select(device, dtype)
+    print(f"machine: {describe_machine(device)}; torch {torch.__version__}; {dtype}; quant_matmul path: {path}; "
+          f"group {args.group or 'per channel'}; median [p25–p75] of {args.repeats} calls, ms")
+    print(f"{'shape':<14} {'bits':>4} {'tokens':>6} {'dense':>26} {'quant_matmul':>26} {'ratio':>6} "
+          f"{'W dense MB':>10} {'W packed MB':>11}")
+    gen = torch.Generator().manual_seed(0)
+    for name, width, out in SHAPES:
+        groups = 1 if not args.group else width // args.group
+        for bits in args.bits:
+            packed = pack_codes(torch.randint(0, 2**bits, (out, width), generator=gen), bits).to(device)
+            scale = ((torch.rand(out, groups, generator=gen) + 0.5) / width**0.5).to(device, dtype)
+            zero = torch.randint(0, 2**bits, (out, groups), generator=gen).to(device, dtype)
+            weight = dequantize_packed(packed, scale, zero, bits, width).to(dtype)
+            packed_mb = (packed.numel() * 4 + scale.numel() * scale.element_size() * 2) / 2**20
+            for tokens in TOKENS:
+                x = torch.randn(tokens, width, generator=gen).to(device, dtype)
+                with torch.no_grad():
+                    t = timed({"dense": lambda: F.linear(x, weight),
+                               "quant": lambda: quant_matmul(x, packed, scale, zero, bits)}, device, args.repeats)
+                print(f"{name:<14} {bits:>4} {tokens:>6} {ms(t['dense']):>26} {ms(t['quant']):>26} "
+                      f"{t['quant'][0] / t['dense'][0]:6.2f} {weight.numel() * weight.element_size() / 2**20:10.1f} "
+                      f"{packed_mb:11.1f}", flush=True)
+            del weight
+
+
+if __name__ == "__main__":
+    main()

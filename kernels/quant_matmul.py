@@ -1,0 +1,146 @@
+"""``quant_matmul``: y = x·ŵᵀ + b for a weight stored as packed low-bit integer codes (weight-only quantization).
+
+The weight (out, in) is unsigned b-bit codes u ∈ [0, 2^b) with a scale and a zero point per output row and group
+of in/n_groups consecutive columns (n_groups = 1: per channel), ŵ = s·(u − z). Codes are packed along the input
+dimension, 32/b per int32 word, code j of a row at bits b·(j mod 32/b) of word j // (32/b) — compressed-tensors'
+``pack-quantized`` layout for b ∈ {2, 4, 8}, with codes offset to be unsigned (theirs are signed, u = q + 2^(b−1)).
+
+The Triton kernel dequantizes tiles of the weight in registers and never writes ŵ to memory; the reference
+(the CPU path) unpacks the whole weight, dequantizes it and calls ``F.linear``. One ``torch.library`` op
+(``blocktrain::quant_matmul``) with a fake and a gradient for x (the codes are frozen), so ``torch.compile``
+sees one node and adapters can train in front of a packed layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from blocktrain.kernels import dispatch
+
+__all__ = ["BITS", "dequantize_packed", "pack_codes", "quant_matmul", "quant_matmul_reference", "unpack_codes"]
+
+BITS = (2, 4, 8)
+
+
+def _triton():
+    from blocktrain.kernels import _quant_matmul_triton
+
+    return _quant_matmul_triton
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"quant_matmul: bits must be one of {BITS} (codes that tile a 32-bit word), got {bits}")
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Unsigned codes (out, in) in [0, 2^bits) → int32 words (out, ⌈in·bits/32⌉), zero-padded at the end."""
+    _check_bits(bits)
+    if codes.min() < 0 or codes.max() >= 2**bits:
+        raise ValueError(f"pack_codes: codes must lie in [0, {2**bits}), got [{int(codes.min())}, {int(codes.max())}]")
+    per_word = 32 // bits
+    out, width = codes.shape
+    padded = F.pad(codes.to(torch.int64), (0, -width % per_word)).view(out, -1, per_word)
+    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
+    words = (padded << shifts).sum(-1)  # disjoint bit fields: the sum is their OR
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_codes(packed: Tensor, bits: int, in_features: int) -> Tensor:
+    """The inverse of :func:`pack_codes`: int32 words → unsigned codes (out, in_features) as int32."""
+    _check_bits(bits)
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.unsqueeze(-1) >> shifts).bitwise_and_(2**bits - 1)
+    return codes.view(packed.shape[0], -1)[:, :in_features]
+
+
+def dequantize_packed(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, in_features: int) -> Tensor:
+    """ŵ = s·(u − z) (out, in_features) in ``scale``'s dtype, scale/zero (out, n_groups) each covering
+    in_features/n_groups consecutive columns."""
+    out, n_groups = scale.shape
+    u = unpack_codes(packed, bits, in_features).to(scale.dtype).view(out, n_groups, -1)
+    return u.sub_(zero.to(scale.dtype).unsqueeze(-1)).mul_(scale.unsqueeze(-1)).view(out, in_features)
+
+
+def quant_matmul_reference(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bits: int,
+                           bias: Tensor | None = None) -> Tensor:
+    """Unpack, dequantize (in ``scale``'s dtype, then x's), ``F.linear``: the CPU path and the parity oracle."""
+    w = dequantize_packed(packed, scale, zero, bits, x.shape[-1]).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+@torch.library.custom_op("blocktrain::quant_matmul", mutates_args=())
+def _quant_matmul_op(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, bits: int,
+                     backend: str) -> Tensor:
+    lead, width = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, width)
+    with torch.autocast(x.device.type, enabled=False):
+        if backend == "triton":
+            y = _triton().quant_matmul(x2.contiguous(), packed, scale, zero, bias, bits)
+        else:
+            y = quant_matmul_reference(x2, packed, scale, zero, bits, bias)
+    return y.view(*lead, packed.shape[0])
+
+
+@_quant_matmul_op.register_fake
+def _(x, packed, scale, zero, bias, bits, backend):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, scale, zero, bias, bits, _ = inputs
+    ctx.save_for_backward(packed, scale, zero)
+    ctx.bits, ctx.width, ctx.dtype = bits, x.shape[-1], x.dtype
+
+
+def _backward(ctx, grad_y):
+    packed, scale, zero = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_y @ dequantize_packed(packed, scale, zero, ctx.bits, ctx.width).to(grad_y.dtype)
+    if ctx.needs_input_grad[4]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, None, None, None, grad_bias, None, None
+
+
+_quant_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public entry point
+
+
+def _validate(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bits: int, bias: Tensor | None) -> None:
+    _check_bits(bits)
+    width, out = x.shape[-1], packed.shape[0]
+    words = -(-width * bits // 32)
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != words:
+        raise ValueError(f"quant_matmul: packed must be int32 (out, {words}) for {width} inputs at {bits} bits, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    if scale.dim() != 2 or scale.shape[0] != out or tuple(zero.shape) != tuple(scale.shape):
+        raise ValueError(f"quant_matmul: scale and zero must both be ({out}, n_groups), got {tuple(scale.shape)} "
+                         f"and {tuple(zero.shape)}")
+    if width % scale.shape[1]:
+        raise ValueError(f"quant_matmul: {scale.shape[1]} groups do not divide the input width {width}")
+    if bias is not None and tuple(bias.shape) != (out,):
+        raise ValueError(f"quant_matmul: bias must be ({out},), got {tuple(bias.shape)}")
+
+
+def quant_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bits: int,
+                 bias: Tensor | None = None) -> Tensor:
+    """y = x·ŵᵀ + b with ŵ = s·(u − z) from packed codes (see the module docstring).
+
+    x: (..., in); packed: int32 (out, ⌈in·bits/32⌉) from :func:`pack_codes`; scale, zero: (out, n_groups);
+    bias: (out,) or None; bits ∈ {2, 4, 8}. Returns (..., out) in x's dtype; differentiable in x and bias.
+    """
+    _validate(x, packed, scale, zero, bits, bias)
+    backend = dispatch.select(x.device, x.dtype)
+    dispatch.announce("quant_matmul", backend)
+    return torch.ops.blocktrain.quant_matmul(x, packed, scale, zero, bias, int(bits), backend)
