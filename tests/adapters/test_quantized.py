@@ -124,6 +124,21 @@ def test_peft_export_reloads_on_the_same_quantized_base(llama_dir, tmp_path, qua
         assert not torch.allclose(load(llama_dir, quantization)(x).logits, want)
 
 
+def test_an_adapted_nf4_model_loads_its_own_full_state_back(llama_dir):
+    """What resume does: the full state dict (4-bit codes and their quantization state included), strictly."""
+    model = apply_lora(load(llama_dir, "nf4", quant_double=True), ["q_proj", "down_proj"], rank=2, alpha=2)
+    train_a_little(model)
+    state = model.state_dict()
+    assert any(k.endswith("base_layer.weight.absmax") for k in state)
+    again = apply_lora(load(llama_dir, "nf4", quant_double=True), ["q_proj", "down_proj"], rank=2, alpha=2)
+    again.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(again(ids(model)).logits, model(ids(model)).logits)
+    other = apply_lora(load(llama_dir, "fp4", quant_double=True), ["q_proj", "down_proj"], rank=2, alpha=2)
+    with pytest.raises(RuntimeError, match="4-bit quantization state differs from the base the model source loaded"):
+        other.load_state_dict(state, strict=True)
+
+
 def test_merge_on_a_quantized_base_is_refused(llama_dir, tmp_path):
     from blocktrain.plugins.blocklora.plugin import BlockLoraConfig, BlockLoraPlugin
 

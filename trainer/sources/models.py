@@ -159,6 +159,8 @@ def _load_transformers(cfg, processor) -> LoadedModel:
             model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
                                                 quantization_config=quantization, **{dtype_key: dtype})
 
+    if quantization is not None and quantization.load_in_4bit:
+        reload_own_quant_state(model)
     if processor is None and cfg.processor != "none":
         processor = _load_processor(cfg, location, gguf_file)
     pad_id = getattr(processor, "pad_token_id", None) if cfg.processor == "tokenizer" else None
@@ -207,6 +209,28 @@ def bnb_config(cfg):
     compute = cfg.quant_compute_dtype or (cfg.dtype if cfg.dtype != "auto" else "float32")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
                               bnb_4bit_compute_dtype=getattr(torch, compute), bnb_4bit_use_double_quant=cfg.quant_double)
+
+
+def reload_own_quant_state(model) -> None:
+    """Let the model's bitsandbytes 4-bit layers load their own full state dict back (resume, ``init_from`` a
+    checkpoint): their quantization state (absmax, quant_map, ...) is not a parameter or buffer, so
+    ``load_state_dict`` would call it unexpected. Each layer checks the checkpoint's state equals its own (the
+    frozen base the source loaded) and takes it; a different one is an error."""
+    import bitsandbytes as bnb
+    import torch
+
+    def check_own(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        own: dict = {}
+        module._save_to_state_dict(own, prefix, keep_vars=False)
+        for key in [k for k in state_dict if k.startswith(prefix + "weight.")]:
+            value = state_dict.pop(key)
+            if key not in own or not torch.equal(value.to(own[key].device), own[key]):
+                error_msgs.append(f"{key}: the checkpoint's 4-bit quantization state differs from the base the "
+                                  "model source loaded (another model or model.quantization setting)")
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.register_load_state_dict_pre_hook(check_own)
 
 
 def new_weights(loading: dict) -> list[str]:
