@@ -237,8 +237,8 @@ def test_qlora_recipe_trains_and_exports_a_peft_adapter_for_the_nf4_base(llama_d
     run_dir = tmp_path / "run"
     result = train("recipe=qlora_llm", f"model.id={llama_dir}", f"data.files=[{corpus}]", "data.seq_len=16",
                    "data.batch_size=4", "data.val_fraction=0.2", "trainer=cpu", "logger=none",
-                   "trainer.enable_progress_bar=false", "trainer.max_steps=2", "plugin.lora.rank=4",
-                   "optim.lr=1e-2", f"run_dir={run_dir}")
+                   "trainer.enable_progress_bar=false", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "plugin.lora.rank=4", "optim.lr=1e-2", f"run_dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     state = {k.removeprefix("model."): v for k, v in state.items()}
