@@ -231,6 +231,7 @@ def test_adapters_follow_a_quantize_plugin_and_never_precede_one():
 
 
 # -- QLoRA from the CLI --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_qlora_recipe_trains_and_exports_a_peft_adapter_for_the_nf4_base(llama_dir, corpus, tmp_path):
     from peft import PeftModel
 
