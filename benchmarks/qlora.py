@@ -50,6 +50,9 @@ def one_arm(base: str, seed: int, args) -> dict:
     import torch
     from torch.utils.data import Subset
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     from blocktrain.trainer.adapters import apply_lora, count_parameters
     from blocktrain.trainer.compression.evaluation import perplexity
     from blocktrain.trainer.sources.data import build_datasets
@@ -115,6 +118,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: torch's default); on a "
+                        "shared machine 1 avoids idle-spinning thread pools")
     parser.add_argument("--arm", nargs=2, metavar=("BASE", "SEED"), help=argparse.SUPPRESS)  # one arm, JSON out
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -132,14 +137,15 @@ def main() -> None:
     from blocktrain.trainer.testing import describe_machine
 
     flags = [*(["--quick"] if args.quick else []), *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-             ("steps", "seq_len", "batch_size", "eval_windows", "rank", "alpha", "dropout", "lr"))]
+             ("steps", "seq_len", "batch_size", "eval_windows", "rank", "alpha", "dropout", "lr", "threads"))]
     header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": describe_machine(torch.device("cpu")),
               "torch": torch.__version__, "uptime_before": uptime(), "args": {k: str(v) for k, v in vars(args).items()}}
     print(f"# QLoRA benchmark{' (QUICK SMOKE RUN)' if args.quick else ''}\n{header['date']}, {header['machine']}, "
           f"torch {header['torch']}\nload before: {header['uptime_before']}\n"
           f"SmolLM2-135M-Instruct (Q4_1-dequantized GGUF), LoRA r={args.rank} alpha={args.alpha:g} dropout "
           f"{args.dropout} on {', '.join(PROJECTIONS)}; AdamW lr {args.lr:g}; {args.steps} steps of "
-          f"{args.batch_size}x{args.seq_len} tokens; seeds {args.seeds}\n", flush=True)
+          f"{args.batch_size}x{args.seq_len} tokens; seeds {args.seeds}; torch threads per arm: "
+          f"{args.threads or torch.get_num_threads()}\n", flush=True)
     print("| base | seed | step s median [IQR] | peak RSS GB (training) | RSS GB after load | train loss (last 5) "
           "| held-out loss before -> after | load s |\n|---|---:|---|---:|---:|---:|---|---:|", flush=True)
     arms = []
