@@ -16,7 +16,9 @@ stream drawn by the seed (the same windows, adapter init and dropout for both ba
 time (median and IQR over the steps after the first two), peak RSS while training (sampled every 20 ms) and
 after loading, the training loss (mean of the last 5 steps) and the held-out loss before and after training
 (the first --eval-windows windows of the tail). The arms run interleaved (nf4, fp32 per seed) and the load
-average is printed before and after: on a shared machine, read the step times with it.
+average is printed before and after: on a shared machine, read the step times with it. RSS is the process's,
+not the model's: it keeps what loading touched (the NF4 arm first holds the GGUF file dequantized to fp32) and
+bitsandbytes' CPU path dequantizes each 4-bit weight to float32 for every matmul, forward and backward.
 """
 from __future__ import annotations
 
