@@ -41,9 +41,10 @@ class PluginConfig:
 class Plugin:
     """Base class of all plugins. Subclasses set ``name``, ``description``, ``config_class`` and ``kind``.
 
-    ``kind`` (adapter, prune, quantize, objective, model, ...) is what ``requires`` and ``conflicts`` may
-    name besides plugin names: ``requires`` must appear earlier in the run's plugin list, ``conflicts``
-    nowhere else in it; the engine checks both at config time.
+    ``kind`` (adapter, prune, quantize, objective, model, ...) is what ``requires``, ``conflicts`` and
+    ``refuses_after`` may name besides plugin names: ``requires`` must appear earlier in the run's plugin
+    list, ``conflicts`` nowhere else in it, ``refuses_after`` not later in it; the engine checks them at
+    config time.
     """
 
     name: ClassVar[str] = ""
@@ -52,6 +53,7 @@ class Plugin:
     kind: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     conflicts: ClassVar[tuple[str, ...]] = ()
+    refuses_after: ClassVar[tuple[str, ...]] = ()  # may not come later in the list (e.g. an adapter: "quantize")
     replaces_task_loss: ClassVar[bool] = False  # True: this plugin's loss is the objective; the task's is not added
 
     def __init__(self, config: PluginConfig):

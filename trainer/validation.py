@@ -182,7 +182,7 @@ def validate_plugins(section: Any, allow_missing: bool = False) -> dict[str, Dic
 
 def check_combination(plugin, before: list, after: list) -> None:
     """``plugin.requires`` (names or kinds) must come earlier in the plugin list; ``plugin.conflicts`` must
-    not be anywhere else in it."""
+    not be anywhere else in it; ``plugin.refuses_after`` not later in it."""
     def matches(other, ref: str) -> bool:
         return ref in (other.name, other.kind)
 
@@ -195,6 +195,11 @@ def check_combination(plugin, before: list, after: list) -> None:
         if clash is not None:
             what = f"another {clash} plugin" if clash == other.kind else clash
             raise UserError(f"plugin {plugin.name} cannot be combined with {other.name} ({what}); choose one")
+    for other in after:
+        if any(matches(other, ref) for ref in plugin.refuses_after):
+            raise UserError(f"plugin {other.name} ({other.kind or 'plugin'}) cannot come after plugin {plugin.name} "
+                            f"({plugin.kind or 'plugin'}): it would act on {plugin.name}'s layers. Put it first, "
+                            f"e.g. plugin=[{other.name},{plugin.name}]")
 
 
 def explain_composition_error(exc: Exception, overrides: list[str]) -> str:

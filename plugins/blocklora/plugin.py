@@ -59,9 +59,10 @@ class BlockLoraPlugin(AdapterPlugin):
         from blocktrain.plugins.blocklora.surgery import apply_block_lora
 
         c = self.config
-        return apply_block_lora(model, targets=c.targets, rank=c.rank, n_blocks=c.n_blocks, alpha=c.alpha,
-                                scaling=c.scaling, dropout=c.dropout, dropout_position=c.dropout_position,
-                                mode=c.mode, encoder=c.encoder, layers=c.layers, modules_to_save=c.modules_to_save)
+        model = apply_block_lora(model, targets=c.targets, rank=c.rank, n_blocks=c.n_blocks, alpha=c.alpha,
+                                 scaling=c.scaling, dropout=c.dropout, dropout_position=c.dropout_position,
+                                 mode=c.mode, encoder=c.encoder, layers=c.layers, modules_to_save=c.modules_to_save)
+        return self.check_export(model)
 
     def writers(self) -> dict[str, Callable]:
         from blocktrain.plugins.blocklora.export import save_block_adapter

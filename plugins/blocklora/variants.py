@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocktrain import kernels
 from blocktrain.plugins.blocklora.checks import check_block_lora_args, check_sum_rank
 from blocktrain.trainer.adapters.layer import LoraLinear, LoraVariant
+from blocktrain.trainer.adapters.quantized import lora_layer
 from blocktrain.trainer.errors import UserError
 
 
@@ -55,12 +55,15 @@ class TileInputVariant(BlockLoraVariant):
     def shapes(self, layer: LoraLinear) -> tuple[tuple[int, int], tuple[int, int]]:
         return (layer.rank, layer.in_features // self.n_blocks), (layer.out_features, layer.rank)
 
+    def adapter_input(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout_position == "before_sum":
+            return super().adapter_input(layer, x)
+        return F.dropout(x.unflatten(-1, (self.n_blocks, -1)).sum(-2), layer.dropout, layer.training)
+
     def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         if self.dropout_position == "before_sum" or not (layer.training and layer.dropout > 0):
             return super().forward(layer, x)  # without dropout both positions are the same function
-        xs = x.unflatten(-1, (self.n_blocks, -1)).sum(-2)
-        update = F.linear(F.linear(F.dropout(xs, layer.dropout, training=True), layer.lora_A), layer.lora_B)
-        return F.linear(x, layer.weight, layer.bias) + layer.scaling * update
+        return F.linear(x, layer.weight, layer.bias) + self.update(layer, x)
 
     def delta_weight(self, layer: LoraLinear) -> torch.Tensor:
         """s·B·tile(A_s, n), (out, in), in float32."""
@@ -87,9 +90,8 @@ class SumRankVariant(BlockLoraVariant):
         """Σ_i B_i, (out, r/n)."""
         return layer.lora_B.unflatten(1, (self.n_blocks, -1)).sum(1)
 
-    def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
-        return kernels.lora_linear(x, layer.weight, layer.bias, layer.lora_A, self.summed_B(layer), layer.scaling,
-                                   n_blocks=1, dropout_p=layer.dropout, training=layer.training)
+    def factors(self, layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.lora_A, self.summed_B(layer)
 
     def delta_weight(self, layer: LoraLinear) -> torch.Tensor:
         """s·(Σ_i B_i)·A_s, (out, in), in float32."""
@@ -103,8 +105,8 @@ def block_lora_variant(mode: str, n_blocks: int, dropout_position: str = "before
     return TileInputVariant(n_blocks, dropout_position)
 
 
-def block_lora_layer(base: nn.Linear, mode: str, rank: int, alpha: float, dropout: float = 0.0,
+def block_lora_layer(base: nn.Module, mode: str, rank: int, alpha: float, dropout: float = 0.0,
                      scaling: str = "rank", n_blocks: int = 1, dropout_position: str = "before_sum") -> LoraLinear:
-    """A ``LoraLinear`` of the Block-LoRA variant of ``mode`` around ``base``."""
+    """The LoRA layer of the Block-LoRA variant of ``mode`` around ``base`` (an ``nn.Linear`` or a quantized one)."""
     check_block_lora_args(rank, alpha, dropout, scaling, n_blocks, mode, dropout_position)
-    return LoraLinear(base, rank, alpha, dropout, scaling, block_lora_variant(mode, n_blocks, dropout_position))
+    return lora_layer(base, rank, alpha, dropout, scaling, block_lora_variant(mode, n_blocks, dropout_position))

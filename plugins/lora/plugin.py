@@ -48,8 +48,9 @@ class LoraPlugin(AdapterPlugin):
         from blocktrain.trainer.adapters.surgery import apply_lora
 
         c = self.config
-        return apply_lora(model, targets=c.targets, rank=c.rank, alpha=c.alpha, dropout=c.dropout,
-                          scaling=c.scaling, modules_to_save=c.modules_to_save)
+        model = apply_lora(model, targets=c.targets, rank=c.rank, alpha=c.alpha, dropout=c.dropout,
+                           scaling=c.scaling, modules_to_save=c.modules_to_save)
+        return self.check_export(model)
 
     def writers(self) -> dict[str, Callable]:
         from blocktrain.trainer.adapters import export

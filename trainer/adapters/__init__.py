@@ -4,6 +4,8 @@
 - ``targeting``: which Linear layers (names or a regex, CLIP towers, encoder-layer ranges);
 - ``layer``: ``LoraLinear`` and its variants' protocol ``LoraVariant`` (plain LoRA), as PEFT's
   ``tuners/lora/variants.py``: a variant supplies its parameters' init, forward and merge;
+- ``quantized``: LoRA over a quantized base (bitsandbytes 4/8-bit, ``QuantLinear``) and ``LAYERS``, the one
+  table that picks the LoRA layer for a base layer's type (as PEFT's ``bnb.py``/``gptq.py`` dispatchers);
 - ``surgery``: ``apply_lora`` (wrapping the Linears), merge/unmerge, the adapter's state dict;
 - ``attention``: ``nn.MultiheadAttention`` split into q/k/v Linears (open_clip) and fused back;
 - ``trainable``: ``modules_to_save``, the new-weights check, parameter counts;
@@ -23,6 +25,7 @@ _EXPORTS = {
     "select_targets": "targeting", "clip_towers": "targeting", "layer_index": "targeting",
     "is_open_clip": "targeting",
     "LoraLinear": "layer", "LoraVariant": "layer",
+    "QuantizedLoraLinear": "quantized", "LAYERS": "quantized", "lora_class": "quantized", "lora_layer": "quantized",
     "apply_lora": "surgery", "wrap_linears": "surgery", "lora_layers": "surgery", "merge_lora": "surgery",
     "unmerge_lora": "surgery", "lora_state_dict": "surgery",
     "SplitMultiheadAttention": "attention", "split_multihead_attention": "attention",

@@ -173,8 +173,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     The model itself is not changed: the result has the plain (un-adapted) model class's keys.
     """
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.check_mergeable()
     state = model.state_dict()
-    for name, layer in lora_layers(model).items():
+    for name, layer in layers.items():
         del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
         if not layer.merged:
             w = layer.weight.detach()

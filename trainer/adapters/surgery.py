@@ -9,6 +9,7 @@ from torch import nn
 from blocktrain.trainer.adapters.attention import split_multihead_attention
 from blocktrain.trainer.adapters.checks import check_lora_args
 from blocktrain.trainer.adapters.layer import LoraLinear, LoraVariant
+from blocktrain.trainer.adapters.quantized import lora_layer
 from blocktrain.trainer.adapters.targeting import Targets, select_targets
 from blocktrain.trainer.adapters.trainable import keep_trainable, modules_to_save, select_modules_to_save
 from blocktrain.trainer.errors import UserError
@@ -30,8 +31,9 @@ def apply_lora(model: nn.Module, targets: Targets, rank: int = 8, alpha: float =
                scaling: str = "rank", variant: LoraVariant | None = None, encoder: str = "both",
                layers: Sequence[int] | None = None, split_attention: bool = False, modules_to_save: Targets = (),
                what: str = "LoRA") -> nn.Module:
-    """Replace the targeted ``nn.Linear`` layers of ``model`` by ``LoraLinear`` of ``variant`` (plain LoRA by
-    default), in place, and freeze the rest. Returns ``model``.
+    """Replace the targeted Linear layers of ``model`` by LoRA layers of ``variant`` (plain LoRA by default), in
+    place, and freeze the rest. Returns ``model``. A quantized base (bitsandbytes 4/8-bit, ``QuantLinear``)
+    gets the LoRA layer its type selects (``quantized.lora_layer``) and stays quantized and frozen.
 
     Targets are chosen by ``select_targets`` (names or a regex, a CLIP tower, a layer range);
     ``split_attention`` first turns every ``nn.MultiheadAttention`` into q/k/v/out_proj Linears. Only the
@@ -46,15 +48,15 @@ def apply_lora(model: nn.Module, targets: Targets, rank: int = 8, alpha: float =
         split_multihead_attention(model)
     names = select_targets(model, targets, encoder, layers, what)
     saved = select_modules_to_save(model, modules_to_save, adapted=names)
-    wrap_linears(model, names, lambda linear: LoraLinear(linear, rank, alpha, dropout, scaling, variant), what,
+    wrap_linears(model, names, lambda linear: lora_layer(linear, rank, alpha, dropout, scaling, variant), what,
                  input_blocks=variant.input_blocks)
     keep_trainable(model, saved)
     return model
 
 
-def wrap_linears(model: nn.Module, names: list[str], make_layer: Callable[[nn.Linear], nn.Module], what: str,
+def wrap_linears(model: nn.Module, names: list[str], make_layer: Callable[[nn.Module], nn.Module], what: str,
                  input_blocks: int = 1) -> None:
-    """Freeze ``model`` and replace each named ``nn.Linear`` by ``make_layer(linear)``, after checking all of them.
+    """Freeze ``model`` and replace each named Linear by ``make_layer(linear)``, after checking all of them.
 
     Refused: a Linear that ``nn.MultiheadAttention`` reads without calling it (its ``out_proj``), a
     Linear whose weight is tied to another module, an input width not divisible by ``input_blocks``.

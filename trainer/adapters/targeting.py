@@ -1,5 +1,5 @@
 """Choosing the modules an adapter goes on (core: no Lightning, no Hydra): names by suffix or a regex, the
-``nn.Linear`` layers among them, narrowed to a CLIP tower (``encoder``) and an encoder-layer range (``layers``).
+Linear layers among them (``nn.Linear`` or a quantized Linear the adapter library has a layer for), narrowed to a CLIP tower (``encoder``) and an encoder-layer range (``layers``).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Iterable, Sequence, Union
 from torch import nn
 
 from blocktrain.trainer.adapters.checks import check_encoder, check_layers
+from blocktrain.trainer.adapters.quantized import lora_class
 from blocktrain.trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,15 @@ def examples(names: Iterable[str], limit: int = 12) -> str:
 
 
 def select_linears(model: nn.Module, targets: Targets) -> list[str]:
-    """Qualified names of the ``nn.Linear`` layers chosen by ``targets``.
+    """Qualified names of the Linear layers chosen by ``targets``: ``nn.Linear`` or a quantized Linear
+    (bitsandbytes 4/8-bit, ``QuantLinear``), any layer ``quantized.LAYERS`` has a LoRA layer for.
 
     ``targets`` is a list of module names, each matching a qualified name equal to it or ending in
     ``.name`` (as PEFT's ``target_modules``), or a regex string matched in full against the qualified name.
-    Every listed name (or the regex) must match at least one ``nn.Linear``.
+    Every listed name (or the regex) must match at least one of them.
     """
     modules = {n: m for n, m in model.named_modules() if n}
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in modules.items() if lora_class(m) is not None]
     chosen = matchers(targets, "LoRA targets")
     if not chosen:
         raise UserError("LoRA targets is empty: list module names (e.g. [q_proj, v_proj]) or give a regex")
@@ -65,7 +67,8 @@ def select_linears(model: nn.Module, targets: Targets) -> list[str]:
         if not any(name_matches(n, matcher) for n in linears):
             others = sorted({type(m).__name__ for n, m in modules.items() if name_matches(n, matcher)})
             found = f" It matches only non-Linear modules ({', '.join(others)})." if others else ""
-            raise UserError(f"LoRA target {label(matcher)} matches no nn.Linear in {type(model).__name__}.{found} "
+            raise UserError(f"LoRA target {label(matcher)} matches no nn.Linear (or quantized Linear) in "
+                            f"{type(model).__name__}.{found} "
                             f"Linear layers: {examples(linears)}")
     return [n for n in linears if any(name_matches(n, m) for m in chosen)]
 
@@ -137,7 +140,7 @@ def _pick_layers(names: list[str], span: tuple[int, int], scopes: dict[str, list
 
 def select_targets(model: nn.Module, targets: Targets, encoder: str = "both", layers: Sequence[int] | None = None,
                    what: str = "LoRA") -> list[str]:
-    """Qualified names of the ``nn.Linear`` layers an adapter goes on.
+    """Qualified names of the Linear layers (plain or quantized) an adapter goes on.
 
     ``targets`` as in ``select_linears``; ``encoder`` (vision | text | both) keeps one CLIP tower's layers
     (ignored, with a log line, for a model that is not CLIP-style); ``layers`` = ``(start, end)`` keeps

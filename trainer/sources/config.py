@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.registry import DATA_KINDS, MODEL_KINDS, Registry, register_data_kind, register_model_source
 
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # model.quantization (bitsandbytes)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -55,6 +56,10 @@ class TransformersModelConfig:
     auto_class: str = "AutoModel"  # any transformers class by name, e.g. AutoModelForCausalLM, CLIPModel
     revision: Optional[str] = None
     dtype: str = field(default="float32", metadata=choices("float32", "bfloat16", "float16", "auto"))
+    # bitsandbytes: load the Linear layers (not the output head) as NF4/FP4 4-bit or LLM.int8() weights (QLoRA)
+    quantization: str = field(default="none", metadata=choices(*QUANTIZATIONS))
+    quant_compute_dtype: Optional[str] = field(default=None, metadata=choices(None, "float32", "bfloat16", "float16"))
+    quant_double: bool = False  # nf4/fp4: also quantize the 4-bit blocks' scales (QLoRA's double quantization)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to from_pretrained (e.g. num_labels)
     tokenizer: Optional[str] = None  # where the processor comes from; null = same as id
     processor: str = field(default="tokenizer",
@@ -187,7 +192,22 @@ for _kind, _schema in (("text_classification", TextClassificationDataConfig), ("
 # -- validation --------------------------------------------------------------------------------
 def validate_model_config(cfg: Any, allow_missing: bool = False) -> DictConfig:
     """The model node merged onto its kind's dataclass; ``UserError`` on any mistake."""
-    return _validate(cfg, "model", MODEL_KINDS, allow_missing)
+    node = _validate(cfg, "model", MODEL_KINDS, allow_missing)
+    if "quantization" in node:
+        check_quantization(node)
+    return node
+
+
+def check_quantization(node: DictConfig) -> None:
+    """``model.quant_compute_dtype``/``quant_double`` apply to 4-bit (nf4/fp4) quantization only."""
+    values = {k: None if OmegaConf.is_interpolation(node, k) else node[k]
+              for k in ("quantization", "quant_compute_dtype", "quant_double")}
+    if values["quantization"] in ("nf4", "fp4", None):
+        return
+    for key in ("quant_compute_dtype", "quant_double"):
+        if values[key]:
+            raise UserError(f"model.{key} applies to 4-bit quantization (model.quantization=nf4 or fp4), "
+                            f"not to model.quantization={values['quantization']}")
 
 
 def validate_data_config(cfg: Any, allow_missing: bool = False) -> DictConfig:

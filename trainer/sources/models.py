@@ -1,5 +1,9 @@
 """Model sources: transformers (hub id, local dir, GGUF file) and timm, behind one ``load_model``.
 
+A transformers or GGUF model may be loaded with its Linear layers quantized by bitsandbytes
+(``model.quantization``: nf4, fp4, int8), the base QLoRA-style adapters train over; a GGUF file is
+dequantized first, then quantized by bitsandbytes.
+
 Every source loads real weights from the hub or from a local path through the same code; a source
 that cannot be reached is a ``UserError``, never a silent random initialisation.
 """
@@ -130,7 +134,11 @@ def _load_transformers(cfg, processor) -> LoadedModel:
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    kwargs["dtype" if _transformers_major_minor() >= (4, 56) else "torch_dtype"] = dtype
+    dtype_key = "dtype" if _transformers_major_minor() >= (4, 56) else "torch_dtype"
+    kwargs[dtype_key] = dtype
+    quantization = bnb_config(cfg)
+    if quantization is not None and gguf_file is None:
+        kwargs["quantization_config"] = quantization
 
     what = f"'{cfg.id}'" + (f" (gguf_file {gguf_file})" if gguf_file else "")
     try:
@@ -147,7 +155,12 @@ def _load_transformers(cfg, processor) -> LoadedModel:
         raise UserError(f"cannot load model {what} as {cfg.auto_class}: {_first_line(e)}") from e
     if gguf_file is not None:
         model = gguf_to_clean_model(model)
+        if quantization is not None:  # transformers loads GGUF or quantizes, not both: quantize the dequantized copy
+            model = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
+                                                quantization_config=quantization, **{dtype_key: dtype})
 
+    if quantization is not None and quantization.load_in_4bit:
+        reload_own_quant_state(model)
     if processor is None and cfg.processor != "none":
         processor = _load_processor(cfg, location, gguf_file)
     pad_id = getattr(processor, "pad_token_id", None) if cfg.processor == "tokenizer" else None
@@ -163,6 +176,7 @@ def _load_transformers(cfg, processor) -> LoadedModel:
         "auto_class": cfg.auto_class,
         "class": type(model).__name__,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "quantization": cfg.quantization,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "processor": type(processor).__name__ if processor is not None else None,
         "new_weights": new_weights(loading),
@@ -174,6 +188,49 @@ def _load_transformers(cfg, processor) -> LoadedModel:
     else:
         source = f"transformers:{location}" if local else f"hub:{cfg.id}" + (f"@{cfg.revision}" if cfg.revision else "")
     return LoadedModel(model=model, tokenizer=processor, source=source, info=info)
+
+
+def bnb_config(cfg):
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``).
+
+    nf4/fp4: 4-bit weights in blocks of 64 with an absmax each (``quant_double``: those absmaxes quantized
+    too), matmuls in ``quant_compute_dtype`` (null: ``model.dtype``, float32 for auto); int8: LLM.int8()
+    (per-row int8, outlier columns above 6.0 in 16-bit). The output head stays unquantized, as transformers does.
+    """
+    if cfg.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantization={cfg.quantization} needs bitsandbytes: pip install bitsandbytes")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = cfg.quant_compute_dtype or (cfg.dtype if cfg.dtype != "auto" else "float32")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
+                              bnb_4bit_compute_dtype=getattr(torch, compute), bnb_4bit_use_double_quant=cfg.quant_double)
+
+
+def reload_own_quant_state(model) -> None:
+    """Let the model's bitsandbytes 4-bit layers load their own full state dict back (resume, ``init_from`` a
+    checkpoint): their quantization state (absmax, quant_map, ...) is not a parameter or buffer, so
+    ``load_state_dict`` would call it unexpected. Each layer checks the checkpoint's state equals its own (the
+    frozen base the source loaded) and takes it; a different one is an error."""
+    import bitsandbytes as bnb
+    import torch
+
+    def check_own(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        own: dict = {}
+        module._save_to_state_dict(own, prefix, keep_vars=False)
+        for key in [k for k in state_dict if k.startswith(prefix + "weight.")]:
+            value = state_dict.pop(key)
+            if key not in own or not torch.equal(value.to(own[key].device), own[key]):
+                error_msgs.append(f"{key}: the checkpoint's 4-bit quantization state differs from the base the "
+                                  "model source loaded (another model or model.quantization setting)")
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.register_load_state_dict_pre_hook(check_own)
 
 
 def new_weights(loading: dict) -> list[str]:
