@@ -2,6 +2,8 @@
 
 - ``config``: config blocks (calibration samples, lm-eval, density/N:M checks); torch-free;
 - ``pruning``: the base of pruning plugins (targets, one-pruner rule, report); torch-free at import;
+- ``quantizing``: the base of quantization plugins (config keys, checks, resumable layer loop, QuantLinear swap,
+  kept zeros, bits/size report); torch-free at import;
 - ``calibration``: calibration samples by seed; ``replay``: block capture/replay (sequential calibration);
 - ``masks``: masks and N:M patterns; ``scores``: magnitude/Wanda scores and input statistics;
 - ``hessian``: the layer-input Hessian and its damped Cholesky inverse (SparseGPT, GPTQ);

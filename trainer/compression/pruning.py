@@ -39,6 +39,12 @@ class PruningPlugin(Plugin):
         super().__init__(config if isinstance(config, cls) else cls(**dict(config)))
         self.names: list[str] = []
 
+    def check_pipeline(self, before: list[Plugin]) -> None:
+        quantizer = next((p for p in before if p.kind == "quantize"), None)
+        if quantizer is not None:
+            raise UserError(f"plugin {self.name} prunes full-precision Linears, so it must come before the quantizer "
+                            f"{quantizer.name}: plugin=[{self.name},{quantizer.name}] (its zeros stay zero)")
+
     def apply(self, model: "torch.nn.Module", run: "RunContext") -> "torch.nn.Module":
         from blocktrain.trainer.compression.masks import find_linear_names
 
