@@ -24,6 +24,8 @@ TINY = {  # toy-scale settings of a method (the defaults are the paper's)
     "blocklora": ["plugin.blocklora.targets=[query,value]", "plugin.blocklora.modules_to_save=[classifier]"],
     "wanda": ["plugin.wanda.calibration.samples=16"],
     "sparsegpt": ["plugin.sparsegpt.calibration.samples=16"],
+    "rtn": ["plugin.rtn.group_size=16"],
+    "gptq": ["plugin.gptq.group_size=16", "plugin.gptq.calibration.samples=16"],
     "icbs": ["plugin.icbs.epochs=1", "plugin.icbs.block_size=64", "plugin.icbs.k=32", "plugin.icbs.restarts=2", "plugin.icbs.beta_factor=1.6",
              "plugin.icbs.steps_per_epoch=8", "plugin.icbs.min_steps=0", "plugin.icbs.pruning.samples=8",
              "plugin.icbs.pruning.batch_size=4", "plugin.icbs.calibration.samples=16"],
@@ -46,7 +48,15 @@ def pruning_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -> t
             "export/model/model.safetensors", "val/ppl")
 
 
-SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario}
+def quantization_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -> tuple[list[str], str, str]:
+    """A causal LM quantized (calibrated on a few windows where the method reads data); reloaded from the exported
+    model, whose Linears hold integer codes and scales."""
+    return ([f"recipe=gptq_llm", f"plugin=[{name}]", f"model.id={llama_dir}", f"data.files=[{corpus}]",
+             "data.seq_len=16", "data.val_fraction=0.2", "data.batch_size=8", "stages=[calibrate,evaluate,export]"],
+            "export/model/model.safetensors", "val/ppl")
+
+
+SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario, "quantize": quantization_scenario}
 
 
 def _sigint_after_first_progress_step(monkeypatch) -> None:

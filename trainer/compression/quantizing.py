@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec
     from blocktrain.trainer.context import RunContext
 
-__all__ = ["QuantConfig", "QuantizationPlugin", "LayerStats", "NO_ACT_QUANT", "SCALE_BITS"]
+__all__ = ["QuantConfig", "QuantizationPlugin", "LayerStats", "replace_with_quant_linears", "quantized_size", "NO_ACT_QUANT",
+           "SCALE_BITS"]
 
 WEIGHT_BITS = tuple(range(2, 9))
 ACT_BITS = tuple(range(4, 9))
@@ -238,14 +239,7 @@ class QuantizationPlugin(Plugin):
 
     def replace(self, model: "torch.nn.Module", entries: dict[str, dict]) -> None:
         """Swap each named ``nn.Linear`` for a ``QuantLinear`` holding its entry's codes and scales."""
-        from blocktrain.trainer.compression.quant import QuantLinear
-
-        for name, e in entries.items():
-            linear = model.get_submodule(name)
-            layer = QuantLinear(e["codes"], e["scale"], e["zero"], self.spec, linear.bias, act=self.act_spec,
-                                act_scale=e.get("act_scale"), act_zero=e.get("act_zero"))
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer.to(linear.weight.device))
+        replace_with_quant_linears(model, entries, self.spec, self.act_spec)
 
     def load_weights(self, model: "torch.nn.Module", path: Path) -> bool:
         """``init_from`` a whole-model safetensors save of a model quantized by this plugin: the targets become
@@ -278,6 +272,20 @@ class QuantizationPlugin(Plugin):
         print(f"{self.name}: {len(self.names)} layers at {bits / numel:.3f} bits/weight; model "
               f"{size / 2**20:.2f} MiB with packed codes", file=sys.stderr)
         return metrics
+
+
+def replace_with_quant_linears(model: "torch.nn.Module", entries: dict[str, dict], spec: "QuantSpec",
+                               act: "ActQuantSpec | None" = None) -> None:
+    """Swap each named ``nn.Linear`` of ``model`` for a ``QuantLinear`` from its entry ``{"codes", "scale", "zero"[,
+    "act_scale", "act_zero"]}`` (the Linear's bias kept), on the Linear's device."""
+    from blocktrain.trainer.compression.quant import QuantLinear
+
+    for name, e in entries.items():
+        linear = model.get_submodule(name)
+        layer = QuantLinear(e["codes"], e["scale"], e["zero"], spec, linear.bias, act=act,
+                            act_scale=e.get("act_scale"), act_zero=e.get("act_zero"))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.to(linear.weight.device))
 
 
 def quantized_size(model: "torch.nn.Module", names: list[str]) -> tuple[int, int, int]:

