@@ -32,7 +32,8 @@ from blocktrain.plugins.cbq.settings import CFPSettings
 from blocktrain.plugins.cbq.windows import Window, window_schedule
 from blocktrain.trainer.compression.calibration import calibration_forward, to_device
 from blocktrain.trainer.compression.masks import find_linear_names
-from blocktrain.trainer.compression.quant import ActQuantSpec, QuantLinear, QuantSpec
+from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec
+from blocktrain.trainer.compression.quantizing import replace_with_quant_linears
 
 __all__ = ["CBQSettings", "find_blocks", "cbq_quantize", "adam_learn"]
 
@@ -154,18 +155,14 @@ class _Session:
         return new
 
     def harden(self, block: int) -> None:
-        for name in self.by_block.get(block, []):
-            layer = self.layers.pop(name)
-            self.entries[name] = layer.entry()
-            self._set(name, layer.harden())
+        """Block ``block``'s targets become ``QuantLinear``s with the hard-rounded codes and learned steps."""
+        self.restore(block, {name: self.layers.pop(name).entry() for name in self.by_block.get(block, [])})
 
     def restore(self, block: int, entries: dict[str, dict]) -> None:
-        """Block ``block``'s targets as the saved ``QuantLinear`` entries."""
-        for name in self.by_block.get(block, []):
-            linear, e = self.model.get_submodule(name), entries[name]
-            self.entries[name] = e
-            self._set(name, QuantLinear(e["codes"], e["scale"], e["zero"], self.spec, linear.bias, act=self.act,
-                                        act_scale=e.get("act_scale"), act_zero=e.get("act_zero")).to(self.device))
+        """Block ``block``'s targets as the ``QuantLinear``s of ``entries``."""
+        mine = {name: entries[name] for name in self.by_block.get(block, [])}
+        self.entries.update(mine)
+        replace_with_quant_linears(self.model, mine, self.spec, self.act)
 
     def window_layers(self, w: Window) -> list[CBQLinear]:
         return [self.layers[n] for b in range(w.start, w.stop) for n in self.by_block.get(b, []) if n in self.layers]

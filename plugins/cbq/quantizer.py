@@ -4,8 +4,8 @@ Weights: per output channel or group, asymmetric (or symmetric) on the shared gr
 S^W = s0·exp(θ) (θ starts at 0, so weight decay pulls towards the min-max start) and LoRA-Rounding's soft
 rounding; activations: per-token dynamic fake quantization (the default) or one learnable static step
 S^X = s0·exp(θ_X) from the calibration range. ``mode``: ``"fp"`` (the full-precision layer, T_fp),
-``"soft"`` (soft rounding, what is trained) or ``"hard"`` (rounding hardened, 1[V ≥ 0]). ``harden()`` gives the
-final ``QuantLinear``.
+``"soft"`` (soft rounding, what is trained) or ``"hard"`` (rounding hardened, 1[V ≥ 0]). ``entry()`` is what the final
+``QuantLinear`` holds.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from blocktrain.kernels.fake_quant import fake_quant
 from blocktrain.plugins.cbq.rounding import LoraRounding, adaround_v0, hard_codes
-from blocktrain.trainer.compression.quant import (ActQuantSpec, QuantLinear, QuantSpec, expand_groups, fake_quantize_tokens,
+from blocktrain.trainer.compression.quant import (ActQuantSpec, QuantSpec, expand_groups, fake_quantize_tokens,
                                                   minmax_qparams, qrange)
 
 __all__ = ["CBQLinear"]
@@ -108,12 +108,6 @@ class CBQLinear(nn.Module):
         if self.act_log_gain is not None:
             out.update(act_scale=self.act_scale().float().cpu(), act_zero=self.act_zero.float().cpu())
         return out
-
-    def harden(self) -> QuantLinear:
-        """The ``QuantLinear`` with the hardened codes and the learned steps (on this layer's device)."""
-        e = self.entry()
-        return QuantLinear(e["codes"], e["scale"], e["zero"], self.spec, self.bias, act=self.act,
-                           act_scale=e.get("act_scale"), act_zero=e.get("act_zero")).to(self.weight.device)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, {self.spec}, act={self.act}, mode={self.mode}"
