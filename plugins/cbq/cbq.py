@@ -251,10 +251,9 @@ def _reconstruct(ses: _Session, batches, forward, learn, log, on_window, resume)
     n = len(batches)
     for k in range(first, len(schedule)):
         w = schedule[k]
-        for b in range(w.start, w.stop):
-            new = ses.wrap(b)
-            if ses.act is not None and not ses.act.dynamic:
-                _observe_act_ranges(ses, w, new, x_q, rests)
+        new = [layer for b in range(w.start, w.stop) for layer in ses.wrap(b)]
+        if new and ses.act is not None and not ses.act.dynamic:
+            _observe_act_ranges(ses, w, new, x_q, rests)
         layers = ses.window_layers(w)
         _set_mode(layers, "fp")
         with torch.no_grad():
@@ -288,9 +287,9 @@ def _reconstruct(ses: _Session, batches, forward, learn, log, on_window, resume)
         if steps:
             learn(_params(layers), loss_fn, list(range(n)), steps, f"cbq/blocks_{w.start}-{w.stop - 1}")
         end_loss = mean_rec("hard")
-        entry = {"window": k, "start": w.start, "stop": w.stop, "rec_start": start_loss, "rec_end": end_loss}
+        entry = {"window": k, "start": w.start, "stop": w.stop, "rec_start": start_loss, "rec_final": end_loss}
         report.append(entry)
-        log({f"cbq/blocks_{w.start}-{w.stop - 1}/rec_rtn_start": start_loss,
+        log({f"cbq/blocks_{w.start}-{w.stop - 1}/rec_start": start_loss,
              f"cbq/blocks_{w.start}-{w.stop - 1}/rec_final": end_loss})
         last = k == len(schedule) - 1
         for b in w.finalize:
@@ -312,8 +311,6 @@ def _params(layers: list[CBQLinear]) -> list[nn.Parameter]:
 
 def _observe_act_ranges(ses: _Session, w: Window, new: list[CBQLinear], x_q, rests) -> None:
     """Static activation steps of the newly wrapped layers from their input ranges on the quantized path."""
-    if not new:
-        return
     layers = ses.window_layers(w)
     _set_mode(layers, "soft")
     for layer in new:

@@ -2,8 +2,8 @@
 
 The calibrate stage runs CFP, then the sliding windows; each window's optimisation is the engine's ``learn``
 loop (optimiser and scheduler from ``optim``/``scheduler`` and the calibrate stage's settings), logged as
-``cbq/blocks_<a>-<b>/loss``, with the window's reconstruction loss at its round-to-nearest start and after
-hard rounding (``.../rec_rtn_start``, ``.../rec_final``). After each window the state (hardened layers, the
+``cbq/blocks_<a>-<b>/loss``, with the window's reconstruction loss at its hard-rounded start (round to nearest
+at full rank) and after hard rounding (``.../rec_start``, ``.../rec_final``). After each window the state (hardened layers, the
 learned quantizers of the block carried into the next window) is saved, so ``resume=auto`` continues from the
 last finished window. The base logs the calibration time and peak memory, swaps in the ``QuantLinear``s and
 reports bits per weight. No torch import at module level.

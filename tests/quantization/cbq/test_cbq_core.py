@@ -46,7 +46,7 @@ def test_reconstruction_beats_the_round_to_nearest_start():
     logs = []
     cbq_quantize(llama(), token_batches(2), QuantSpec(3), settings=CBQSettings(epochs=20), log=logs.append, lr=3e-2)
     rec = {k.rsplit("/", 1)[1]: v for row in logs for k, v in row.items() if k.startswith("cbq/blocks_0-1/")}
-    assert rec["rec_final"] < 0.9 * rec["rec_rtn_start"], rec
+    assert rec["rec_final"] < 0.9 * rec["rec_start"], rec
 
 
 def test_full_rank_start_is_round_to_nearest():

@@ -44,7 +44,7 @@ def test_a_run_logs_losses_time_memory_and_bits(llama_dir, corpus, tmp_path):
     assert metrics["val/ppl"] > 1
     assert metrics["cbq/calibrate_time_s"] > 0 and metrics["cbq/calibrate_peak_mem_gb"] > 0
     assert metrics["cbq/bits_per_weight"] == pytest.approx(4 + (16 + 4) / 16)
-    assert metrics["cbq/blocks_0-1/rec_final"] > 0 and metrics["cbq/blocks_0-1/rec_rtn_start"] > 0
+    assert metrics["cbq/blocks_0-1/rec_final"] > 0 and metrics["cbq/blocks_0-1/rec_start"] > 0
     assert "cbq/blocks_0-1/loss" in metrics  # the engine's learn loop, per window
     state = exported(tmp_path / "run")
     codes = [v for k, v in state.items() if k.endswith(".codes")]
