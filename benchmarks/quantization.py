@@ -1,4 +1,4 @@
-"""Quantization benchmark: RTN vs GPTQ on SmolLM2-135M-Instruct (Q4_1-dequantized GGUF), Jane Austen's novels.
+"""Quantization benchmark: RTN vs GPTQ vs CBQ on SmolLM2-135M-Instruct (Q4_1-dequantized GGUF), Jane Austen's novels.
 
     python benchmarks/pruning.py --setup           # once: the same assets as the pruning benchmark
     python benchmarks/quantization.py              # W3A16 and W4A16, per channel and groups of 64, seed 0
@@ -16,7 +16,7 @@ The model's weights already sit on a 4-bit grid with groups of 32 along the inpu
 groups of 32 is nearly free here: judge on the other settings, and say "Q4_1-dequantized" wherever these go.
 
 Arms are entries of ARMS: a function (model, calibration batches, spec, act spec, args) quantizing the model in
-place. CBQ (plugins/cbq) and a peer GPTQ (GPTQModel or llm-compressor; not installed here) are added the same way.
+place. A peer GPTQ (GPTQModel or llm-compressor; not installed here) is added the same way.
 """
 from __future__ import annotations
 
@@ -66,7 +66,15 @@ def gptq_arm(model, batches, spec, act, args) -> None:
     gptq_quantize(model, batches, spec, calibration_forward, find_linear_names(model), act, act_order=args.act_order)
 
 
-ARMS = {"rtn": rtn_arm, "gptq": gptq_arm}
+def cbq_arm(model, batches, spec, act, args) -> None:
+    from blocktrain.plugins.cbq import CBQSettings, cbq_quantize
+    from blocktrain.trainer.compression.masks import find_linear_names
+
+    settings = CBQSettings(epochs=args.cbq_epochs, rank=args.cbq_rank, seed=args.seeds[0])
+    cbq_quantize(model, batches, spec, act, settings, find_linear_names(model), lr=args.cbq_lr)
+
+
+ARMS = {"rtn": rtn_arm, "gptq": gptq_arm, "cbq": cbq_arm}
 DEFAULT_SETTINGS = ("W4A16-g64", "W4A16", "W3A16-g64", "W3A16")
 
 
@@ -80,6 +88,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows for perplexity")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration windows drawn with each seed")
     parser.add_argument("--act-order", action="store_true", help="GPTQ sweeps columns by descending Hessian diagonal")
+    parser.add_argument("--cbq-epochs", type=int, default=10, help="CBQ: passes over the calibration batches per window")
+    parser.add_argument("--cbq-rank", type=int, default=5, help="CBQ: LoRA-Rounding rank (0 = full AdaRound V)")
+    parser.add_argument("--cbq-lr", type=float, default=1e-2, help="CBQ: Adam learning rate of its quantizer parameters")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()

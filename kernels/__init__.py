@@ -1,7 +1,8 @@
 """Shared kernel ops: a PyTorch reference and a Triton kernel per op, chosen by one dispatch."""
 
 from blocktrain.kernels.dispatch import get_backend, set_backend, use_backend
+from blocktrain.kernels.fake_quant import fake_quant
 from blocktrain.kernels.lora_linear import lora_linear
 from blocktrain.kernels.quant_matmul import quant_matmul
 
-__all__ = ["get_backend", "lora_linear", "quant_matmul", "set_backend", "use_backend"]
+__all__ = ["fake_quant", "get_backend", "lora_linear", "quant_matmul", "set_backend", "use_backend"]

@@ -20,4 +20,6 @@ BUILTIN: dict[str, tuple[str, str]] = {
             "Round-to-nearest weight quantization (per channel or group; W/A bits) of every Linear"),
     "gptq": ("blocktrain.plugins.quantization.plugin:GPTQPlugin",
              "GPTQ weight quantization (Hessian error feedback; act-order, groups) of every Linear"),
+    "cbq": ("blocktrain.plugins.cbq.plugin:CBQPlugin",
+            "CBQ quantization: CFP, sliding-window cross-block reconstruction, LoRA-Rounding (W4A16 default)"),
 }

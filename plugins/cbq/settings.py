@@ -1,0 +1,29 @@
+"""CFP's settings, torch-free: the plugin's config nests them and the core takes them as they are."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from blocktrain.trainer.errors import UserError
+
+__all__ = ["CFPSettings"]
+
+
+@dataclass
+class CFPSettings:
+    """Coarse-to-fine pre-processing (see ``cfp.py``)."""
+
+    enabled: bool = True  # false: no pre-processing
+    variant: str = "paper"  # paper (quartiles 25/75, λ2·(var top + var bottom)) | msmodelslim (20/80 percentiles, var bottom, λ2 = 1, ± sides)
+    lambda1: float = 1.5  # IQR fence: candidates above Q_hi + λ1·(Q_hi − Q_lo)
+    lambda2: float = 1.0  # weight of the intra-set variance in the fine split (paper variant)
+    clip_weights: bool = True  # clip each target weight's outliers to its largest non-outlier |w|
+    scale_activations: Optional[bool] = None  # fold activation-outlier channel scales into norm + linears; null = only when activations are quantized
+    exponent: float = 0.7  # an outlier channel's scale (max_c / max_non-outlier)^exponent
+
+    def check(self, where: str) -> None:
+        if self.variant not in ("paper", "msmodelslim"):
+            raise UserError(f"{where}.variant must be paper or msmodelslim, got {self.variant!r}")
+        if self.lambda1 < 0 or self.lambda2 < 0 or not 0 < self.exponent <= 1:
+            raise UserError(f"{where}.lambda1 and {where}.lambda2 must be >= 0 and {where}.exponent in (0, 1], got "
+                            f"{self.lambda1}, {self.lambda2}, {self.exponent}")
