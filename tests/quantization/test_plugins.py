@@ -117,7 +117,7 @@ def test_static_activation_ranges_come_from_the_calibration_inputs(llama_dir, co
     (["plugin=[rtn,gptq]"], r"plugin rtn cannot be combined with gptq \(another quantize plugin\)"),
     (["plugin=[rtn,wanda]"], r"plugin wanda prunes full-precision Linears, so it must come before the quantizer rtn: "
                              r"plugin=\[wanda,rtn\]"),
-    (["plugin=[lora,rtn]"], r"plugin rtn quantizes the base model's Linears, so it must come before the adapter"),
+    (["plugin=[lora,rtn]"], r"plugin rtn \(quantize\) cannot come after plugin lora \(adapter\)"),
     (["plugin=[gptq]", "plugin.gptq.damp=0"], r"plugin.gptq.damp must be > 0"),
     (["plugin=[gptq]", "plugin.gptq.group_size=128"], r"plugin.gptq.group_size=128 does not divide"),
 ])

@@ -140,12 +140,6 @@ class QuantizationPlugin(Plugin):
         return self.config.act_bits != NO_ACT_QUANT and not self.config.act_dynamic
 
     # -- hooks ---------------------------------------------------------------------------------
-    def check_pipeline(self, before: list[Plugin]) -> None:
-        adapter = next((p for p in before if p.kind == "adapter"), None)
-        if adapter is not None:
-            raise UserError(f"plugin {self.name} quantizes the base model's Linears, so it must come before the "
-                            f"adapter plugin {adapter.name}: plugin=[{self.name},{adapter.name}]")
-
     def apply(self, model: "torch.nn.Module", run: "RunContext") -> "torch.nn.Module":
         """Find the targets and check the group size against their widths (before any calibration)."""
         from blocktrain.trainer.compression.masks import find_linear_names
