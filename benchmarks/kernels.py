@@ -15,7 +15,6 @@ import argparse
 import functools
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,29 +25,14 @@ import torch  # noqa: E402
 
 from blocktrain.kernels import dispatch, lora_linear  # noqa: E402
 from blocktrain.kernels.lora_linear import lora_linear_unfused  # noqa: E402
-from blocktrain.trainer.testing import describe_machine  # noqa: E402
+from blocktrain.trainer.testing import describe_machine, interleaved_times  # noqa: E402
 
 ROWS, WIDTH, RANK, DROPOUT = 32 * 197, 768, 2, 0.25
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
     """Median seconds of each function; the functions take turns, so load changes hit all alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, device, repeats).items()}
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 # This folder holds a file named like the PyPI package `kernels`, which bitsandbytes tries to import.
@@ -25,29 +24,15 @@ import torch.nn.functional as F  # noqa: E402
 
 from blocktrain.kernels import dispatch, quant_matmul  # noqa: E402
 from blocktrain.kernels.quant_matmul import dequantize_packed, pack_codes  # noqa: E402
-from blocktrain.trainer.testing import describe_machine  # noqa: E402
+from blocktrain.trainer.testing import describe_machine, interleaved_times  # noqa: E402
 
 SHAPES = [("SmolLM2 up", 576, 1536), ("SmolLM2 down", 1536, 576), ("Llama-7B up", 4096, 11008)]
 TOKENS = (1, 16, 256)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fns: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float, float]]:
     """(median, 25th, 75th percentile) seconds of each function, taking turns."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(fns, device, repeats)
     out = {}
     for name, t in times.items():
         q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3

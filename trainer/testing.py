@@ -6,7 +6,9 @@ file formats); nothing touches the network.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -217,3 +219,24 @@ def describe_machine(device: torch.device | None = None) -> str:
     except OSError:
         pass
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], device: torch.device,
+                      repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` calls of every function, after one warm-up call each; the functions take
+    turns, so load changes hit all alike (CUDA is synchronised around every call)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
