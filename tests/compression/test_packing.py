@@ -143,7 +143,7 @@ def test_pruned_weights_stay_exactly_zero(tmp_path, symmetric):
 def test_export_report(tmp_path):
     model = quantized(QuantSpec(4, False, 32))
     paths = export_quantized(model, tmp_path)
-    assert set(paths) == {"compressed-tensors", "dequantized", "report"}
+    assert set(paths) == {"compressed-tensors", "dequantized", "native", "report"}
     report = json.loads(paths["report"].read_text())
     assert report["code_bits_per_weight"] == 4
     assert report["bits_per_weight"] == pytest.approx(4 + (32 + 4) / 32)  # fp32 scale + 4-bit zero per 32 weights

@@ -50,11 +50,12 @@ def pruning_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -> t
 
 
 def quantization_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -> tuple[list[str], str, str]:
-    """A causal LM quantized (calibrated on a few windows where the method reads data); reloaded from the exported
-    model, whose Linears hold integer codes and scales."""
+    """A causal LM quantized (calibrated on a few windows where the method reads data), exported in every format;
+    reloaded from the native export, whose Linears hold integer codes and scales."""
     return ([f"recipe=gptq_llm", f"plugin=[{name}]", f"model.id={llama_dir}", f"data.files=[{corpus}]",
-             "data.seq_len=16", "data.val_fraction=0.2", "data.batch_size=8", "stages=[calibrate,evaluate,export]"],
-            "export/model/model.safetensors", "val/ppl")
+             "data.seq_len=16", "data.val_fraction=0.2", "data.batch_size=8", "stages=[calibrate,evaluate,export]",
+             f"plugin.{name}.export_formats=[compressed-tensors,dequantized,native]"],
+            f"export/{name}/native/model.safetensors", "val/ppl")
 
 
 SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario, "quantize": quantization_scenario}

@@ -24,12 +24,14 @@ from tests.helpers import read_metrics, train
 from .conftest import llm_args
 
 def g16(plugin: str) -> list[str]:
-    """Groups of 16 (they divide the tiny Llama's widths 32 and 64) and 16 calibration windows."""
-    return [f"plugin.{plugin}.group_size=16", f"plugin.{plugin}.calibration.samples=16"]
+    """Groups of 16 (they divide the tiny Llama's widths 32 and 64), 16 calibration windows, our own export."""
+    return [f"plugin.{plugin}.group_size=16", f"plugin.{plugin}.calibration.samples=16",
+            f"plugin.{plugin}.export_formats=[native]"]
 
 
-def exported(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "export" / "model" / "model.safetensors"))
+def exported(run_dir: Path, plugin: str) -> dict[str, torch.Tensor]:
+    """The codes, scales and zeros of the plugin's native export."""
+    return load_file(str(run_dir / "export" / plugin / "native" / "model.safetensors"))
 
 
 def dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,7 +51,7 @@ def test_gptq_plugin_equals_its_core(llama_dir, corpus, tmp_path):
     fp32_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
     gptq_quantize(model, calibration_batches(data, 16, 8, cfg.seed), QuantSpec(4, False, 16), calibration_forward,
                   names, act_order=True)
-    state = exported(tmp_path / "run")
+    state = exported(tmp_path / "run", "gptq")
     assert {k.removesuffix(".codes") for k in state if k.endswith(".codes")} == set(names)
     for name in names:
         layer = model.get_submodule(name)
@@ -68,7 +70,7 @@ def test_pruned_weights_stay_exactly_zero(pruner, quantizer, llama_dir, corpus, 
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned" / "export" / "model").state_dict()
     run(load_config(llm_args(f"{quantizer}_llm", llama_dir, corpus, tmp_path / "both", f"plugin=[{pruner},{quantizer}]",
                              *prune, *g16(quantizer))))
-    weights = dequantized(exported(tmp_path / "both"))
+    weights = dequantized(exported(tmp_path / "both", quantizer))
     assert weights
     for name, w in weights.items():
         zeros = pruned[f"{name}.weight"] == 0
@@ -80,7 +82,7 @@ def test_pruned_weights_stay_exactly_zero(pruner, quantizer, llama_dir, corpus, 
     if quantizer == "gptq":  # without the mask, GPTQ's updates would fill the pruned entries: check it is what kept them
         run(load_config(llm_args("gptq_llm", llama_dir, corpus, tmp_path / "dense", *g16("gptq"),
                                  f"init_from={tmp_path / 'pruned' / 'export' / 'model' / 'model.safetensors'}")))
-        dense = dequantized(exported(tmp_path / "dense"))
+        dense = dequantized(exported(tmp_path / "dense", "gptq"))
         assert any(not torch.all(dense[n][pruned[f"{n}.weight"] == 0] == 0) for n in dense)
 
 
@@ -88,7 +90,7 @@ def test_static_activation_ranges_come_from_the_calibration_inputs(llama_dir, co
     args = llm_args("rtn_llm", llama_dir, corpus, tmp_path / "run", *g16("rtn"), "plugin.rtn.act_bits=8",
                     "plugin.rtn.act_dynamic=false")
     run(load_config(args))
-    state = exported(tmp_path / "run")
+    state = exported(tmp_path / "run", "rtn")
     cfg = load_config(args)
     data = build_datasets(cfg.data, tokenizer=AutoTokenizer.from_pretrained(llama_dir), seed=cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
@@ -119,6 +121,7 @@ def test_static_activation_ranges_come_from_the_calibration_inputs(llama_dir, co
                              r"plugin=\[wanda,rtn\]"),
     (["plugin=[lora,rtn]"], r"plugin rtn \(quantize\) cannot come after plugin lora \(adapter\)"),
     (["plugin=[gptq]", "plugin.gptq.damp=0"], r"plugin.gptq.damp must be > 0"),
+    (["plugin.rtn.export_formats=[gguf]"], r"plugin.rtn.export_formats: unknown format\(s\) \['gguf'\]"),
     (["plugin=[gptq]", "plugin.gptq.group_size=128"], r"plugin.gptq.group_size=128 does not divide"),
 ])
 def test_mistakes_get_one_message_before_calibration(overrides, message, llama_dir, corpus, tmp_path, monkeypatch):
@@ -130,6 +133,37 @@ def test_mistakes_get_one_message_before_calibration(overrides, message, llama_d
         run(load_config(llm_args("rtn_llm", llama_dir, corpus, tmp_path / "run", "plugin.rtn.group_size=16", *overrides)))
 
 
+def test_export_stage_writes_formats_transformers_reloads(llama_dir, corpus, tmp_path):
+    """The default export: a compressed-tensors folder and a dequantized one, both loaded by
+    AutoModelForCausalLM, giving the logits of the native (QuantLinear) export reloaded by a run."""
+    args = llm_args("rtn_llm", llama_dir, corpus, tmp_path / "run", "plugin.rtn.group_size=16",
+                    "plugin.rtn.export_formats=[compressed-tensors,dequantized,native]")
+    run(load_config(args))
+    out = tmp_path / "run" / "export" / "rtn"
+    assert sorted(p.name for p in out.iterdir()) == ["compressed-tensors", "dequantized", "native", "quantization.json"]
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        packed = AutoModelForCausalLM.from_pretrained(out / "compressed-tensors").eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(out / "dequantized").eval()(ids).logits
+    state = exported(tmp_path / "run", "rtn")
+    fake = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    fake.load_state_dict({**fake.state_dict(), **{f"{k}.weight": w for k, w in dequantized(state).items()}})
+    with torch.no_grad():
+        expected = fake(ids).logits
+    assert torch.equal(plain, expected)
+    assert torch.allclose(packed, expected, atol=1e-5)
+
+
+def test_missing_compressed_tensors_is_refused_before_calibration(llama_dir, corpus, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "compressed_tensors" else find_spec(name, *a))
+    monkeypatch.setattr(QuantizationPlugin, "calibrate", lambda self, model, run: pytest.fail("calibration started"))
+    with pytest.raises(UserError, match=r"plugin.rtn.export_formats includes compressed-tensors, which needs"):
+        run(load_config(llm_args("rtn_llm", llama_dir, corpus, tmp_path / "run", "plugin.rtn.group_size=16")))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["rtn_llm", "gptq_llm"])
 def test_recipe_end_to_end_from_the_cli(recipe, llama_dir, corpus, tmp_path):
@@ -139,6 +173,6 @@ def test_recipe_end_to_end_from_the_cli(recipe, llama_dir, corpus, tmp_path):
     metrics = read_metrics(tmp_path / "run")
     assert metrics["status"] == "finished" and metrics["metrics"]["val/ppl"] > 1
     assert metrics["metrics"][f"{plugin}/bits_per_weight"] == pytest.approx(5.25)
-    state = exported(tmp_path / "run")
+    state = exported(tmp_path / "run", plugin)
     codes = [v for k, v in state.items() if k.endswith(".codes")]
     assert len(codes) == 14 and all(int(c.min()) >= 0 and int(c.max()) <= 15 for c in codes)

@@ -10,6 +10,8 @@ Two formats, both ``save_pretrained`` folders that ``AutoModelForCausalLM.from_p
   weight), the format compressed-tensors picks for them. Loading needs the ``compressed-tensors`` package.
 - ``dequantized``: plain Linears holding ŵ = s·(q − z), loadable without compressed-tensors; activation
   quantization is dropped (a weight-only fake-quant model).
+- ``native``: our own ``save_pretrained`` of the model as it is (QuantLinear codes, scales, zeros and activation
+  ranges, unpacked); a run reloads it with ``init_from=<folder>/model.safetensors`` (the plugin's ``load_weights``).
 
 Conventions: compressed-tensors keeps integer codes signed, in [−2^(b−1), 2^(b−1) − 1], zero points too; our
 asymmetric codes and zero points [0, 2^b − 1] are shifted down by 2^(b−1) (q − z is unchanged), our symmetric
@@ -26,11 +28,10 @@ from pathlib import Path
 import torch
 
 from blocktrain.trainer.compression.quant import QuantLinear, dequantize
+from blocktrain.trainer.compression.quantizing import EXPORT_FORMATS as FORMATS
 
 __all__ = ["FORMATS", "PackedLinear", "export_quantized", "pack_model", "pack_quant_linear", "quant_linears",
-           "save_compressed", "save_dequantized"]
-
-FORMATS = ("compressed-tensors", "dequantized")
+           "save_compressed", "save_dequantized", "save_native"]
 
 
 def quant_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
@@ -126,6 +127,11 @@ def save_dequantized(model: torch.nn.Module, out_dir: str | os.PathLike, tokeniz
     """``save_pretrained`` the fake-quant model as plain Linears (weights ŵ in the model's dtype); activation
     quantization, if any, is not part of this format."""
     return _save(_dense_copy(model, _model_dtype(model)), out_dir, tokenizer)
+
+
+def save_native(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """``save_pretrained`` the model with its QuantLinears as they are (see the module docstring)."""
+    return _save(model, out_dir, tokenizer)
 
 
 def _ct_args(bits: int, symmetric: bool, strategy: str, **kw):
@@ -247,7 +253,7 @@ def export_quantized(model: torch.nn.Module, out_dir: str | os.PathLike, tokeniz
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; expected some of {list(FORMATS)}")
     out = Path(out_dir)
-    writers = {"compressed-tensors": save_compressed, "dequantized": save_dequantized}
+    writers = {"compressed-tensors": save_compressed, "dequantized": save_dequantized, "native": save_native}
     paths = {fmt: writers[fmt](model, out / fmt, tokenizer) for fmt in formats}
     layers = quant_linears(model)
     report = {

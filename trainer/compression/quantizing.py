@@ -35,6 +35,7 @@ WEIGHT_BITS = tuple(range(2, 9))
 ACT_BITS = tuple(range(4, 9))
 NO_ACT_QUANT = 16  # act_bits=16: activations stay in the model's precision (weight-only, WxA16)
 SCALE_BITS = 16  # a scale counts as 16 bits (fp16/bf16, as the packed formats store it) in the size report
+EXPORT_FORMATS = ("compressed-tensors", "dequantized", "native")  # the export stage's formats (``compression.packing``)
 
 
 @dataclass
@@ -51,9 +52,13 @@ class QuantConfig(PluginConfig):
     exclude: List[str] = field(default_factory=lambda: ["lm_head"])  # Linear names (last part) left unquantized
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     save_every_s: float = 300.0  # resumable state (finished layers) written at most this often
+    export_formats: List[str] = field(default_factory=lambda: list(EXPORT_FORMATS[:2]))  # what the export stage writes
 
     def __post_init__(self):
         where = self.section
+        unknown = [f for f in self.export_formats if f not in EXPORT_FORMATS]
+        if unknown:
+            raise UserError(f"{where}.export_formats: unknown format(s) {unknown}; choose from {list(EXPORT_FORMATS)}")
         if self.bits not in WEIGHT_BITS:
             raise UserError(f"{where}.bits={self.bits} is not supported: weights are quantized to 2..8 bits")
         if self.group_size is not None and self.group_size < 1:
@@ -159,7 +164,21 @@ class QuantizationPlugin(Plugin):
                                 f"of {common}, the widths' greatest common divisor (e.g. {common & -common}), null for "
                                 f"one scale per output channel, or leave those layers out with plugin.{self.name}.exclude")
         self.keep_zeros = bool(_prune_plugins_before(run, self.name))
+        self._check_export(model, run)
         return model
+
+    def _check_export(self, model: "torch.nn.Module", run: "RunContext") -> None:
+        """Before any calibration: the export formats this run will write can be written."""
+        import importlib.util
+
+        from blocktrain.trainer.stages import parse_stages
+
+        if not any(s.kind == "export" for s in parse_stages(run.cfg.stages)) or not hasattr(model, "save_pretrained"):
+            return
+        if "compressed-tensors" in self.config.export_formats and importlib.util.find_spec("compressed_tensors") is None:
+            raise UserError(f"plugin.{self.name}.export_formats includes compressed-tensors, which needs the "
+                            "'compressed-tensors' package (pip install compressed-tensors); install it or set "
+                            f"plugin.{self.name}.export_formats=[dequantized]")
 
     def calibrate(self, model: "torch.nn.Module", run: "RunContext") -> None:
         import torch
@@ -258,6 +277,16 @@ class QuantizationPlugin(Plugin):
                 shells[name].update(act_scale=torch.ones(1, 1), act_zero=torch.zeros(1, 1))
         self.replace(model, shells)
         return False
+
+    def export(self, model: "torch.nn.Module", out_dir: Path, run: "RunContext") -> list[Path]:
+        """A transformers model: each of ``export_formats`` as a ``save_pretrained`` folder plus
+        ``quantization.json`` (``compression.packing``). Any other model: nothing here, so the engine saves the
+        whole model (codes, scales, zeros), which ``init_from`` reloads through ``load_weights``."""
+        if not hasattr(model, "save_pretrained"):
+            return []
+        from blocktrain.trainer.compression.packing import export_quantized
+
+        return list(export_quantized(model, out_dir, run.tokenizer, self.config.export_formats).values())
 
     def evaluate(self, model: "torch.nn.Module", run: "RunContext") -> dict[str, float]:
         """Bits per weight of the targets (codes + scales/zeros) and the model's size with packed codes."""

@@ -17,11 +17,13 @@ from tests.helpers import read_metrics, train
 
 from ..conftest import llm_args
 
-TINY = ["plugin.cbq.calibration.samples=8", "plugin.cbq.calibration.batch_size=4", "plugin.cbq.epochs=1"]
+TINY = ["plugin.cbq.calibration.samples=8", "plugin.cbq.calibration.batch_size=4", "plugin.cbq.epochs=1",
+        "plugin.cbq.export_formats=[native]"]
 
 
 def exported(run_dir):
-    return load_file(str(run_dir / "export" / "model" / "model.safetensors"))
+    """The codes, scales and zeros of the native export."""
+    return load_file(str(run_dir / "export" / "cbq" / "native" / "model.safetensors"))
 
 
 def test_recipe_composes_with_the_paper_defaults():
