@@ -70,3 +70,14 @@ def interrupt_at(step: int, phase_prefix: str = ""):
                 raise KeyboardInterrupt
 
     return InterruptAt()
+
+
+def single_thread():
+    """A fixture body: toy models run faster on one intra-op thread (thread start-up dominates their tiny
+    matmuls). Conftests turn it on for their folder with ``pytest.fixture(autouse=True)(single_thread)``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

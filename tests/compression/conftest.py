@@ -8,20 +8,14 @@ import pytest
 import torch
 
 from blocktrain.trainer.testing import tiny_timm_vit, write_image_folder
+from tests.helpers import single_thread
 
 # iCBS at toy scale: small blocks, few chains, a fast temperature schedule, 8 steps per epoch
 ICBS_FAST = ["plugin.icbs.block_size=64", "plugin.icbs.k=32", "plugin.icbs.restarts=2", "plugin.icbs.beta_factor=1.6",
              "plugin.icbs.steps_per_epoch=8", "plugin.icbs.min_steps=0", "plugin.icbs.pruning.samples=16",
              "plugin.icbs.pruning.batch_size=4", "plugin.icbs.calibration.samples=16"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy models run faster on one intra-op thread (thread start-up dominates their tiny matmuls)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.helpers import single_thread
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def llm_args(recipe: str, llama_dir: Path, corpus: Path, run_dir: Path, *extra: str) -> list[str]:
