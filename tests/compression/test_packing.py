@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from blocktrain.trainer.compression.packing import (PackedLinear, export_quantized, pack_model, save_compressed,
-                                                    save_dequantized)
+from blocktrain.trainer.compression.packing import (PackedLinear, export_quantized, pack_model, read_compressed,
+                                                    save_compressed, save_dequantized)
 from blocktrain.trainer.compression.quant import ActQuantSpec, QuantLinear, QuantSpec, minmax_qparams
 
 pytest.importorskip("compressed_tensors")
@@ -150,6 +150,26 @@ def test_export_report(tmp_path):
     assert len(report["layers"]) == 7
     sizes = {fmt: report["formats"][fmt]["size_bytes"] for fmt in ("compressed-tensors", "dequantized")}
     assert 0 < sizes["compressed-tensors"] < sizes["dequantized"]
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(4, False, 32), (3, False, None), (2, True, 64)])
+def test_read_compressed_returns_the_quant_linears_exactly(bits, symmetric, group, tmp_path):
+    """A compressed-tensors folder read back into QuantLinear entries: the same grid, codes, scales and zeros."""
+    spec = QuantSpec(bits, symmetric, group)
+    model = quantized(spec)
+    save_compressed(model, tmp_path)
+    entries, read_spec = read_compressed(tmp_path)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert read_spec == spec and set(entries) == set(layers)
+    for name, q in layers.items():
+        for part in ("codes", "scale", "zero"):
+            assert torch.equal(entries[name][part], getattr(q, part)), (name, part)
+
+
+def test_read_compressed_refuses_activation_quantized_checkpoints(tmp_path):
+    save_compressed(quantized(QuantSpec(4, False, None), act=ActQuantSpec(8, False, True)), tmp_path)
+    with pytest.raises(ValueError, match="expected one weight-only pack-quantized config group"):
+        read_compressed(tmp_path)
 
 
 @pytest.mark.parametrize("bits,symmetric,group", [(4, False, 32), (2, True, None)])

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from blocktrain.trainer.compression.quant import QuantLinear, dequantize
+from blocktrain.trainer.compression.quant import QuantLinear, QuantSpec, dequantize
 from blocktrain.trainer.compression.quantizing import EXPORT_FORMATS as FORMATS
 
 __all__ = ["FORMATS", "PackedLinear", "export_quantized", "pack_model", "pack_quant_linear", "quant_linears",
-           "save_compressed", "save_dequantized", "save_native"]
+           "read_compressed", "save_compressed", "save_dequantized", "save_native"]
 
 
 def quant_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
@@ -229,6 +229,38 @@ def _check_codes(name: str, linear: torch.nn.Module, q: QuantLinear) -> None:
     if not torch.equal(stored.to(torch.int32).cpu(), want.cpu()):
         raise RuntimeError(f"{name}: compressed-tensors re-derived codes that differ from the layer's own "
                            f"({int((stored.to(torch.int32).cpu() != want.cpu()).sum())} of {want.numel()})")
+
+
+def read_compressed(folder: str | os.PathLike) -> tuple[dict[str, dict], QuantSpec]:
+    """The weight-only ``pack-quantized`` layers of a compressed-tensors checkpoint (ours or another tool's, e.g.
+    llm-compressor's) as ``replace_with_quant_linears`` entries ``{name: {"codes", "scale", "zero"}}`` in our
+    convention (unsigned codes and zero points when asymmetric), with their grid. One config group only."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    groups = list(config.get("config_groups", {}).values())
+    if len(groups) != 1 or groups[0].get("format", config.get("format")) != "pack-quantized" \
+            or groups[0].get("input_activations"):
+        raise ValueError(f"{folder}: expected one weight-only pack-quantized config group, got {groups}")
+    w = groups[0]["weights"]
+    if w["type"] != "int" or w["strategy"] not in ("channel", "group"):
+        raise ValueError(f"{folder}: integer weights per channel or group expected, got {w}")
+    spec = QuantSpec(w["num_bits"], w["symmetric"], w["group_size"] if w["strategy"] == "group" else None)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    shift = 0 if spec.symmetric else 2 ** (spec.bits - 1)
+    entries = {}
+    for key in sorted(k for k in state if k.endswith(".weight_packed")):
+        name = key.removesuffix(".weight_packed")
+        scale = state[f"{name}.weight_scale"].float()
+        codes = unpack_from_int32(state[key], spec.bits, torch.Size(state[f"{name}.weight_shape"].tolist()))
+        zero = (torch.zeros_like(scale) if spec.symmetric else
+                unpack_from_int32(state[f"{name}.weight_zero_point"], spec.bits, scale.shape, packed_dim=0).float())
+        entries[name] = {"codes": codes.to(torch.int32) + shift, "scale": scale, "zero": zero + shift}
+    return entries, spec
 
 
 def _size(path: Path) -> int:
