@@ -46,6 +46,7 @@ class CBQSettings:
     overlap: int = 1  # blocks shared by consecutive windows
     rank: int = 5  # LoRA-Rounding rank r; 0 = full AdaRound V
     init: str = "svd"  # svd (truncated SVD of AdaRound's V0) | zero (A1 = 0)
+    frozen_base: bool = True  # V = (V0 − A1A2 at init, frozen) + A1A2: starts at V0; false: V = A1A2 alone
     reg_weight: float = 0.01  # λ of the rounding regulariser
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -148,7 +149,7 @@ class _Session:
             if name not in self.layers:
                 gen = torch.Generator().manual_seed(self.s.seed * 100003 + block * 1009 + i)
                 layer = CBQLinear(self.model.get_submodule(name), self.spec, self.act, self.s.rank, self.s.init,
-                                  self.keep_zeros, gen)
+                                  self.keep_zeros, gen, self.s.frozen_base)
                 self._set(name, layer)
                 self.layers[name] = layer
                 new.append(layer)

@@ -27,7 +27,7 @@ class CBQLinear(nn.Module):
     """``linear`` (whose weight is kept, not copied) with learnable weight/activation quantizers."""
 
     def __init__(self, linear: nn.Linear, spec: QuantSpec, act: ActQuantSpec | None, rank: int, init: str = "svd",
-                 keep_zeros: bool = False, generator: torch.Generator | None = None):
+                 keep_zeros: bool = False, generator: torch.Generator | None = None, frozen_base: bool = True):
         super().__init__()
         self.spec, self.act = spec, act
         self.register_buffer("weight", linear.weight.detach())
@@ -37,7 +37,7 @@ class CBQLinear(nn.Module):
         self.register_buffer("zero", zero)
         self.register_buffer("keep", (self.weight != 0) if keep_zeros else None)
         self.log_gain = nn.Parameter(torch.zeros_like(scale))
-        self.rounding = LoraRounding(adaround_v0(self.weight, scale), rank, init, generator)
+        self.rounding = LoraRounding(adaround_v0(self.weight, scale), rank, init, generator, frozen_base)
         self.act_log_gain = None
         if act is not None and not act.dynamic:
             self.register_buffer("act_scale0", torch.ones(1, 1, device=scale.device))
