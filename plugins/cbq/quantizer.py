@@ -60,16 +60,18 @@ class CBQLinear(nn.Module):
                 codes = self.codes()
             s = expand_groups(self.scale(), self.weight.shape[1])
             w = s * (codes - expand_groups(self.zero, self.weight.shape[1]))  # the learnable step still trains
-        else:
-            w = fake_quant(self.weight.float(), self.scale(), self.zero, lo, hi, v=self.rounding())
+        else:  # ŵ = s·(clamp(⌊w/s0⌋ + h(V) + z) − z): w·s/s0 keeps the floor on the start grid, gradients exact
+            s = self.scale()
+            w = fake_quant(self.weight.float() * expand_groups(s / self.scale0, self.weight.shape[1]), s, self.zero,
+                           lo, hi, v=self.rounding())
             if self.keep is not None:
                 w = w * self.keep
         return w
 
     def codes(self) -> torch.Tensor:
-        """The hard-rounded integer codes (pruned zeros at the zero point)."""
+        """The hard-rounded integer codes ⌊w/s0⌋ + 1[V ≥ 0] (pruned zeros at the zero point)."""
         lo, hi = qrange(self.spec)
-        codes = hard_codes(self.weight, self.scale(), self.zero, self.rounding(), lo, hi)
+        codes = hard_codes(self.weight, self.scale0, self.zero, self.rounding(), lo, hi)
         if self.keep is not None:
             codes = torch.where(self.keep, codes, expand_groups(self.zero, codes.shape[1]).to(codes.dtype))
         return codes
