@@ -46,6 +46,7 @@ class CBQSettings:
     overlap: int = 1  # blocks shared by consecutive windows
     rank: int = 5  # LoRA-Rounding rank r; 0 = full AdaRound V
     init: str = "svd"  # svd (truncated SVD of AdaRound's V0) | zero (A1 = 0)
+    frozen_base: bool = True  # V = (V0 − A1A2 at init, frozen) + A1A2: starts at V0; false: V = A1A2 alone
     reg_weight: float = 0.01  # λ of the rounding regulariser
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -53,6 +54,7 @@ class CBQSettings:
     epochs: int = 10  # passes over the calibration batches per window
     kl_weight: float = 1.0  # weight of the KL term in E
     two_branch: bool = True  # false: only E(T_fp(X_fp), T_q(X_q))
+    keep_better: bool = True  # a window whose hardened loss ends above its start keeps its start (RTN at first)
     cfp: CFPSettings = field(default_factory=CFPSettings)
     seed: int = 0  # A2's random init (init=zero)
 
@@ -148,7 +150,7 @@ class _Session:
             if name not in self.layers:
                 gen = torch.Generator().manual_seed(self.s.seed * 100003 + block * 1009 + i)
                 layer = CBQLinear(self.model.get_submodule(name), self.spec, self.act, self.s.rank, self.s.init,
-                                  self.keep_zeros, gen)
+                                  self.keep_zeros, gen, self.s.frozen_base)
                 self._set(name, layer)
                 self.layers[name] = layer
                 new.append(layer)
@@ -284,13 +286,22 @@ def _reconstruct(ses: _Session, batches, forward, learn, log, on_window, resume)
             return loss
 
         _set_mode(layers, "soft")
+        params = _params(layers)
+        before = [p.detach().clone() for p in params]
         if steps:
-            learn(_params(layers), loss_fn, list(range(n)), steps, f"cbq/blocks_{w.start}-{w.stop - 1}")
+            learn(params, loss_fn, list(range(n)), steps, f"cbq/blocks_{w.start}-{w.stop - 1}")
         end_loss = mean_rec("hard")
-        entry = {"window": k, "start": w.start, "stop": w.stop, "rec_start": start_loss, "rec_final": end_loss}
+        kept = s.keep_better and end_loss > start_loss
+        if kept:  # the hardened result is worse than the window's start: keep the start
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
+        entry = {"window": k, "start": w.start, "stop": w.stop, "rec_start": start_loss, "rec_final": end_loss,
+                 "kept_start": kept}
         report.append(entry)
         log({f"cbq/blocks_{w.start}-{w.stop - 1}/rec_start": start_loss,
-             f"cbq/blocks_{w.start}-{w.stop - 1}/rec_final": end_loss})
+             f"cbq/blocks_{w.start}-{w.stop - 1}/rec_final": end_loss,
+             f"cbq/blocks_{w.start}-{w.stop - 1}/kept_start": float(kept)})
         last = k == len(schedule) - 1
         for b in w.finalize:
             if not last:

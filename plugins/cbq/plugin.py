@@ -76,7 +76,8 @@ class CBQPlugin(QuantizationPlugin):
         """The core's ``CBQSettings`` from the config."""
         from blocktrain.plugins.cbq.cbq import CBQSettings
 
-        return CBQSettings(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(CBQSettings)})
+        return CBQSettings(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(CBQSettings)
+                              if hasattr(self.config, f.name)})  # frozen_base, keep_better: core defaults until conf/ has them
 
     def apply(self, model, run):
         from blocktrain.plugins.cbq.cbq import find_blocks

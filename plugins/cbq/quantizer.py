@@ -27,7 +27,7 @@ class CBQLinear(nn.Module):
     """``linear`` (whose weight is kept, not copied) with learnable weight/activation quantizers."""
 
     def __init__(self, linear: nn.Linear, spec: QuantSpec, act: ActQuantSpec | None, rank: int, init: str = "svd",
-                 keep_zeros: bool = False, generator: torch.Generator | None = None):
+                 keep_zeros: bool = False, generator: torch.Generator | None = None, frozen_base: bool = True):
         super().__init__()
         self.spec, self.act = spec, act
         self.register_buffer("weight", linear.weight.detach())
@@ -37,7 +37,7 @@ class CBQLinear(nn.Module):
         self.register_buffer("zero", zero)
         self.register_buffer("keep", (self.weight != 0) if keep_zeros else None)
         self.log_gain = nn.Parameter(torch.zeros_like(scale))
-        self.rounding = LoraRounding(adaround_v0(self.weight, scale), rank, init, generator)
+        self.rounding = LoraRounding(adaround_v0(self.weight, scale), rank, init, generator, frozen_base)
         self.act_log_gain = None
         if act is not None and not act.dynamic:
             self.register_buffer("act_scale0", torch.ones(1, 1, device=scale.device))
@@ -60,16 +60,18 @@ class CBQLinear(nn.Module):
                 codes = self.codes()
             s = expand_groups(self.scale(), self.weight.shape[1])
             w = s * (codes - expand_groups(self.zero, self.weight.shape[1]))  # the learnable step still trains
-        else:
-            w = fake_quant(self.weight.float(), self.scale(), self.zero, lo, hi, v=self.rounding())
+        else:  # ŵ = s·(clamp(⌊w/s0⌋ + h(V) + z) − z): w·s/s0 keeps the floor on the start grid, gradients exact
+            s = self.scale()
+            w = fake_quant(self.weight.float() * expand_groups(s / self.scale0, self.weight.shape[1]), s, self.zero,
+                           lo, hi, v=self.rounding())
             if self.keep is not None:
                 w = w * self.keep
         return w
 
     def codes(self) -> torch.Tensor:
-        """The hard-rounded integer codes (pruned zeros at the zero point)."""
+        """The hard-rounded integer codes ⌊w/s0⌋ + 1[V ≥ 0] (pruned zeros at the zero point)."""
         lo, hi = qrange(self.spec)
-        codes = hard_codes(self.weight, self.scale(), self.zero, self.rounding(), lo, hi)
+        codes = hard_codes(self.weight, self.scale0, self.zero, self.rounding(), lo, hi)
         if self.keep is not None:
             codes = torch.where(self.keep, codes, expand_groups(self.zero, codes.shape[1]).to(codes.dtype))
         return codes

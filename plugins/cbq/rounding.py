@@ -26,18 +26,33 @@ def adaround_v0(weight: torch.Tensor, scale: torch.Tensor, zeta: float = ZETA, g
 
 
 class LoraRounding(nn.Module):
-    """V = A1·A2 (A1 [out, r], A2 [r, in]); ``rank=0`` keeps a full V [out, in] (AdaRound itself).
+    """V = B + A1·A2 (A1 [out, r], A2 [r, in], B a frozen [out, in] base); ``rank=0`` keeps a full V [out, in]
+    (AdaRound itself).
 
-    ``init="svd"``: the rank-r truncated SVD of V0 (A1 = U√Σ, A2 = √Σ Vᵀ), exactly V0 at full rank;
-    ``init="zero"``: A1 = 0 and A2 random (V = 0, h = ½: every weight starts half-way between its two codes).
+    ``init="svd"``: A1·A2 starts as the rank-r truncated SVD of V0 (A1 = U√Σ, A2 = √Σ Vᵀ), exactly V0 at full
+    rank; ``init="zero"``: A1 = 0 and A2 random (a full V starts at 0).
+
+    ``frozen_base=True`` (our reading, the default): B = V0 − A1·A2 at the start, so V starts exactly at V0
+    (h(V0) = frac(w/s), hardening to round-to-nearest) whatever the rank and init, and the rank-r factors learn a
+    low-rank change of AdaRound's V. ``False``: B = 0, V = A1·A2 alone (the literal reading); a rank r ≪ min(d, k)
+    cannot hold V0's per-weight signs, so the start hardens to near-random rounding (≈ half the codes off RTN).
     """
 
-    def __init__(self, v0: torch.Tensor, rank: int, init: str = "svd", generator: torch.Generator | None = None):
+    def __init__(self, v0: torch.Tensor, rank: int, init: str = "svd", generator: torch.Generator | None = None,
+                 frozen_base: bool = True):
         super().__init__()
         out, cols = v0.shape
         if rank == 0:
             self.v_full = nn.Parameter(v0.clone() if init == "svd" else torch.zeros_like(v0))
-            return
+        else:
+            self.a1, self.a2 = (nn.Parameter(t.to(v0.device)) for t in self._factors(v0, rank, init, generator))
+        base = v0 - self.forward() if frozen_base else None
+        self.register_buffer("base", base.detach() if base is not None and bool(base.any()) else None)
+
+    @staticmethod
+    def _factors(v0: torch.Tensor, rank: int, init: str,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, cols = v0.shape
         r = min(rank, out, cols)
         if init == "svd":
             u, s, vh = torch.linalg.svd(v0.double(), full_matrices=False)
@@ -48,11 +63,12 @@ class LoraRounding(nn.Module):
             a2 = torch.randn(r, cols, generator=generator) / math.sqrt(cols)
         else:
             raise ValueError(f"init must be 'svd' or 'zero', got {init!r}")
-        self.a1, self.a2 = nn.Parameter(a1.to(v0.device)), nn.Parameter(a2.to(v0.device))
+        return a1, a2
 
     def forward(self) -> torch.Tensor:
         """V [out, in]."""
-        return self.v_full if hasattr(self, "v_full") else self.a1 @ self.a2
+        v = self.v_full if hasattr(self, "v_full") else self.a1 @ self.a2
+        return v if getattr(self, "base", None) is None else v + self.base
 
 
 def rounding_regularizer(v: torch.Tensor, beta: float, zeta: float = ZETA, gamma: float = GAMMA) -> torch.Tensor:

@@ -30,21 +30,34 @@ def test_v0_makes_h_the_fractional_part_and_soft_rounding_the_identity_inside_th
 
 
 def test_lora_rounding_at_full_rank_reproduces_v0_and_is_the_best_rank_r_fit_below():
+    """The literal reading (no frozen base): V = A1·A2 is V0 at full rank, its Eckart–Young fit below."""
     w = _weight()
     scale, _ = minmax_qparams(w, QuantSpec(4))
     v0 = adaround_v0(w, scale)
-    full = LoraRounding(v0, rank=min(v0.shape))
+    full = LoraRounding(v0, rank=min(v0.shape), frozen_base=False)
     torch.testing.assert_close(full(), v0, atol=1e-4, rtol=0)
     assert full.a1.shape == (12, 12) and full.a2.shape == (12, 20)
-    low = LoraRounding(v0, rank=3)
+    low = LoraRounding(v0, rank=3, frozen_base=False)
     sv = torch.linalg.svdvals(v0.double())
     err = float(torch.linalg.norm(low().detach().double() - v0.double()))
     assert err == pytest.approx(float(sv[3:].pow(2).sum().sqrt()), rel=1e-4)  # Eckart–Young
     assert sum(p.numel() for p in low.parameters()) == (12 + 20) * 3
     adaround = LoraRounding(v0, rank=0)
     assert torch.equal(adaround(), v0) and sum(p.numel() for p in adaround.parameters()) == v0.numel()
-    zero = LoraRounding(v0, rank=3, init="zero", generator=torch.Generator().manual_seed(0))
+    zero = LoraRounding(v0, rank=3, init="zero", generator=torch.Generator().manual_seed(0), frozen_base=False)
     assert torch.equal(zero(), torch.zeros_like(v0)) and float(zero.a2.detach().abs().sum()) > 0  # V = 0: h = 1/2
+
+
+@pytest.mark.parametrize("init", ["svd", "zero"])
+def test_the_frozen_base_starts_every_rank_at_v0_and_only_the_factors_train(init):
+    w = _weight()
+    scale, _ = minmax_qparams(w, QuantSpec(4))
+    v0 = adaround_v0(w, scale)
+    low = LoraRounding(v0, rank=3, init=init, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(low(), v0, atol=1e-5, rtol=0)
+    assert [n for n, _ in low.named_parameters()] == ["a1", "a2"] and not low.base.requires_grad
+    low().sum().backward()
+    assert low.a2.grad is not None and low.base.grad is None
 
 
 @pytest.mark.parametrize("rank", [0, 3])
