@@ -17,7 +17,7 @@ from blocktrain.plugins.lpvit import curves as C
 from blocktrain.trainer.compression.calibration import calibration_forward
 
 __all__ = ["LPViTSettings", "LayerStats", "check_targets", "gradient_statistic", "layer_curves", "allocate",
-           "lpvit_prune", "flops_ratio"]
+           "lpvit_prune", "masks_from_gradients", "flops_ratio"]
 
 
 @dataclass
@@ -123,7 +123,7 @@ def gradient_statistic(model: nn.Module, names: list[str], batches: Iterable, fo
             hooks = []
             for n, g in zip(modules, grads):
                 if g is not None:
-                    sums[n] = g.detach().double() if n not in sums else sums[n].add_(g.detach().double())
+                    sums[n] = g.detach().float().clone() if n not in sums else sums[n].add_(g.detach().float())
             if on_batch is not None:
                 on_batch(i)
     finally:
@@ -185,17 +185,28 @@ def allocate(costs: dict[str, torch.Tensor], stats: dict[str, LayerStats], s: LP
 
 def lpvit_prune(model: nn.Module, batches: list, s: LPViTSettings, names: list[str] | None = None,
                 forward: Callable = calibration_forward) -> tuple[dict[str, torch.Tensor], dict]:
-    """The whole method on ``model`` (weights untouched): returns (bool keep-masks by layer name, info with the
-    amounts, FLOPs kept, β, slope and curves). ``names`` default to every Linear and Conv2d."""
+    """The whole method on ``model`` (weights untouched): returns (bool keep-masks by layer name, ``info``).
+    ``names`` default to every Linear and Conv2d."""
     from blocktrain.trainer.compression.fixed_masks import find_weight_layers
 
     names = find_weight_layers(model) if names is None else names
     sums, shapes = gradient_statistic(model, names, batches, forward)
     grads = {n: sums[n] / len(batches) for n in names if n in sums and n in shapes}
+    return masks_from_gradients(model, grads, shapes, s)
+
+
+def masks_from_gradients(model: nn.Module, grads: dict[str, torch.Tensor], shapes: dict[str, tuple],
+                         s: LPViTSettings) -> tuple[dict[str, torch.Tensor], dict]:
+    """Curves, allocation and masks from the mean gradients; ``info`` holds the amounts, the FLOPs kept, β, the
+    log2 slope, each layer's (positions, bias FLOPs) and the curves (``distortion``, ``power``, ``total``)."""
     stats, costs = build_costs(model, grads, shapes, s)
-    amounts, slope = allocate(costs["total"], stats, s)
-    return masks_for(model, stats, amounts, s), {"amounts": amounts, "flops": flops_ratio(stats, amounts),
-                                                 "slope_log2": slope, **costs}
+    if s.flops < 1:
+        amounts, slope = allocate(costs["total"], stats, s)
+    else:
+        amounts, slope = {n: 0.0 for n in stats}, float("nan")
+    info = {"amounts": amounts, "flops": flops_ratio(stats, amounts), "slope_log2": slope,
+            "positions": {n: (st.positions, st.bias) for n, st in stats.items()}, **costs}
+    return masks_for(model, stats, amounts, s), info
 
 
 def build_costs(model: nn.Module, grads: dict[str, torch.Tensor], shapes: dict[str, tuple],

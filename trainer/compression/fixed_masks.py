@@ -6,19 +6,16 @@ them:
 - ``mask_optimizer`` adds a step post-hook that re-zeroes the masked weights and the masked entries of the
   optimiser's per-weight state (Adam moments, momentum buffers) after every step.
 
-``masks_detached`` removes the buffers for the span of an export, so the saved model is a plain dense model with
-zeros (``save_pretrained`` / safetensors) that loads without the masks.
+``detach_masks`` removes the buffers (``attach_masks`` puts them back), e.g. for an export: the saved model is then
+a plain dense model with zeros (``save_pretrained`` / safetensors) that loads without the masks.
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
 
 __all__ = ["MASK", "find_weight_layers", "attach_masks", "masked_layers", "apply_fixed_masks", "mask_optimizer",
-           "masks_detached"]
+           "detach_masks"]
 
 MASK = "weight_mask"
 
@@ -78,12 +75,7 @@ def mask_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer):
     return optimizer.register_step_post_hook(lambda opt, args, kwargs: apply_fixed_masks(model, opt))
 
 
-@contextmanager
-def masks_detached(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Remove the ``weight_mask`` buffers (yielding them by layer name) and put them back afterwards."""
-    removed = {name: mod._buffers.pop(MASK) for name, mod in masked_layers(model).items()}
-    try:
-        yield removed
-    finally:
-        for name, keep in removed.items():
-            model.get_submodule(name).register_buffer(MASK, keep, persistent=True)
+def detach_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Remove the ``weight_mask`` buffers and return them by layer name (the weights keep their zeros; the gradient
+    hooks stay and mask nothing until ``attach_masks`` puts the buffers back)."""
+    return {name: mod._buffers.pop(MASK) for name, mod in masked_layers(model).items()}
