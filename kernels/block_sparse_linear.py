@@ -71,7 +71,7 @@ def _bsr_times(values: Tensor, crow: Tensor, col: Tensor, shape: tuple[int, int]
     dtype = x2.dtype if x2.dtype in (torch.float32, torch.float64) else torch.float32
     r, c = values.shape[1:]
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse (BSR tensor support is in beta|invariant checks)")
         if r == c:
             weight = torch.sparse_bsr_tensor(crow, col, values.to(dtype).contiguous(), size=shape)
         else:

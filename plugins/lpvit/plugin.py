@@ -46,6 +46,7 @@ class LPViTConfig(PluginConfig):
     faithful: bool = True  # the code's + beta*P and incremental second-order update; false: - beta*P, closed form
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=2000, batch_size=64))
     save_every_s: float = 300.0  # resumable state written at most this often (and on Ctrl-C, and at the end)
+    export_block_sparse: bool = False  # export also a model whose pruned Linears run block_sparse_linear
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
     def __post_init__(self):
@@ -169,6 +170,28 @@ class LPViTPlugin(PruningPlugin):
         elif self._parked:
             attach_masks(model, self._parked)
             self._parked = {}
+
+    def export(self, model, out_dir, run):
+        """With ``export_block_sparse``: the dense model with zeros (``model/``, as the engine's export) and the
+        block-sparse one (``block_sparse/``: the pruned Linears that the block tiles as BSR layers; reload with
+        ``trainer.compression.block_sparse.load_block_sparse`` onto a fresh model). Otherwise the engine's export."""
+        if not self.config.export_block_sparse:
+            return []
+        import copy
+
+        from torch import nn
+
+        from blocktrain.trainer.compression.block_sparse import save_block_sparse, to_block_sparse
+        from blocktrain.trainer.run import save_model
+
+        r, c = self.config.block
+        written = [save_model(model, out_dir / "model", run.tokenizer)]
+        sparse = copy.deepcopy(model)
+        names = [n for n in self.info.get("amounts", {}) if isinstance(sparse.get_submodule(n), nn.Linear)
+                 and sparse.get_submodule(n).out_features % r == 0 and sparse.get_submodule(n).in_features % c == 0]
+        manifest = to_block_sparse(sparse, (r, c), names)
+        written.append(save_block_sparse(sparse, manifest, out_dir / "block_sparse"))
+        return written
 
     def evaluate(self, model, run):
         from blocktrain.plugins.lpvit.finetune import flops_kept, mask_picture

@@ -90,6 +90,28 @@ def test_llm_prune_finetune_resume_export(llama_dir, corpus, tmp_path):
         assert torch.equal(exported[key], again[key]), key
 
 
+def test_block_sparse_export_reloads_and_matches_the_dense_export(llama_dir, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from blocktrain.trainer.compression.block_sparse import BlockSparseLinear, load_block_sparse
+    from tests.pruning.conftest import token_batches
+
+    run_dir = tmp_path / "run"
+    run(load_config(llm_args("lpvit_llm", llama_dir, corpus, run_dir, "plugin.lpvit.block=[16,16]",
+                             "plugin.lpvit.calibration.samples=8", "plugin.lpvit.export_block_sparse=true",
+                             "stages=[calibrate,export]")))
+    export = run_dir / "export" / "lpvit"
+    dense = AutoModelForCausalLM.from_pretrained(export / "model").eval()
+    sparse = load_block_sparse(AutoModelForCausalLM.from_pretrained(llama_dir).eval(), export / "block_sparse")
+    swapped = [n for n, m in sparse.named_modules() if isinstance(m, BlockSparseLinear)]
+    assert len(swapped) == 14
+    for name in swapped:
+        torch.testing.assert_close(sparse.get_submodule(name).dense_weight(), dense.get_submodule(name).weight)
+    batch = {"input_ids": token_batches(1)[0]["input_ids"] % dense.config.vocab_size}
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(**batch).logits, dense(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_tiny_timm_vit_end_to_end(vit_checkpoint, images, tmp_path):
     run_dir = tmp_path / "run"
     args = vit_args("lpvit_deit_s", vit_checkpoint, images, run_dir, "plugin.lpvit.calibration.samples=12",
