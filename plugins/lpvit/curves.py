@@ -59,7 +59,8 @@ def block_sums(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Per-block sums of a (rows, cols) matrix (zero padding at the edges), flattened in block order."""
     rows, cols = values.shape
     nr, nc = block_grid(rows, cols, block)
-    padded = F.pad(values, (0, nc * block[1] - cols, 0, nr * block[0] - rows))
+    padded = values if (nr * block[0], nc * block[1]) == (rows, cols) else \
+        F.pad(values, (0, nc * block[1] - cols, 0, nr * block[0] - rows))
     return padded.view(nr, block[0], nc, block[1]).sum((1, 3)).flatten()
 
 

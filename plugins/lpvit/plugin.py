@@ -44,6 +44,7 @@ class LPViTConfig(PluginConfig):
     tolerance: float = 0.02  # the bisection stops within this of the budget
     max_iters: int = 40
     faithful: bool = True  # the code's + beta*P and incremental second-order update; false: - beta*P, closed form
+    normalize: bool = True  # bisect on slopes in units of the median layer's largest derivative; false: as coded
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=2000, batch_size=64))
     save_every_s: float = 300.0  # resumable state written at most this often (and on Ctrl-C, and at the end)
     export_block_sparse: bool = False  # export also a model whose pruned Linears run block_sparse_linear
@@ -113,7 +114,7 @@ class LPViTPlugin(PruningPlugin):
         from blocktrain.trainer.compression.state import ResumableState
 
         c = self.config
-        state = ResumableState(run, self.name, dataclasses.asdict(c), c.save_every_s, free=("save_every_s", "lm_eval"))
+        state = ResumableState(run, self.name, dataclasses.asdict(c), c.save_every_s, free=("save_every_s", "lm_eval", "export_block_sparse"))
         saved = state.load() or {}
         if "masks" not in saved:
             cal = c.calibration

@@ -6,6 +6,7 @@ budget and the block masks. Plain PyTorch; ``plugin.py`` binds it to a run.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -37,6 +38,7 @@ class LPViTSettings:
     tolerance: float = 0.02  # bisection stops when |FLOPs kept - flops| <= tolerance
     max_iters: int = 40
     faithful: bool = True  # the code's + β·P and incremental second-order update; False: - β·P and the closed form
+    normalize: bool = True  # bisect on slopes in units of the median layer's largest derivative (False: as coded)
 
 
 @dataclass
@@ -157,11 +159,20 @@ def flops_ratio(stats: dict[str, LayerStats], amounts: dict[str, float]) -> floa
 
 def allocate(costs: dict[str, torch.Tensor], stats: dict[str, LayerStats], s: LPViTSettings) -> tuple[dict, float]:
     """Equal-slope allocation: bisection on s ∈ [−100, 100] until the FLOPs kept at slope 2^s are within
-    ``tolerance`` of ``flops`` (the code's ``find_slope``/``binary_search``); returns (amounts, log2 slope)."""
+    ``tolerance`` of ``flops`` (the code's ``find_slope``/``binary_search``); returns (amounts, log2 slope).
+
+    With ``normalize`` the derivatives are divided by the median over layers of their largest value before the
+    search (the slope returned is in the curves' own units). Equal slopes are unchanged by a common scale, but the
+    search's first probe, 2^0, is not: on curves whose derivatives are all far below 1 (a language model's
+    mean-squared-logit gradients) it puts every layer at its largest derivative, and such a degenerate allocation
+    can land within ``tolerance`` of the budget by chance and end the search."""
     names = list(costs)
     amounts_grid = torch.arange(s.grid + 1, dtype=torch.float64) / s.grid
     cap = 1 - min(s.min_density, (1 - s.flops) / 2)
     slopes = [C.derivative(amounts_grid, costs[n], s.h) for n in names]
+    peaks = sorted(float(d.max()) for d in slopes)
+    scale = peaks[len(peaks) // 2] if s.normalize and peaks[len(peaks) // 2] > 0 else 1.0
+    slopes = [d / scale for d in slopes]
 
     def kept(slope_log2: float) -> tuple[float, dict]:
         amounts = dict(zip(names, _amounts_at(slopes, amounts_grid, 2.0 ** slope_log2, cap)))
@@ -180,7 +191,7 @@ def allocate(costs: dict[str, torch.Tensor], stats: dict[str, LayerStats], s: LP
             hi = mid
     else:  # as coded: after max_iters the closest of mid, lo and hi
         mid = min((lo, hi, mid), key=lambda v: abs(kept(v)[0] - s.flops))
-    return kept(mid)[1], mid
+    return kept(mid)[1], mid + math.log2(scale)
 
 
 def lpvit_prune(model: nn.Module, batches: list, s: LPViTSettings, names: list[str] | None = None,

@@ -126,7 +126,7 @@ def test_gradient_statistic_is_the_mean_squared_logit_gradient_in_train_mode():
     for batch in batches:
         model(**batch).logits.pow(2).mean().backward()
     for n in names:
-        torch.testing.assert_close(sums[n], model.get_submodule(n).weight.grad.double(), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(sums[n], model.get_submodule(n).weight.grad, rtol=1e-4, atol=1e-9)
     assert shapes["model.layers.0.mlp.down_proj"] == (16, 64)  # 16 tokens per sample, 64 inputs
 
 
