@@ -234,3 +234,13 @@ def test_fixed_masks_survive_adamw_with_polluted_state():
             if value.shape == k.shape:
                 assert (value[~k] == 0).all()
     assert model[0].weight_mask.dtype == torch.bool and "0.weight_mask" in model.state_dict()
+
+
+def test_normalized_search_is_scale_free():
+    stats, costs = synthetic()
+    s = LPViTSettings(flops=0.5, tolerance=0.005)
+    amounts, slope = allocate(costs, stats, s)
+    tiny, tiny_slope = allocate({n: c * 1e-9 for n, c in costs.items()}, stats, s)
+    assert tiny == amounts and tiny_slope == pytest.approx(slope + math.log2(1e-9))
+    raw, _ = allocate(costs, stats, LPViTSettings(flops=0.5, tolerance=0.005, normalize=False))
+    assert abs(flops_ratio(stats, raw) - 0.5) <= 0.005  # the code's search reaches the budget here too
