@@ -16,6 +16,8 @@ BUILTIN: dict[str, tuple[str, str]] = {
                   "SparseGPT one-shot pruning with OBS weight updates (unstructured or N:M) of every Linear"),
     "icbs": ("blocktrain.plugins.icbs.plugin:ICBSPlugin",
              "iCBS pruning: Wanda init, then block coordinate descent over QUBOs (long, resumable calibrate)"),
+    "lpvit": ("blocktrain.plugins.lpvit.plugin:LPViTPlugin",
+              "LPViT block pruning: power-aware equal-slope allocation to a FLOPs budget, masks fixed for fine-tuning"),
     "rtn": ("blocktrain.plugins.quantization.plugin:RTNPlugin",
             "Round-to-nearest weight quantization (per channel or group; W/A bits) of every Linear"),
     "gptq": ("blocktrain.plugins.quantization.plugin:GPTQPlugin",

@@ -1,0 +1,72 @@
+"""``block_sparse_linear`` on its CPU path equals the masked dense linear (forward and gradients, square and
+non-square blocks, fp32 and bf16); a block-sparse model saves, reloads and runs it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocktrain.kernels.block_sparse_linear import block_sparse_linear, from_bsr, to_bsr
+from blocktrain.trainer.compression.block_sparse import (BlockSparseLinear, load_block_sparse, save_block_sparse,
+                                                         to_block_sparse)
+from tests.pruning.conftest import tiny_llama, token_batches
+
+
+def block_pruned(out, inp, block, gen, density=0.5):
+    keep = torch.rand(out // block[0], inp // block[1], generator=gen) < density
+    return torch.randn(out, inp, generator=gen) * keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+
+
+@pytest.mark.parametrize("block,dtype", [((16, 16), torch.float32), ((32, 32), torch.float32),
+                                         ((16, 32), torch.float32), ((8, 8), torch.bfloat16)])
+def test_matches_the_masked_dense_linear_forward_and_backward(block, dtype):
+    gen = torch.Generator().manual_seed(0)
+    weight = block_pruned(64, 96, block, gen)
+    values, crow, col = to_bsr(weight, block)
+    assert torch.equal(from_bsr(values, crow, col, weight.shape), weight)
+    assert values.shape[0] == int(weight.reshape(64 // block[0], block[0], 96 // block[1], block[1]).ne(0)
+                                  .any(3).any(1).sum())
+    x = torch.randn(3, 7, 96, generator=gen).to(dtype).requires_grad_(True)
+    bias = torch.randn(64, generator=gen).to(dtype).requires_grad_(True)
+    values = values.to(dtype).requires_grad_(True)
+    dense = weight.to(dtype).requires_grad_(True)
+    y = block_sparse_linear(x, values, crow, col, bias)
+    y_ref = x @ dense.t() + bias
+    assert y.dtype == dtype
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **tol)
+    g = torch.randn_like(y)
+    gx, gv, gb = torch.autograd.grad(y, [x, values, bias], g)
+    gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref, [x, dense, bias], g)
+    torch.testing.assert_close(gx, gx_ref, **tol)
+    torch.testing.assert_close(gb, gb_ref, **tol)
+    stored = from_bsr(torch.ones_like(values), crow, col, weight.shape).bool()
+    torch.testing.assert_close(from_bsr(gv, crow, col, weight.shape), gw_ref * stored, **tol)
+
+
+def test_a_block_that_does_not_tile_is_refused():
+    with pytest.raises(ValueError, match="block 16x16 does not tile a 40x32 weight"):
+        to_bsr(torch.zeros(40, 32), (16, 16))
+
+
+def test_block_sparse_model_saves_reloads_and_matches(tmp_path):
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                m.weight.copy_(m.weight * (block_pruned(*m.weight.shape, (16, 16), gen) != 0))
+    batch = token_batches(1)[0]
+    with torch.no_grad():
+        expected = model(**batch).logits
+    with_zero_blocks = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+                        and to_bsr(m.weight, (16, 16))[0].shape[0] < m.weight.numel() // 256}
+    manifest = to_block_sparse(model, (16, 16))
+    assert set(manifest) == with_zero_blocks and len(manifest) >= 8  # lm_head is tied to the embedding: stays
+    assert isinstance(model.model.layers[0].mlp.up_proj, BlockSparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    save_block_sparse(model, manifest, tmp_path / "bsr")
+    fresh = load_block_sparse(tiny_llama(seed=9), tmp_path / "bsr")
+    assert isinstance(fresh.model.layers[1].self_attn.q_proj, BlockSparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, expected, rtol=1e-5, atol=1e-5)
