@@ -31,7 +31,7 @@ def tiny_args(plugin: str, root: Path, cache: Path) -> list[str]:
             f"{p}.sampler.steps=4", f"{p}.eval.num_samples=8", f"{p}.eval.num_real=8", f"{p}.eval.steps=[4]",
             f"{p}.eval.features.input_size=32", f"{p}.eval.kid_subset_size=4", f"{p}.eval.cache_dir={cache}"]
     if plugin == "bfm":
-        args += ["model.trunk_depth=1", "model.segment_depth=1", "model.frn_depth=1", "model.proj_hidden=32",
+        args += ["model.trunk_depth=3", "model.segment_depth=1", "model.frn_depth=1", "model.proj_hidden=32",
                  "stages=[fit,{fit:{name:frn,max_steps:2}},sample,{sample:{name:sample_frn,frn:true}},evaluate]"]
     else:
         args += ["model.depth=2"]
