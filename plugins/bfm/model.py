@@ -22,11 +22,12 @@ class BFM(nn.Module):
     velocity: a shared patch embed of x_t, segment k's ``segment_depth`` blocks conditioned per token on
     concat(c, h) (h not detached), a shared final layer; projector: MLP h -> the frozen encoder's feature width;
     FRN: ``frn_depth`` blocks on the trunk's patch embed of x_t and c, predicting h residually in a segment.
+    ``ada_rank``: low-rank per-token modulation in the velocity blocks (the official code's adaLN-LoRA, rank 288).
     """
 
     def __init__(self, image_size=32, channels=1, patch=2, hidden=384, heads=6, segments=6, trunk_depth=8,
                  segment_depth=2, frn_depth=2, mlp_ratio=4.0, num_classes=10, class_dropout=0.1,
-                 proj_hidden=2048, align_dim=768):
+                 proj_hidden=2048, align_dim=768, ada_rank=None):
         super().__init__()
         self.image_size, self.channels, self.patch = image_size, channels, patch
         self.segments, self.num_classes = segments, num_classes
@@ -35,7 +36,7 @@ class BFM(nn.Module):
         self.trunk_embed = PatchEmbed(image_size, channels, patch, hidden)
         self.trunk_blocks = nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio) for _ in range(trunk_depth))
         self.x_embed = PatchEmbed(image_size, channels, patch, hidden)
-        self.stacks = nn.ModuleList(nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio, cond_dim=2 * hidden)
+        self.stacks = nn.ModuleList(nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio, cond_dim=2 * hidden, ada_rank=ada_rank)
                                                   for _ in range(segment_depth)) for _ in range(segments))
         self.final = FinalLayer(hidden, patch, channels, cond_dim=2 * hidden)
         self.projector = nn.Sequential(nn.Linear(hidden, proj_hidden), nn.SiLU(), nn.Linear(proj_hidden, proj_hidden),
@@ -101,7 +102,7 @@ def build_bfm(cfg) -> BFM:
     hidden, _, heads = resolved_size(cfg)
     return BFM(cfg.image_size, cfg.channels, cfg.patch, hidden, heads, cfg.segments, cfg.trunk_depth,
                cfg.segment_depth, cfg.frn_depth, cfg.mlp_ratio, cfg.num_classes, cfg.class_dropout, cfg.proj_hidden,
-               cfg.align_dim)
+               cfg.align_dim, cfg.ada_rank)
 
 
 BFM_SOURCE = ModelSource(lambda cfg, processor: LoadedModel(build_bfm(cfg), None, "bfm"))

@@ -36,6 +36,7 @@ class BFMModelConfig:
     class_dropout: float = 0.1
     proj_hidden: int = field(default=2048, metadata=POSITIVE)  # projector MLP width
     align_dim: int = field(default=768, metadata=POSITIVE)  # = the frozen encoder's feature width
+    ada_rank: Optional[int] = field(default=None, metadata=POSITIVE)  # velocity blocks' low-rank adaLN (official: 288)
 
 
 register_model_source("bfm", BFMModelConfig, "blocktrain.plugins.bfm.model:BFM_SOURCE",

@@ -75,9 +75,11 @@ def _per_token(m: torch.Tensor) -> torch.Tensor:
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm attention + MLP block with adaLN-Zero modulation from ``cond`` (width ``cond_dim``)."""
+    """Pre-norm attention + MLP block with adaLN-Zero modulation from ``cond`` (width ``cond_dim``); ``ada_rank``:
+    a low-rank modulation map cond -> rank -> 6·dim (BFM's adaLN-LoRA, cheap when cond is per token)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None,
+                 ada_rank: int | None = None):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -85,9 +87,10 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
-        nn.init.zeros_(self.ada[1].weight)  # adaLN-Zero: every block starts as the identity
-        nn.init.zeros_(self.ada[1].bias)
+        low = [nn.Linear(cond_dim or dim, ada_rank, bias=False)] if ada_rank else []
+        self.ada = nn.Sequential(nn.SiLU(), *low, nn.Linear(ada_rank or cond_dim or dim, 6 * dim))
+        nn.init.zeros_(self.ada[-1].weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.ada[-1].bias)
 
     def forward(self, x, cond):
         shift1, scale1, gate1, shift2, scale2, gate2 = _per_token(self.ada(cond)).chunk(6, dim=-1)

@@ -27,7 +27,7 @@ def tiny_args(plugin: str, root: Path, cache: Path) -> list[str]:
     p = f"plugin.{plugin}"
     args = [f"data.root={root}", "data.batch_size=8", "model.hidden=32", "model.heads=2", "trainer.max_steps=2",
             "trainer.val_check_interval=2", "scheduler.warmup_steps=0", "checkpoint.every_n_steps=1",
-            "trainer.enable_progress_bar=false", f"{p}.sampler.num_samples=4", f"{p}.sampler.batch_size=4",
+            f"{p}.sampler.num_samples=4", f"{p}.sampler.batch_size=4",
             f"{p}.sampler.steps=4", f"{p}.eval.num_samples=8", f"{p}.eval.num_real=8", f"{p}.eval.steps=[4]",
             f"{p}.eval.features.input_size=32", f"{p}.eval.kid_subset_size=4", f"{p}.eval.cache_dir={cache}"]
     if plugin == "bfm":
