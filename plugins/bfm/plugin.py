@@ -1,5 +1,6 @@
-"""Plugins ``flow_matching`` (single-network SiT baseline) and ``bfm`` (Blockwise Flow Matching), and the ``bfm``
-model source. Torch is imported inside the hooks only."""
+"""Plugins ``flow_matching`` (single-network SiT baseline, ``model.kind: sit``) and ``bfm`` (Blockwise Flow Matching,
+``model.kind: bfm``; both model kinds are registered by ``trainer/generative/config.py``). Torch is imported inside
+the hooks only."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,40 +8,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from blocktrain.trainer.errors import UserError
-from blocktrain.trainer.generative.config import (SIZES, EncoderConfig, EvalConfig, SamplerConfig, check_sampler,
-                                                   resolved_size)
+from blocktrain.trainer.generative.config import EncoderConfig, EvalConfig, SamplerConfig, check_sampler
 from blocktrain.trainer.plugin import Plugin, PluginConfig
-from blocktrain.trainer.registry import register_model_source
-from blocktrain.trainer.sources.config import NONNEG, POSITIVE, choices
-
-
-@dataclass
-class BFMModelConfig:
-    """The BFM network (``model.kind: bfm``), randomly initialised; the paper's XL: size XL, 6 segments, trunk 20,
-    segment 5, frn 4, align_dim 768 (DINOv2-B)."""
-
-    kind: str = "bfm"
-    size: str = field(default="S", metadata=choices(*SIZES))  # hidden and heads from the preset (depths below)
-    hidden: Optional[int] = field(default=None, metadata=POSITIVE)
-    heads: Optional[int] = field(default=None, metadata=POSITIVE)
-    depth: Optional[int] = None  # unused by bfm (trunk_depth + segment_depth); kept so size presets resolve alike
-    segments: int = field(default=6, metadata=POSITIVE)  # K: segments uniform in t
-    trunk_depth: int = field(default=20, metadata=NONNEG)
-    segment_depth: int = field(default=5, metadata=POSITIVE)  # blocks per segment's velocity stack
-    frn_depth: int = field(default=4, metadata=NONNEG)
-    image_size: int = field(default=32, metadata=POSITIVE)
-    channels: int = field(default=4, metadata=POSITIVE)
-    patch: int = field(default=2, metadata=POSITIVE)
-    mlp_ratio: float = 4.0
-    num_classes: int = field(default=1000, metadata=POSITIVE)
-    class_dropout: float = 0.1
-    proj_hidden: int = field(default=2048, metadata=POSITIVE)  # projector MLP width
-    align_dim: int = field(default=768, metadata=POSITIVE)  # = the frozen encoder's feature width
-    ada_rank: Optional[int] = field(default=None, metadata=POSITIVE)  # velocity blocks' low-rank adaLN (official: 288)
-
-
-register_model_source("bfm", BFMModelConfig, "blocktrain.plugins.bfm.model:BFM_SOURCE",
-                      "the Blockwise Flow Matching network built from its config")
 
 
 @dataclass
@@ -104,12 +73,12 @@ class FlowMatchingPlugin(Plugin):
 
     def check_images(self, image, model) -> None:
         """Images (or their latents) must have the model's channel count and size."""
-        c = 4 if self.latents is not None else image.shape[0]
+        c = self.latents.channels if self.latents is not None else image.shape[0]
         if c != model.channels:
             what = "latent channels (the VAE's)" if self.latents is not None else "image channels"
             raise UserError(f"the data has {c} {what} but model.channels={model.channels}: set model.channels={c} "
                             "(or data.channels)")
-        side = image.shape[-1] // (8 if self.latents is not None else 1)
+        side = image.shape[-1] // (self.latents.factor if self.latents is not None else 1)
         if side != model.image_size:
             raise UserError(f"the data's {'latents' if self.latents else 'images'} are {side} wide but "
                             f"model.image_size={model.image_size} (pad or resize the data: data.pad_to / data.image_size)")

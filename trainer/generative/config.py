@@ -1,6 +1,7 @@
 """Config dataclasses of the generative library (torch-free): the ``idx_images`` data kind (Fashion-MNIST's
 idx files, Debian's copy by default), the ``sit`` model kind (a DiT/SiT velocity transformer built from its
-config) and the sizes shared with BFM's model. Registered like a plugin's kinds."""
+config), the ``bfm`` model kind (the BFM network, built by plugins/bfm) and the settings the generative plugins
+share (encoder, sampler, evaluation). Registered like a plugin's kinds."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,6 +51,31 @@ class SiTModelConfig:
     class_dropout: float = 0.1  # label -> null with this probability in training
 
 
+@dataclass
+class BFMModelConfig:
+    """The BFM network (``model.kind: bfm``), randomly initialised; the paper's XL: size XL, 6 segments, trunk 20,
+    segment 5, frn 4, align_dim 768 (DINOv2-B)."""
+
+    kind: str = "bfm"
+    size: str = field(default="S", metadata=choices(*SIZES))  # hidden and heads from the preset (depths below)
+    hidden: Optional[int] = field(default=None, metadata=POSITIVE)
+    heads: Optional[int] = field(default=None, metadata=POSITIVE)
+    depth: Optional[int] = None  # unused by bfm (trunk_depth + segment_depth); kept so size presets resolve alike
+    segments: int = field(default=6, metadata=POSITIVE)  # K: segments uniform in t
+    trunk_depth: int = field(default=20, metadata=NONNEG)
+    segment_depth: int = field(default=5, metadata=POSITIVE)  # blocks per segment's velocity stack
+    frn_depth: int = field(default=4, metadata=NONNEG)
+    image_size: int = field(default=32, metadata=POSITIVE)
+    channels: int = field(default=4, metadata=POSITIVE)
+    patch: int = field(default=2, metadata=POSITIVE)
+    mlp_ratio: float = 4.0
+    num_classes: int = field(default=1000, metadata=POSITIVE)
+    class_dropout: float = 0.1
+    proj_hidden: int = field(default=2048, metadata=POSITIVE)  # projector MLP width
+    align_dim: int = field(default=768, metadata=POSITIVE)  # = the frozen encoder's feature width
+    ada_rank: Optional[int] = field(default=None, metadata=POSITIVE)  # velocity blocks' low-rank adaLN (official: 288)
+
+
 def resolved_size(cfg, prefix: str = "model") -> tuple[int, int, int]:
     """(hidden, depth, heads) of a model node: the size preset with any explicit value on top."""
     hidden, depth, heads = SIZES[cfg.size]
@@ -65,6 +91,8 @@ register_data_kind("idx_images", IdxImagesDataConfig, "blocktrain.trainer.genera
                    "images and labels in idx files (Fashion-MNIST)")
 register_model_source("sit", SiTModelConfig, "blocktrain.trainer.generative.models:SIT_SOURCE",
                       "a SiT/DiT velocity transformer built from its config")
+register_model_source("bfm", BFMModelConfig, "blocktrain.plugins.bfm.model:BFM_SOURCE",  # built by the bfm plugin
+                      "the Blockwise Flow Matching network built from its config")
 
 
 # -- settings shared by the generative plugins (flow_matching, bfm) ------------------------------

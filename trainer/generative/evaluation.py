@@ -3,7 +3,7 @@ NFE, FLOPs per sample (torch's FLOP counter), Fréchet distance and KID against 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,8 @@ class Latents:
             raise UserError(f"cannot load the VAE '{vae_id}' (plugin vae): {e}. Offline, pass a local folder "
                             "written by save_pretrained") from e
         self.scale = scale
+        self.channels = self.vae.config.latent_channels
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent, per side
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,3 @@ def fd_and_kid(features, real: torch.Tensor, fake_images: torch.Tensor, kid_subs
     fake = extract(features, fake_images.split(batch))
     return {"fd": frechet_distance(real, fake),
             "kid": kernel_inception_distance(real, fake, subset_size=kid_subset_size)}
-
-
-def settings_dict(cfg) -> dict:
-    return asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)

@@ -157,3 +157,30 @@ def test_frechet_distance_of_a_split_against_itself_and_noise(idx_root):
     assert real.shape == (48, 1280)
     assert abs(same) < 1e-3 * apart and apart > 1.0
     assert kernel_inception_distance(real, noise, subset_size=20) > kernel_inception_distance(real, real, subset_size=20)
+
+
+# -- latents ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # importing diffusers dominates
+def test_training_and_sampling_on_vae_latents(tmp_path):
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    from blocktrain.plugins.bfm.plugin import FlowMatchingConfig, FlowMatchingPlugin
+    from blocktrain.trainer.generative.config import SamplerConfig
+    from blocktrain.trainer.generative.models import SiT
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                  norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vae")
+    plugin = FlowMatchingPlugin(FlowMatchingConfig(vae=str(tmp_path / "vae"), sampler=SamplerConfig(steps=2)))
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    model = plugin.apply(SiT(8, 4, 2, 32, 1, 4, num_classes=3), SimpleNamespace(data=SimpleNamespace(train=[(images[0], 0)])))
+    x, _ = plugin.inputs((images, torch.zeros(4, dtype=torch.long)))
+    assert x.shape == (4, 4, 8, 8)  # 2x down, 4 latent channels
+    assert torch.isfinite(plugin.loss(model, (images, torch.tensor([0, 1, 2, 0])), None))
+    out = plugin.generate(model, plugin.config.sampler, 2, "cpu")
+    assert out.images.shape == (2, 3, 16, 16) and out.nfe == 2 and out.flops_per_sample > 0
+    with pytest.raises(UserError, match="the data has 4 latent channels .* but model.channels=1"):
+        plugin.apply(SiT(8, 1, 2, 32, 1, 4), SimpleNamespace(data=SimpleNamespace(train=[(images[0], 0)])))
