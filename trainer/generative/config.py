@@ -60,7 +60,6 @@ class BFMModelConfig:
     size: str = field(default="S", metadata=choices(*SIZES))  # hidden and heads from the preset (depths below)
     hidden: Optional[int] = field(default=None, metadata=POSITIVE)
     heads: Optional[int] = field(default=None, metadata=POSITIVE)
-    depth: Optional[int] = None  # unused by bfm (trunk_depth + segment_depth); kept so size presets resolve alike
     segments: int = field(default=6, metadata=POSITIVE)  # K: segments uniform in t
     trunk_depth: int = field(default=20, metadata=NONNEG)
     segment_depth: int = field(default=5, metadata=POSITIVE)  # blocks per segment's velocity stack
@@ -77,9 +76,11 @@ class BFMModelConfig:
 
 
 def resolved_size(cfg, prefix: str = "model") -> tuple[int, int, int]:
-    """(hidden, depth, heads) of a model node: the size preset with any explicit value on top."""
+    """(hidden, depth, heads) of a model node: the size preset with any explicit value on top (a node without
+    ``depth``, BFM's, keeps the preset's)."""
     hidden, depth, heads = SIZES[cfg.size]
-    hidden, depth, heads = cfg.hidden or hidden, depth if cfg.depth is None else cfg.depth, cfg.heads or heads
+    hidden, heads = cfg.hidden or hidden, cfg.heads or heads
+    depth = depth if cfg.get("depth") is None else cfg.depth
     if hidden % heads or hidden % 4:
         raise UserError(f"{prefix}.hidden={hidden} must be divisible by {prefix}.heads={heads} and by 4")
     if cfg.image_size % cfg.patch:

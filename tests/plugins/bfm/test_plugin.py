@@ -184,3 +184,29 @@ def test_training_and_sampling_on_vae_latents(tmp_path):
     assert out.images.shape == (2, 3, 16, 16) and out.nfe == 2 and out.flops_per_sample > 0
     with pytest.raises(UserError, match="the data has 4 latent channels .* but model.channels=1"):
         plugin.apply(SiT(8, 1, 2, 32, 1, 4), SimpleNamespace(data=SimpleNamespace(train=[(images[0], 0)])))
+
+
+def test_dinov2_encoder_gives_patch_tokens_on_the_trunk_grid(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from blocktrain.trainer.generative.config import EncoderConfig
+    from blocktrain.trainer.generative.encoders import build_encoder, feature_tokens
+
+    torch.manual_seed(0)
+    net = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                   patch_size=4, image_size=32)).eval()
+    net.save_pretrained(tmp_path / "dino")
+    encoder = build_encoder(EncoderConfig(kind="dinov2", id=str(tmp_path / "dino"), input_size=32))
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    fmap = encoder(x)
+    assert fmap.shape == (2, 32, 8, 8) and encoder.num_features == 32
+    rgb = ((x.expand(-1, 3, -1, -1) + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
+        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = net(pixel_values=rgb).last_hidden_state[:, 1:]  # CLS dropped
+    torch.testing.assert_close(feature_tokens(fmap, 8), expected, rtol=1e-4, atol=1e-5)
+    assert feature_tokens(fmap, 4).shape == (2, 16, 32)
+    with pytest.raises(UserError, match="8x8 feature grid cannot be pooled to the trunk's 3x3"):
+        feature_tokens(fmap, 3)
+    with pytest.raises(UserError, match="encoder id"):
+        build_encoder(EncoderConfig(kind="dinov2", id=str(tmp_path / "missing")))
