@@ -126,6 +126,7 @@ def test_bad_input_gets_one_clear_message(override, message, idx_root, tmp_path)
         run(cfg)
 
 
+@pytest.mark.slow  # a CLI process
 def test_wrong_channel_count_from_the_cli(idx_root, tmp_path):
     result = train("recipe=fm_fashion", *tiny_args("flow_matching", idx_root, tmp_path / "cache"), "model.channels=3",
                    f"run_dir={tmp_path / 'run'}", "logger=none")
