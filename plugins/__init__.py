@@ -24,4 +24,8 @@ BUILTIN: dict[str, tuple[str, str]] = {
              "GPTQ weight quantization (Hessian error feedback; act-order, groups) of every Linear"),
     "cbq": ("blocktrain.plugins.cbq.plugin:CBQPlugin",
             "CBQ quantization: CFP, sliding-window cross-block reconstruction, LoRA-Rounding (W4A16 default)"),
+    "flow_matching": ("blocktrain.plugins.bfm.plugin:FlowMatchingPlugin",
+                      "Flow matching (SiT-style linear path, one velocity network) with ODE/SDE samplers and FD evaluation"),
+    "bfm": ("blocktrain.plugins.bfm.plugin:BFMPlugin",
+            "Blockwise Flow Matching: per-segment velocity stacks, a trunk aligned to a frozen encoder, the FRN"),
 }

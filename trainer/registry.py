@@ -191,3 +191,9 @@ def resolve_recipe(value: str) -> tuple[str, Path]:
     if value not in recipes:
         raise UserError(f"unknown recipe '{value}'. Valid recipes: {', '.join(sorted(recipes))}")
     return value, recipes[value]
+
+
+# the generative library's kinds (idx image data, the SiT model): built in like the sources above
+_GENERATIVE = "blocktrain.trainer.generative.config"
+DATA_KINDS._builtins += (_GENERATIVE,)
+MODEL_KINDS._builtins += (_GENERATIVE,)
