@@ -3,6 +3,7 @@
 from blocktrain.kernels.dispatch import get_backend, set_backend, use_backend
 from blocktrain.kernels.fake_quant import fake_quant
 from blocktrain.kernels.lora_linear import lora_linear
+from blocktrain.kernels.poincare import block_mobius_matvec
 from blocktrain.kernels.quant_matmul import quant_matmul
 
-__all__ = ["fake_quant", "get_backend", "lora_linear", "quant_matmul", "set_backend", "use_backend"]
+__all__ = ["block_mobius_matvec", "fake_quant", "get_backend", "lora_linear", "quant_matmul", "set_backend", "use_backend"]
