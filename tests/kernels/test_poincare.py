@@ -73,7 +73,7 @@ def test_outputs_stay_inside_the_ball_with_finite_gradients(c, dtype):
 
 @pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
 def test_each_op_equals_geoopt_in_float64(c):
-    ball = geoopt.PoincareBall(c=c)
+    ball = geoopt.PoincareBall(c=torch.tensor(c, dtype=F64))  # a float32 c would cost geoopt 1e-6
     x, y = _points(40, 10, c, scale=0.3, seed=3), _points(40, 10, c, scale=0.3, seed=4)  # well conditioned: d < 4
     u = torch.randn(40, 10, generator=torch.Generator().manual_seed(5), dtype=F64) * 0.5
     m = torch.randn(7, 10, generator=torch.Generator().manual_seed(6), dtype=F64) * 0.4
