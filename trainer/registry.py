@@ -191,3 +191,8 @@ def resolve_recipe(value: str) -> tuple[str, Path]:
     if value not in recipes:
         raise UserError(f"unknown recipe '{value}'. Valid recipes: {', '.join(sorted(recipes))}")
     return value, recipes[value]
+
+
+# the text-attributed-graph library's kinds (trainer/graph/config.py), built in like the CLIP library's
+for _registry in (TASKS, DATA_KINDS):
+    _registry._builtins += ("blocktrain.trainer.graph.config",)
