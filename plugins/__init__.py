@@ -23,3 +23,5 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "cbq": ("blocktrain.plugins.cbq.plugin:CBQPlugin",
             "CBQ quantization: CFP, sliding-window cross-block reconstruction, LoRA-Rounding (W4A16 default)"),
 }
+BUILTIN["h4g"] = ("blocktrain.plugins.h4g.plugin:H4GPlugin",
+                  "H4G: zero-shot node classification on text-attributed graphs in the Poincaré ball, Möbius block scaling")
