@@ -2,14 +2,14 @@
 a learnable block-diagonal Möbius scaling M = diag(M_1 … M_G) that shrinks embedding radii.
 
 Core: ``H4GModel``, ``MobiusBlockScaling``, ``EgoNeighbourGNN`` (model.py); ``load_exported``/``predict``
-(predict.py); the ball's ops are ``blocktrain.kernels.poincare``. Names are imported on first use.
+(inference.py); the ball's ops are ``blocktrain.kernels.poincare``. Names are imported on first use.
 """
 from __future__ import annotations
 
 from blocktrain.trainer.plugin import lazy_exports
 
 _EXPORTS = {"H4GModel": "model", "MobiusBlockScaling": "model", "EgoNeighbourGNN": "model",
-            "load_exported": "predict", "predict": "predict", "load_trained": "predict",
+            "load_exported": "inference", "predict": "inference", "load_trained": "inference",
             "H4GConfig": "plugin", "H4GPlugin": "plugin"}
 __all__ = list(_EXPORTS)
 

@@ -108,7 +108,7 @@ class H4GPlugin(Plugin):
         path = Path(path)
         if not (path / WEIGHTS).is_file():
             return False
-        from blocktrain.plugins.h4g.predict import load_trained
+        from blocktrain.plugins.h4g.inference import load_trained
 
         load_trained(model, path)
         return True
