@@ -94,7 +94,8 @@ class TagZeroShotTask(Task):
 @torch.no_grad()
 def zero_shot_report(model, graphs: list, hetero: set[str], quantile: float = 0.95) -> tuple[dict, dict]:
     """Full-graph zero-shot metrics of every target graph (``graphs[1:]``): accuracy, macro-F1, the radius
-    mean and ``quantile`` of its node and label embeddings; the heterophilic / homophilic means over graphs.
+    mean and ``quantile`` of its node and label embeddings; their means over all targets (``zeroshot/acc_mean``)
+    and over the heterophilic / homophilic ones.
     Returns (metrics, {graph name: node radii})."""
     from torchmetrics.functional.classification import multiclass_f1_score
 
@@ -114,6 +115,8 @@ def zero_shot_report(model, graphs: list, hetero: set[str], quantile: float = 0.
                                                                                  average="macro")),
                         f"radius/{g.name}/mean": float(r.mean()), f"radius/{g.name}/q{round(quantile * 100)}":
                         float(torch.quantile(r.float(), quantile)), f"radius/{g.name}/labels_mean": float(rl.mean())})
+    for m in ("acc", "macro_f1"):
+        metrics[f"zeroshot/{m}_mean"] = sum(metrics[f"zeroshot/{g.name}/{m}"] for g in graphs[1:]) / (len(graphs) - 1)
     for family in ("heterophilic", "homophilic"):
         names = [g.name for g in graphs[1:] if (g.name in hetero) == (family == "heterophilic")]
         for m in ("acc", "macro_f1"):
