@@ -79,6 +79,9 @@ class H4GModel(nn.Module):
         super().__init__()
         self.text_encoder, self.tokenizer, self.max_length = text_encoder, tokenizer, max_length
         self.text_encoder.requires_grad_(False)
+        first = next(text_encoder.parameters())  # what a text-feature cache is keyed by
+        self.text_encoder_id = (f"{text_encoder.config._name_or_path}|{float(first.double().sum()):.10e}|"
+                                f"max_length={max_length}")
         text_dim = text_encoder.config.hidden_size
         self.graph_encoder = EgoNeighbourGNN(text_dim, hidden, dim, layers, conv, dropout)
         self.text_head = nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))

@@ -59,6 +59,8 @@ class TagZeroShotTaskConfig:
     prompt: str = "{}"  # template around each label text, e.g. "packages for {}"
     text_batch_size: int = field(default=256, metadata=POSITIVE)  # texts per text-encoder call
     radius_quantile: float = field(default=0.95, metadata=_UNIT)  # logged with the mean radius
+    # text features kept here, keyed by the text encoder's identity (model.text_encoder_id) and the texts; null = none
+    feature_cache: Optional[str] = "~/.cache/blocktrain/text_features"
 
 
 register_data_kind("graph", GraphDataConfig, "blocktrain.trainer.graph.data:build_graph_data")

@@ -14,8 +14,12 @@ the prompt); the targets' labels are never read by the loss, only by the metrics
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+from blocktrain.trainer.io import atomic_path
 
 from blocktrain.trainer.tasks.base import Task
 
@@ -29,14 +33,28 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def featurize(model, graphs: list, prompt: str, batch_size: int) -> None:
-    """Set ``x`` (node texts) and ``label_x`` (prompted label texts) of every graph with the model's text encoder."""
+def featurize(model, graphs: list, prompt: str, batch_size: int, cache: str | None = None) -> None:
+    """Set ``x`` (node texts) and ``label_x`` (prompted label texts) of every graph with the model's text encoder;
+    with ``cache`` (a folder) features are kept there, keyed by the encoder's identity and the texts."""
     def encode(texts):
-        return torch.cat([model.encode_texts(texts[i:i + batch_size]).float().cpu()
-                          for i in range(0, len(texts), batch_size)])
+        key = None
+        if cache is not None:
+            import hashlib
+
+            digest = hashlib.sha256(repr((getattr(model, "text_encoder_id", None), texts)).encode()).hexdigest()
+            key = Path(cache).expanduser() / f"{digest[:32]}.pt"
+            if key.is_file():
+                return torch.load(key)
+        out = torch.cat([model.encode_texts(texts[i:i + batch_size]).float().cpu()
+                         for i in range(0, len(texts), batch_size)])
+        if key is not None:
+            key.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(key) as tmp:
+                torch.save(out, tmp)
+        return out
 
     for g in graphs:
-        g.x = encode(g.texts)
+        g.x = encode(list(g.texts))
         g.label_x = encode([prompt.format(t) for t in g.label_texts])
 
 
@@ -52,7 +70,7 @@ class TagZeroShotTask(Task):
             raise UserError("task.kind=tag_zero_shot needs data.kind=graph")
         self.graphs = run.data.train.graphs
         self.hetero = set(self.info["heterophilic_targets"])
-        featurize(model, self.graphs, self.config.prompt, self.config.text_batch_size)
+        featurize(model, self.graphs, self.config.prompt, self.config.text_batch_size, self.config.feature_cache)
         run.log({f"data/homophily/{k}": v for k, v in self.info["homophily"].items()}, step=0)
 
     def loss(self, model, batch) -> torch.Tensor:

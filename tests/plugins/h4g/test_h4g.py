@@ -73,7 +73,7 @@ def test_arms(tiny_bert):
 def _align(tiny_bert, data, steps, seed=0):
     torch.manual_seed(seed)
     model = _model(tiny_bert)
-    task = TagZeroShotTask(TagZeroShotTaskConfig(), data.info)
+    task = TagZeroShotTask(TagZeroShotTaskConfig(feature_cache=None), data.info)
     task.setup(model, _Run(data))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -118,6 +118,20 @@ def test_alignment_never_sees_target_labels(tiny_bert):
     assert sums["zeroshot/heterophilic/acc"][1] + sums["zeroshot/homophilic/acc"][1] == sums["zeroshot/acc"][1]
 
 
+def test_text_features_are_cached_by_encoder_and_texts(tiny_bert, tmp_path):
+    data = _data()
+    model = _model(tiny_bert)
+    featurize(model, data.train.graphs[:1], "{}", 32, str(tmp_path))
+    first = data.train.graphs[0].x
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # node texts, label texts
+    model.encode_texts = None  # a cache hit never calls the encoder
+    featurize(model, data.train.graphs[:1], "{}", 32, str(tmp_path))
+    assert torch.equal(first, data.train.graphs[0].x)
+    other = _model(tiny_bert, max_length=8)
+    featurize(other, data.train.graphs[:1], "{}", 32, str(tmp_path))
+    assert len(list(tmp_path.glob("*.pt"))) == 4
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(UserError, match=r"plugin.h4g.c must be > 0"):
         H4GConfig(c=0.0)
@@ -132,7 +146,7 @@ def test_h4g_synthetic_recipe_end_to_end(tiny_bert, tmp_path):
     result = train("recipe=h4g_synthetic", f"model.id={tiny_bert}", "data.synthetic_nodes=64", "data.batch_size=16",
                    "data.synthetic_vocab=600", "trainer.max_steps=8", "trainer.check_val_every_n_epoch=1",
                    "plugin.h4g.dim=16", "plugin.h4g.hidden=16", f"run_dir={run_dir}", "logger=csv",
-                   "trainer.enable_progress_bar=false", OMP_NUM_THREADS="1")
+                   "trainer.enable_progress_bar=false", "task.feature_cache=null", OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(run_dir)
     values = metrics["metrics"]
