@@ -150,6 +150,10 @@ def test_debian_builder_on_a_fixture_index(tmp_path):
     with pytest.raises(UserError, match="no label text; add it to data.debian_label_texts"):
         debian_tags(records, ["python", "libs"], [["games", "nosuchsection"]], ["Depends"])
     assert strip_name("Tools for foo-bar and foo", "foo") == "Tools for foo-bar and"
+    data = build_datasets({"kind": "graph", "builder": "debian", "batch_size": 2,
+                           "debian_packages": str(tmp_path / "packages.txt"),
+                           "debian_source_sections": ["python", "libs"], "debian_target_sections": ["games, sound"]})
+    assert data.info["target_labels"] == {"target1": ["games", "sound"]} and data.info["num_nodes"]["source"] == 5
     assert parse_records("A: 1\n .\n x\n")[0]["A"] == "1\n\nx"
 
 

@@ -116,6 +116,8 @@ def dependency_names(field: str) -> list[str]:
 
 def strip_name(text: str, name: str) -> str:
     """``text`` without the package ``name`` (whole-word, case-insensitive)."""
+    if name.lower() not in text.lower():
+        return text.strip()
     return re.sub(r"\s+", " ", re.sub(rf"(?<![\w.+-]){re.escape(name)}(?![\w+-])", " ", text, flags=re.I)).strip()
 
 
