@@ -1,5 +1,5 @@
-"""H4G's model (core): a frozen sentence encoder, a GNN with ego–neighbour separation, both heads mapped into
-the Poincaré ball, and the H4G operator M = diag(M_1 … M_G) applied by Möbius matvec (methods/h4g.md §3).
+"""H4G's model (core): a frozen sentence encoder, a GNN with ego–neighbour separation, both sides mapped into
+the Poincaré ball (the text side is the encoder's own space unless ``text_head``), and the H4G operator M = diag(M_1 … M_G) applied by Möbius matvec (methods/h4g.md §3).
 
 Arms (``geometry``): ``h4g`` (ball + M), ``hyperbolic`` (ball, M = I: the operator is skipped), ``euclidean``
 (cosine on unit vectors). Similarity in the ball (``similarity``): ``distance`` (−d_c(g, t)/τ) or ``tangent``
@@ -71,11 +71,11 @@ class MobiusBlockScaling(nn.Module):
 class H4GModel(nn.Module):
     """Text encoder (frozen, mean pooling, L2-normalised, as sentence-transformers) + GNN + heads + geometry."""
 
-    def __init__(self, text_encoder: nn.Module, tokenizer, dim: int = 64, hidden: int = 64, layers: int = 2,
+    def __init__(self, text_encoder: nn.Module, tokenizer, dim: int | None = None, hidden: int = 64, layers: int = 2,
                  conv: str = "sage", dropout: float = 0.0, geometry: str = "h4g", similarity: str = "distance",
                  c: float = 1.0, groups: int = 4, block_form: str = "full", init_scale: float = 0.5,
-                 scale_texts: bool = False, temperature: float = 0.1, learn_temperature: bool = True,
-                 max_length: int = 128):
+                 scale_texts: bool = False, text_head: bool = False, temperature: float = 0.1,
+                 learn_temperature: bool = True, max_length: int = 128):
         super().__init__()
         self.text_encoder, self.tokenizer, self.max_length = text_encoder, tokenizer, max_length
         self.text_encoder.requires_grad_(False)
@@ -83,8 +83,12 @@ class H4GModel(nn.Module):
         self.text_encoder_id = (f"{text_encoder.config._name_or_path}|{float(first.double().sum()):.10e}|"
                                 f"max_length={max_length}")
         text_dim = text_encoder.config.hidden_size
+        dim = dim or text_dim
+        if not text_head and dim != text_dim:
+            raise ValueError(f"without a text head the embedding dim is the text encoder's width {text_dim}, not {dim}")
         self.graph_encoder = EgoNeighbourGNN(text_dim, hidden, dim, layers, conv, dropout)
-        self.text_head = nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.text_head = (nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim)) if text_head
+                          else nn.Identity())  # Identity: the pretrained text space itself, which the graph side aligns to
         self.geometry, self.similarity, self.c, self.scale_texts = geometry, similarity, c, scale_texts
         self.scaling = MobiusBlockScaling(dim, groups, c, init_scale, block_form) if geometry == "h4g" else None
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.plugin import Plugin, PluginConfig
@@ -32,7 +32,8 @@ class H4GConfig(PluginConfig):
     block_form: str = "full"  # full: learnable k×k blocks | scalar: M_g = s_g·I
     init_scale: float = 0.5  # M starts as init_scale·I (contractive below 1)
     scale_texts: bool = False  # apply M to the text embeddings too
-    dim: int = 64  # embedding dimension (in the ball)
+    text_head: bool = False  # false: texts keep the frozen encoder's space (GraphCLIP-style) | true: a trainable MLP
+    dim: Optional[int] = None  # embedding dimension in the ball; null = the text encoder's width (required without text_head)
     hidden: int = 64
     layers: int = 2
     conv: str = "sage"  # neighbour aggregation: sage (mean) | gcn (symmetric-normalised)
@@ -49,9 +50,11 @@ class H4GConfig(PluginConfig):
         if not self.c > 0:
             raise UserError(f"plugin.h4g.c must be > 0 (the ball's curvature is -c), got {self.c}")
         for key in ("groups", "dim", "hidden", "layers", "max_length"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"plugin.h4g.{key} must be >= 1, got {getattr(self, key)}")
-        if self.dim % self.groups:
+        if self.dim is not None and not self.text_head:
+            raise UserError("plugin.h4g.dim must be null (the text encoder's width) unless plugin.h4g.text_head is true")
+        if self.dim is not None and self.dim % self.groups:
             raise UserError(f"plugin.h4g.dim ({self.dim}) must be divisible by plugin.h4g.groups ({self.groups})")
         if not self.init_scale > 0:
             raise UserError(f"plugin.h4g.init_scale must be > 0, got {self.init_scale}")
@@ -80,6 +83,10 @@ class H4GPlugin(Plugin):
                             f"got {type(model).__name__}")
         if run.tokenizer is None:
             raise UserError("plugin h4g needs the text encoder's tokenizer (model.processor / model.tokenizer)")
+        width = model.config.hidden_size
+        if self.config.dim is None and width % self.config.groups:
+            raise UserError(f"the text encoder's width {width} (the embedding dim, plugin.h4g.dim=null) is not "
+                            f"divisible by plugin.h4g.groups={self.config.groups}")
         return H4GModel(model, run.tokenizer, **self.config.model_kwargs())
 
     def evaluate(self, model, run) -> dict:

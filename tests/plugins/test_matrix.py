@@ -27,7 +27,7 @@ TINY = {  # toy-scale settings of a method (the defaults are the paper's)
     "rtn": ["plugin.rtn.group_size=16"],
     "gptq": ["plugin.gptq.group_size=16", "plugin.gptq.calibration.samples=16"],
     "cbq": ["plugin.cbq.calibration.samples=8", "plugin.cbq.calibration.batch_size=4", "plugin.cbq.epochs=1"],
-    "h4g": ["plugin.h4g.dim=16", "plugin.h4g.hidden=16"],
+    "h4g": ["plugin.h4g.hidden=16"],
     "icbs": ["plugin.icbs.epochs=1", "plugin.icbs.block_size=64", "plugin.icbs.k=32", "plugin.icbs.restarts=2", "plugin.icbs.beta_factor=1.6",
              "plugin.icbs.steps_per_epoch=8", "plugin.icbs.min_steps=0", "plugin.icbs.pruning.samples=8",
              "plugin.icbs.pruning.batch_size=4", "plugin.icbs.calibration.samples=16"],

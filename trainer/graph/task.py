@@ -114,7 +114,8 @@ def zero_shot_report(model, graphs: list, hetero: set[str], quantile: float = 0.
     """Full-graph zero-shot metrics of every target graph (``graphs[1:]``): accuracy, macro-F1, the radius
     mean and ``quantile`` of its node and label embeddings; their means over all targets (``zeroshot/acc_mean``)
     and over the heterophilic / homophilic ones.
-    Returns (metrics, {graph name: node radii})."""
+    ``zeroshot/<graph>/text_only_acc`` is the reference without graph or training: the cosine of the frozen text
+    features (unit vectors) of nodes and label prompts. Returns (metrics, {graph name: node radii})."""
     from torchmetrics.functional.classification import multiclass_f1_score
 
     from torch_geometric.data import Data
@@ -127,8 +128,10 @@ def zero_shot_report(model, graphs: list, hetero: set[str], quantile: float = 0.
         labels = model.embed_texts(data.label_x)
         pred = model.logits(z, labels).argmax(-1)
         r, rl = model.radius(z), model.radius(labels)
+        text_only = (data.x @ data.label_x.t()).argmax(-1)  # the frozen text features alone (cosine), no graph
         radii[g.name] = r.cpu()
         metrics.update({f"zeroshot/{g.name}/acc": float((pred == data.y).float().mean()),
+                        f"zeroshot/{g.name}/text_only_acc": float((text_only == data.y).float().mean()),
                         f"zeroshot/{g.name}/macro_f1": float(multiclass_f1_score(pred, data.y, len(g.label_texts),
                                                                                  average="macro")),
                         f"radius/{g.name}/mean": float(r.mean()), f"radius/{g.name}/q{round(quantile * 100)}":

@@ -18,7 +18,7 @@ from blocktrain.trainer.sources.data import build_datasets
 from tests.graph.conftest import tiny_bert  # noqa: F401  (fixture)
 from tests.helpers import read_metrics, train
 
-TINY = {"dim": 16, "hidden": 16, "groups": 4}
+TINY = {"hidden": 16, "groups": 4}
 
 
 def _model(tiny_bert, **kw):
@@ -136,7 +136,9 @@ def test_config_errors_name_the_key():
     with pytest.raises(UserError, match=r"plugin.h4g.c must be > 0"):
         H4GConfig(c=0.0)
     with pytest.raises(UserError, match=r"plugin.h4g.dim \(10\) must be divisible by plugin.h4g.groups \(4\)"):
-        H4GConfig(dim=10)
+        H4GConfig(dim=10, text_head=True)
+    with pytest.raises(UserError, match=r"plugin.h4g.dim must be null .* unless plugin.h4g.text_head"):
+        H4GConfig(dim=16)
     with pytest.raises(UserError, match="plugin.h4g.geometry must be one of"):
         H4GConfig(geometry="spherical")
 
@@ -145,14 +147,14 @@ def test_h4g_synthetic_recipe_end_to_end(tiny_bert, tmp_path):
     run_dir = tmp_path / "run"
     result = train("recipe=h4g_synthetic", f"model.id={tiny_bert}", "data.synthetic_nodes=64", "data.batch_size=16",
                    "data.synthetic_vocab=600", "trainer.max_steps=8", "trainer.check_val_every_n_epoch=1",
-                   "plugin.h4g.dim=16", "plugin.h4g.hidden=16", f"run_dir={run_dir}", "logger=csv",
+                   "plugin.h4g.hidden=16", f"run_dir={run_dir}", "logger=csv",
                    "trainer.enable_progress_bar=false", "task.feature_cache=null", OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(run_dir)
     values = metrics["metrics"]
     assert metrics["status"] == "finished" and metrics["optimized_metric"] == "zeroshot/heterophilic/acc"
     for key in ("zeroshot/heterophilic/acc", "zeroshot/homophilic/acc", "zeroshot/target3_h0.8/macro_f1",
-                "radius/target1_h0.1/q95", "val/zeroshot/target2_h0.2/acc", "data/homophily/target3_h0.8"):
+                "radius/target1_h0.1/q95", "zeroshot/target1_h0.1/text_only_acc", "val/zeroshot/target2_h0.2/acc", "data/homophily/target3_h0.8"):
         assert key in values, key
     assert values["radius/target1_h0.1/mean"] <= values["radius/target1_h0.1/q95"]
     assert (run_dir / "media").glob("radius_histogram*")
