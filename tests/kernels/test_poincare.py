@@ -57,7 +57,7 @@ def test_outputs_stay_inside_the_ball_with_finite_gradients(c, dtype):
     unit = torch.nn.functional.normalize(torch.randn(6, d, dtype=dtype), dim=-1)
     boundary = unit / c ** 0.5  # exactly on the boundary
     huge = unit * 1e30
-    u = torch.cat([boundary, huge, unit * 3.0]).requires_grad_()
+    u = torch.cat([boundary, huge, unit * 3.0, torch.zeros(2, d, dtype=dtype)]).requires_grad_()  # and the origin
     blocks = (torch.randn(2, 4, 4, dtype=dtype) * 1e6).requires_grad_()
     outs = {"expmap0": expmap0(u, c), "project": project(u, c), "mobius_matvec": mobius_matvec(blocks[0].repeat(2, 2), u, c),
             "block": block_mobius_matvec(blocks, u, c), "block_of_ball": block_mobius_matvec(blocks, expmap0(u, c), c)}
