@@ -6,7 +6,7 @@ from pathlib import Path
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 
-def save_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
+def save_syllable_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
