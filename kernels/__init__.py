@@ -4,6 +4,8 @@ from blocktrain.kernels.block_sparse_linear import block_sparse_linear
 from blocktrain.kernels.dispatch import get_backend, set_backend, use_backend
 from blocktrain.kernels.fake_quant import fake_quant
 from blocktrain.kernels.lora_linear import lora_linear
+from blocktrain.kernels.poincare import block_mobius_matvec
 from blocktrain.kernels.quant_matmul import quant_matmul
 
 __all__ = ["block_sparse_linear", "fake_quant", "get_backend", "lora_linear", "quant_matmul", "set_backend", "use_backend"]
+__all__ = ["block_mobius_matvec", "fake_quant", "get_backend", "lora_linear", "quant_matmul", "set_backend", "use_backend"]

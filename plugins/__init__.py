@@ -29,3 +29,5 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "bfm": ("blocktrain.plugins.bfm.plugin:BFMPlugin",
             "Blockwise Flow Matching: per-segment velocity stacks, a trunk aligned to a frozen encoder, the FRN"),
 }
+BUILTIN["h4g"] = ("blocktrain.plugins.h4g.plugin:H4GPlugin",
+                  "H4G: zero-shot node classification on text-attributed graphs in the Poincaré ball, Möbius block scaling")

@@ -197,3 +197,6 @@ def resolve_recipe(value: str) -> tuple[str, Path]:
 _GENERATIVE = "blocktrain.trainer.generative.config"
 DATA_KINDS._builtins += (_GENERATIVE,)
 MODEL_KINDS._builtins += (_GENERATIVE,)
+# the text-attributed-graph library's kinds (trainer/graph/config.py), built in like the CLIP library's
+for _registry in (TASKS, DATA_KINDS):
+    _registry._builtins += ("blocktrain.trainer.graph.config",)

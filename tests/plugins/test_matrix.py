@@ -28,6 +28,7 @@ TINY = {  # toy-scale settings of a method (the defaults are the paper's)
     "gptq": ["plugin.gptq.group_size=16", "plugin.gptq.calibration.samples=16"],
     "cbq": ["plugin.cbq.calibration.samples=8", "plugin.cbq.calibration.batch_size=4", "plugin.cbq.epochs=1"],
     "lpvit": ["plugin.lpvit.block=[4,4]", "plugin.lpvit.calibration.samples=16", "plugin.lpvit.calibration.batch_size=8"],
+    "h4g": ["plugin.h4g.hidden=16"],
     "icbs": ["plugin.icbs.epochs=1", "plugin.icbs.block_size=64", "plugin.icbs.k=32", "plugin.icbs.restarts=2", "plugin.icbs.beta_factor=1.6",
              "plugin.icbs.steps_per_epoch=8", "plugin.icbs.min_steps=0", "plugin.icbs.pruning.samples=8",
              "plugin.icbs.pruning.batch_size=4", "plugin.icbs.calibration.samples=16"],
@@ -75,6 +76,16 @@ def generative_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -
 
 SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario, "quantize": quantization_scenario,
              "generative": generative_scenario}
+def model_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -> tuple[list[str], str, str]:
+    """A model built around a tiny text encoder, aligned for 2 steps on a small synthetic text-attributed graph and
+    evaluated zero-shot; reloaded from its export."""
+    return ([f"recipe={name}_synthetic", f"model.id={tiny_bert_dir}", "data.synthetic_nodes=48", "data.batch_size=8",
+             "data.synthetic_vocab=600", "trainer.max_steps=2", "checkpoint.every_n_steps=1", "task.feature_cache=null",
+             "stages=[fit,evaluate,export]"], f"export/{name}", "zeroshot/acc_mean")
+
+
+SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario, "quantize": quantization_scenario,
+             "model": model_scenario}
 
 
 def _sigint_after_first_progress_step(monkeypatch) -> None:
@@ -117,6 +128,7 @@ def test_plugin_compose_run_resume_export_reload(name, tiny_bert_dir, sentiment_
     interrupted = False
     with monkeypatch.context() as patch:
         if kind in ("adapter", "generative"):  # a fit: interrupted after its first step
+        if kind in ("adapter", "model"):  # a fit
             extra = [interrupt_at(1)]
         else:
             extra = []

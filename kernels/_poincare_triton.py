@@ -1,0 +1,60 @@
+"""Triton kernel of ``block_mobius_matvec`` (imported lazily: only when the Triton backend runs).
+
+One program per row of x (R, D = G·k). Output o = g·k + i reads block row M[g, i, :] at flat offset o·k and
+the inputs x[g·k : g·k + k], as a (D, k) tile; the row's matvec is the tile's row sums. Both norms are scaled
+by the row's max |value| (as the reference), and the projection clamps tanh(·) at 1 − eps. fp32 inside.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from blocktrain.kernels import dispatch
+
+
+@triton.jit
+def _atanh(z):
+    return 0.5 * tl.log((1.0 + z) / (1.0 - z))
+
+
+@triton.jit
+def _tanh(z):
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _kernel(x_ptr, m_ptr, y_ptr, D, K, sqrt_c, limit, eps, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs_o = tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_K)
+    ok_o = offs_o < D
+    x = tl.load(x_ptr + row * D + offs_o, mask=ok_o, other=0.0).to(tl.float32)
+    ok = ok_o[:, None] & (offs_j[None, :] < K)
+    xin = tl.load(x_ptr + row * D + (offs_o // K)[:, None] * K + offs_j[None, :], mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs_o[:, None] * K + offs_j[None, :], mask=ok, other=0.0).to(tl.float32)
+    mx = tl.sum(m * xin, axis=1)
+
+    tiny = 1.1754943508222875e-38
+    xs = tl.maximum(tl.max(tl.abs(x), axis=0), tiny)
+    xn = tl.maximum(tl.sqrt(tl.sum((x / xs) * (x / xs), axis=0)) * xs, tiny)
+    ms = tl.maximum(tl.max(tl.abs(mx), axis=0), tiny)
+    mxn = tl.sqrt(tl.sum((mx / ms) * (mx / ms), axis=0)) * ms
+    at = _atanh(tl.minimum(xn * sqrt_c, limit))
+    t = tl.minimum(_tanh(mxn / xn * at), 1.0 - eps)
+    factor = tl.where(mxn > 0, t / (tl.maximum(mxn, tiny) * sqrt_c), 0.0)
+    tl.store(y_ptr + row * D + offs_o, (mx * factor).to(y_ptr.dtype.element_ty), mask=ok_o)
+
+
+def block_mobius_matvec(blocks: torch.Tensor, x: torch.Tensor, c: float, eps: float) -> torch.Tensor:
+    """x (R, G·k), blocks (G, k, k), both contiguous and of one dtype -> (R, G·k)."""
+    rows, width = x.shape
+    k = blocks.shape[1]
+    y = dispatch.empty((rows, width), x.dtype, x.device)
+    if rows:
+        _kernel[(rows,)](x, blocks, y, width, k, c ** 0.5, 1 - 1e-6, eps,
+                         BLOCK_D=triton.next_power_of_2(width), BLOCK_K=triton.next_power_of_2(k))
+    return y

@@ -1,0 +1,107 @@
+"""The Poincaré ops' mathematics (methods/h4g.md §3, §7): the radius identity of the Möbius matvec, identity
+and block-diagonal equivalences, staying inside the ball, and agreement with geoopt's PoincareBall in float64."""
+
+from __future__ import annotations
+
+import geoopt
+import pytest
+import torch
+
+from blocktrain.kernels.poincare import (BALL_EPS, block_diag_dense, block_mobius_matvec, dist, expmap0, logmap0,
+                                         mobius_add, mobius_matvec, project, radius)
+
+F64 = torch.float64
+
+
+def _points(n, d, c, scale=0.8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return expmap0(torch.randn(n, d, generator=g, dtype=F64) * scale, c)
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_radius_scales_by_the_euclidean_gain(c):
+    """r(M ⊗ x) = (‖Mx‖/‖x‖)·r(x), exactly (to 1e-5) in float64, for dense and contractive matrices."""
+    x = _points(64, 12, c, scale=0.5)
+    m = torch.randn(12, 12, generator=torch.Generator().manual_seed(1), dtype=F64) * 0.3
+    gain = (x @ m.T).norm(dim=-1) / x.norm(dim=-1)
+    got = radius(mobius_matvec(m, x, c, eps=1e-12), c)
+    assert torch.allclose(got, gain * radius(x, c), rtol=1e-5, atol=1e-8)
+    assert (gain < 1).any()  # the test sees contraction
+    assert not torch.allclose(got, radius(x, c))
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_scalar_matrix_scales_the_radius_and_identity_is_identity(c):
+    x = _points(32, 8, c)
+    eye = torch.eye(8, dtype=F64)
+    assert torch.allclose(mobius_matvec(eye, x, c), x, atol=1e-12)
+    assert torch.allclose(block_mobius_matvec(torch.eye(4, dtype=F64).expand(2, 4, 4), x, c), x, atol=1e-12)
+    assert torch.allclose(radius(mobius_matvec(0.5 * eye, x, c), c), 0.5 * radius(x, c), atol=1e-10)
+
+
+def test_block_diagonal_equals_the_dense_block_diagonal_matrix():
+    g = torch.Generator().manual_seed(2)
+    blocks = torch.randn(3, 5, 5, generator=g, dtype=F64)
+    x = _points(20, 15, 1.0).view(4, 5, 15)
+    dense = block_diag_dense(blocks)
+    assert dense.shape == (15, 15) and dense[:5, 5:].abs().sum() == 0
+    assert torch.allclose(block_mobius_matvec(blocks, x, 1.0), mobius_matvec(dense, x, 1.0), atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_outputs_stay_inside_the_ball_with_finite_gradients(c, dtype):
+    """Points on and beyond the boundary, huge tangent vectors and huge matrices: finite, inside, differentiable."""
+    max_norm = (1 - BALL_EPS) / c ** 0.5
+    d = 8
+    unit = torch.nn.functional.normalize(torch.randn(6, d, dtype=dtype), dim=-1)
+    boundary = unit / c ** 0.5  # exactly on the boundary
+    huge = unit * 1e30
+    u = torch.cat([boundary, huge, unit * 3.0, torch.zeros(2, d, dtype=dtype)]).requires_grad_()  # and the origin
+    blocks = (torch.randn(2, 4, 4, dtype=dtype) * 1e6).requires_grad_()
+    outs = {"expmap0": expmap0(u, c), "project": project(u, c), "mobius_matvec": mobius_matvec(blocks[0].repeat(2, 2), u, c),
+            "block": block_mobius_matvec(blocks, u, c), "block_of_ball": block_mobius_matvec(blocks, expmap0(u, c), c)}
+    for name, y in outs.items():
+        assert torch.isfinite(y).all(), name
+        assert (y.norm(dim=-1) <= max_norm * (1 + 1e-6)).all(), name
+        gu, gb = torch.autograd.grad(y.sum() + radius(y, c).sum(), (u, blocks), allow_unused=True)
+        assert torch.isfinite(gu).all(), name
+        assert gb is None or torch.isfinite(gb).all(), name
+    for name, y in {"logmap0": logmap0(boundary, c), "radius": radius(huge, c), "dist": dist(boundary, -boundary, c)}.items():
+        assert torch.isfinite(y).all(), name
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_each_op_equals_geoopt_in_float64(c):
+    ball = geoopt.PoincareBall(c=torch.tensor(c, dtype=F64))  # a float32 c would cost geoopt 1e-6
+    x, y = _points(40, 10, c, scale=0.3, seed=3), _points(40, 10, c, scale=0.3, seed=4)  # well conditioned: d < 4
+    u = torch.randn(40, 10, generator=torch.Generator().manual_seed(5), dtype=F64) * 0.5
+    m = torch.randn(7, 10, generator=torch.Generator().manual_seed(6), dtype=F64) * 0.4
+    pairs = {
+        "expmap0": (expmap0(u, c), ball.expmap0(u)),
+        "logmap0": (logmap0(x, c), ball.logmap0(x)),
+        "dist": (dist(x, y, c), ball.dist(x, y)),
+        "radius": (radius(x, c), ball.dist0(x)),
+        "mobius_add": (mobius_add(x, y, c), ball.mobius_add(x, y)),
+        "mobius_matvec": (mobius_matvec(m, x, c), ball.mobius_matvec(m, x)),
+        "project": (project(x * 3, c, eps=1e-5), ball.projx(x * 3)),
+    }
+    for name, (ours, theirs) in pairs.items():
+        assert ours.dtype == F64, name
+        assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), f"{name}: {(ours - theirs).abs().max()}"
+
+
+def test_dist_is_the_distance_not_its_square():
+    """d(0, x) along a line is 2/√c·artanh(√c‖x‖) (hgcn returns its square); a metric: symmetric, triangle."""
+    x = torch.tensor([[0.5, 0.0]], dtype=F64)
+    assert torch.allclose(dist(torch.zeros_like(x), x), 2 * torch.atanh(torch.tensor(0.5, dtype=F64)))
+    a, b, z = _points(30, 5, 1.0, seed=7), _points(30, 5, 1.0, seed=8), _points(30, 5, 1.0, seed=9)
+    assert torch.allclose(dist(a, b), dist(b, a), atol=1e-10)
+    assert (dist(a, z) <= dist(a, b) + dist(b, z) + 1e-9).all()
+
+
+def test_bad_curvature_and_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="c must be > 0"):
+        expmap0(torch.ones(2), c=0.0)
+    with pytest.raises(ValueError, match="G·k = 8"):
+        block_mobius_matvec(torch.ones(2, 4, 4), torch.ones(3, 6))

@@ -1,0 +1,168 @@
+"""The h4g plugin: its operator's contraction, the three arms, alignment lowering InfoNCE, zero-shot evaluation
+that never sees target labels, config errors, and the h4g_synthetic recipe end to end from the CLI (fit,
+evaluate, export) with the export reloaded by the predict path."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blocktrain.kernels.poincare import radius
+from blocktrain.plugins.h4g import H4GConfig, H4GModel, MobiusBlockScaling, load_exported, predict
+from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.graph.config import TagZeroShotTaskConfig
+from blocktrain.trainer.graph.synthetic import synthetic_tags
+from blocktrain.trainer.graph.task import TagZeroShotTask, featurize
+from blocktrain.trainer.sources.data import build_datasets
+from tests.graph.conftest import tiny_bert  # noqa: F401  (fixture)
+from tests.helpers import read_metrics, train
+
+TINY = {"hidden": 16, "groups": 4}
+
+
+def _model(tiny_bert, **kw):
+    from transformers import AutoModel, AutoTokenizer
+
+    cfg = H4GConfig(**{**TINY, **kw})
+    return H4GModel(AutoModel.from_pretrained(tiny_bert), AutoTokenizer.from_pretrained(tiny_bert), **cfg.model_kwargs())
+
+
+def _data(**kw):
+    return build_datasets({"kind": "graph", "batch_size": 16, "synthetic_nodes": 64, "synthetic_vocab": 600,
+                           "target_homophily": [0.1, 0.9], **kw})
+
+
+class _Run:
+    def __init__(self, data):
+        self.data = data
+
+    def log(self, values, step=None):
+        pass
+
+
+@pytest.mark.parametrize("form", ["full", "scalar"])
+def test_operator_starts_contractive_and_halves_the_radius(form):
+    op = MobiusBlockScaling(16, 4, c=1.0, init=0.5, form=form).double()
+    x = torch.randn(10, 16, dtype=torch.float64) * 0.1
+    assert torch.allclose(radius(op(x)), 0.5 * radius(x), atol=1e-10)
+    assert op.weight.numel() == (4 * 4 * 4 if form == "full" else 4)
+
+
+def test_arms(tiny_bert):
+    feats = torch.randn(5, 32)
+    data = type("D", (), {"x": feats, "edge_index": torch.tensor([[0, 1], [1, 0]])})
+    for geometry, similarity in [("h4g", "distance"), ("h4g", "tangent"), ("hyperbolic", "distance"),
+                                 ("euclidean", "distance")]:
+        model = _model(tiny_bert, geometry=geometry, similarity=similarity)
+        g, t = model.embed_nodes(data), model.embed_texts(feats[:3])
+        logits = model.logits(g, t)
+        assert logits.shape == (5, 3) and torch.isfinite(logits).all()
+        assert (model.scaling is not None) == (geometry == "h4g")
+        if geometry == "euclidean":
+            assert torch.allclose(g.norm(dim=-1), torch.ones(5))
+        else:
+            assert (g.norm(dim=-1) < 1).all()
+            if similarity == "distance":
+                assert (logits <= 0).all()  # -d/τ
+    h4g, hyp = _model(tiny_bert), _model(tiny_bert, geometry="hyperbolic")
+    hyp.load_state_dict({k: v for k, v in h4g.state_dict().items() if not k.startswith("scaling.")})
+    assert torch.allclose(radius(h4g.embed_nodes(data)), 0.5 * radius(hyp.embed_nodes(data)), atol=1e-5)
+
+
+def _align(tiny_bert, data, steps, seed=0):
+    torch.manual_seed(seed)
+    model = _model(tiny_bert)
+    task = TagZeroShotTask(TagZeroShotTaskConfig(feature_cache=None), data.info)
+    task.setup(model, _Run(data))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    losses = []
+    for step in range(steps):
+        items = [data.train[i] for i in order[(step * 16) % 64:(step * 16) % 64 + 16]]
+        batch = data.collate_fn(items)
+        assert [b.graph_index for b in batch] == [0]  # alignment batches hold the source graph only
+        loss = task.loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return model, task, losses
+
+
+def test_alignment_lowers_info_nce(tiny_bert):
+    """InfoNCE over all 64 source nodes at once, before and after 30 steps on batches of 16."""
+    data = _data()
+    before, task, _ = _align(tiny_bert, data, steps=0)
+    whole = data.collate_fn(data.train.items)  # after setup: with the text features
+    after, _, _ = _align(tiny_bert, data, steps=30)
+    with torch.no_grad():
+        first, last = float(task.loss(before, whole)), float(task.loss(after, whole))
+    assert abs(first - torch.log(torch.tensor(64.0))) < 0.05  # near-uniform at init
+    assert last < first - 0.15, (first, last)
+
+
+def test_alignment_never_sees_target_labels(tiny_bert):
+    """Target labels and label texts permuted or scrambled: the aligned weights are bit-identical, so zero-shot
+    accuracy is a function of the labels only through the evaluation."""
+    first, _, _ = _align(tiny_bert, _data(), steps=6)
+    data = _data()
+    for g in data.train.graphs[1:]:
+        g.y = g.y[torch.randperm(g.num_nodes)]
+        g.label_texts = list(reversed(g.label_texts))
+    second, task, _ = _align(tiny_bert, data, steps=6)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    sums = task.eval_sums(second, data.collate_fn([data.val[i] for i in range(0, 128, 3)]))
+    assert sums["zeroshot/acc"][1] == len(range(0, 128, 3))
+    assert sums["zeroshot/heterophilic/acc"][1] + sums["zeroshot/homophilic/acc"][1] == sums["zeroshot/acc"][1]
+
+
+def test_text_features_are_cached_by_encoder_and_texts(tiny_bert, tmp_path):
+    data = _data()
+    model = _model(tiny_bert)
+    featurize(model, data.train.graphs[:1], "{}", 32, str(tmp_path))
+    first = data.train.graphs[0].x
+    assert len(list(tmp_path.glob("*.pt"))) == 2  # node texts, label texts
+    model.encode_texts = None  # a cache hit never calls the encoder
+    featurize(model, data.train.graphs[:1], "{}", 32, str(tmp_path))
+    assert torch.equal(first, data.train.graphs[0].x)
+    other = _model(tiny_bert, max_length=8)
+    featurize(other, data.train.graphs[:1], "{}", 32, str(tmp_path))
+    assert len(list(tmp_path.glob("*.pt"))) == 4
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(UserError, match=r"plugin.h4g.c must be > 0"):
+        H4GConfig(c=0.0)
+    with pytest.raises(UserError, match=r"plugin.h4g.dim \(10\) must be divisible by plugin.h4g.groups \(4\)"):
+        H4GConfig(dim=10, text_head=True)
+    with pytest.raises(UserError, match=r"plugin.h4g.dim must be null .* unless plugin.h4g.text_head"):
+        H4GConfig(dim=16)
+    with pytest.raises(UserError, match="plugin.h4g.geometry must be one of"):
+        H4GConfig(geometry="spherical")
+
+
+def test_h4g_synthetic_recipe_end_to_end(tiny_bert, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train("recipe=h4g_synthetic", f"model.id={tiny_bert}", "data.synthetic_nodes=64", "data.batch_size=16",
+                   "data.synthetic_vocab=600", "trainer.max_steps=8", "trainer.check_val_every_n_epoch=1",
+                   "plugin.h4g.hidden=16", f"run_dir={run_dir}", "logger=csv",
+                   "trainer.enable_progress_bar=false", "task.feature_cache=null", OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    values = metrics["metrics"]
+    assert metrics["status"] == "finished" and metrics["optimized_metric"] == "zeroshot/heterophilic/acc"
+    for key in ("zeroshot/heterophilic/acc", "zeroshot/homophilic/acc", "zeroshot/target3_h0.8/macro_f1",
+                "radius/target1_h0.1/q95", "zeroshot/target1_h0.1/text_only_acc", "val/zeroshot/target2_h0.2/acc", "data/homophily/target3_h0.8"):
+        assert key in values, key
+    assert values["radius/target1_h0.1/mean"] <= values["radius/target1_h0.1/q95"]
+    assert (run_dir / "media").glob("radius_histogram*")
+    export = run_dir / "export" / "h4g"
+    record = json.loads((export / "h4g_config.json").read_text())
+    assert record["plugin"]["geometry"] == "h4g" and record["text_encoder"] == str(tiny_bert)
+    model, prompt = load_exported(export)
+    assert torch.allclose(model.scaling.weight.diagonal(dim1=-2, dim2=-1).mean(), torch.tensor(0.5), atol=0.2)
+    source, (target,) = synthetic_tags(0.5, [0.1], num_nodes=40, vocab_size=600, seed=9)
+    labels = predict(model, target, prompt)
+    assert len(labels) == 40 and set(labels) <= set(target.label_texts)
