@@ -1,0 +1,38 @@
+"""Semi-AR sampling: the KV cache changes no token (greedy), and the commit strategies keep their NFE."""
+import pytest
+import torch
+
+from blocktrain.plugins.block_diffusion.objective import add_mask_token
+from blocktrain.plugins.block_diffusion.sampler import sample_blocks
+from blocktrain.trainer.errors import UserError
+
+
+@pytest.mark.parametrize("kind,shift", [("bd3", False), ("context_causal", True)])
+@pytest.mark.parametrize("strategy,steps", [("low_confidence_static", 2), ("sequential", 4),
+                                            ("low_confidence_dynamic", 2), ("first_hitting", None)])
+def test_kv_cache_equals_recomputation(llama, kind, shift, strategy, steps):
+    mask_id = add_mask_token(llama)
+    prompt = torch.randint(0, 39, (2, 4), generator=torch.Generator().manual_seed(0))
+    kw = dict(num_blocks=3, block_size=4, mask_id=mask_id, mask_kind=kind, shift=shift, steps=steps,
+              strategy=strategy, threshold=0.05)
+    cached, stats = sample_blocks(llama, prompt, kv_cache=True, generator=torch.Generator().manual_seed(1), **kw)
+    plain, plain_stats = sample_blocks(llama, prompt, kv_cache=False, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(cached, plain)
+    assert torch.equal(cached[:, :4], prompt) and not (cached == mask_id).any()
+    assert stats.nfe == plain_stats.nfe and stats.commit_passes == 4 and plain_stats.commit_passes == 0
+    fill = 4 - int(shift)
+    if strategy == "first_hitting":
+        assert stats.nfe == 3 * fill  # one token per pass
+    elif strategy != "low_confidence_dynamic":
+        assert stats.nfe == 3 * min(steps, fill)
+    else:
+        assert stats.nfe <= 3 * steps
+
+
+def test_sampler_bad_input(llama):
+    mask_id = add_mask_token(llama)
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(UserError, match="at least 1 forward pass"):
+        sample_blocks(llama, prompt, num_blocks=1, block_size=4, mask_id=mask_id, steps=0, strategy="sequential")
+    with pytest.raises(UserError, match="multiple of"):
+        sample_blocks(llama, prompt[:, :3], num_blocks=1, block_size=4, mask_id=mask_id)
