@@ -23,3 +23,5 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "cbq": ("blocktrain.plugins.cbq.plugin:CBQPlugin",
             "CBQ quantization: CFP, sliding-window cross-block reconstruction, LoRA-Rounding (W4A16 default)"),
 }
+BUILTIN["block_diffusion"] = ("blocktrain.plugins.block_diffusion.plugin:BlockDiffusionPlugin",
+                              "Block diffusion LM (BD3-LM; SDAR/SDAR-VL/NBDiff switches): two-stream masks, NELBO, KV-cached sampler")

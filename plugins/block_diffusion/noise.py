@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import torch
 
-GRANULARITIES = ("sequence", "block")
-SCHEDULES = ("uniform", "beta")
-
-
 def sample_t(batch: int, num_blocks: int, *, granularity: str = "block", schedule: str = "uniform",
              eps_min: float = 1e-3, eps_max: float = 1.0, antithetic: bool = True, beta_mu: float = 0.8,
              beta_c: float = 2.0, device=None, generator: torch.Generator | None = None) -> torch.Tensor:

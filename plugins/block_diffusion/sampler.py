@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from blocktrain.plugins.block_diffusion.objective import subs_log_probs
+from blocktrain.plugins.block_diffusion.plugin import STRATEGIES
 from blocktrain.trainer.errors import UserError
 
-STRATEGIES = ("first_hitting", "sequential", "low_confidence_static", "low_confidence_dynamic")
 
 
 @dataclass
