@@ -9,7 +9,9 @@ strategy:
 - ``first_hitting`` (BD3-LM's default): one uniformly chosen masked position per pass (``steps`` is ignored);
 - ``sequential``: the leftmost ones, k per pass (SDAR);
 - ``low_confidence_static``: the k most confident (SDAR, LLaDA), k from an even split of the block over ``steps``;
-- ``low_confidence_dynamic``: every one above ``threshold``, else the k most confident (SDAR).
+- ``low_confidence_dynamic``: every one above ``threshold``, and at least the k most confident (SDAR's threshold
+  with its top-k fallback; keeping the static k guarantees a block is complete after ``steps`` passes, and a
+  block filled early ends its passes early).
 
 A finished block is run once more to store its keys/values, under the same mask the committed context has in
 training (block-causal for ``bd3``, token-causal for ``context_causal``). ``kv_cache=False`` recomputes the
@@ -83,8 +85,7 @@ def _commit(x, x0, conf, mask_id, strategy, k, threshold, generator):
     rank = score.argsort(dim=1, descending=True).argsort(dim=1)
     commit = (rank < k) & masked
     if strategy == "low_confidence_dynamic":
-        above = masked & (conf > threshold)
-        commit = torch.where(above.any(1, keepdim=True), above, commit)
+        commit |= masked & (conf > threshold)
     return torch.where(commit, x0, x)
 
 

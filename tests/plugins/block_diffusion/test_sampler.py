@@ -29,6 +29,17 @@ def test_kv_cache_equals_recomputation(llama, kind, shift, strategy, steps):
         assert stats.nfe <= 3 * steps
 
 
+@pytest.mark.parametrize("threshold,max_nfe", [(0.99, 2), (0.0, 1)])
+def test_dynamic_threshold_fills_every_block(llama, threshold, max_nfe):
+    """Few tokens clear a high threshold: the static top-k still completes each block within ``steps`` passes;
+    a zero threshold commits the whole block in one pass."""
+    mask_id = add_mask_token(llama)
+    prompt = torch.randint(0, 39, (2, 4), generator=torch.Generator().manual_seed(0))
+    out, stats = sample_blocks(llama, prompt, num_blocks=2, block_size=4, mask_id=mask_id, steps=2,
+                               strategy="low_confidence_dynamic", threshold=threshold)
+    assert not (out == mask_id).any() and stats.nfe == 2 * max_nfe
+
+
 def test_sampler_bad_input(llama):
     mask_id = add_mask_token(llama)
     prompt = torch.zeros(1, 4, dtype=torch.long)
