@@ -1,6 +1,7 @@
 """Semi-autoregressive block-diffusion sampling with a KV cache over committed blocks.
 
-Blocks are generated left to right after a prompt of whole blocks. Each block starts fully masked (with the
+Blocks are generated left to right after a prompt (its whole blocks are the committed context, its remainder
+opens the first generated block). Each block starts fully masked (with the
 one-position logit shift, NBDiff, its first token is taken AR-style from the last committed position's logit)
 and is denoised by up to ``steps`` forward passes over the block, each attending the cached keys/values of the
 committed tokens and the whole block bidirectionally. After each pass, masked positions are committed by a
@@ -100,38 +101,40 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
                   mask_kind: str = "bd3", shift: bool = False, steps: int | None = None,
                   strategy: str = "first_hitting", threshold: float = 0.9, temperature: float = 0.0,
                   kv_cache: bool = True, generator: torch.Generator | None = None) -> tuple[torch.Tensor, SampleStats]:
-    """``prompt [N, P]`` (P a multiple of ``block_size``) continued by ``num_blocks`` blocks: ``(tokens, stats)``."""
+    """``prompt [N, P]`` continued to ``P // block_size + num_blocks`` blocks: ``(tokens, stats)``. The prompt's whole
+    blocks are committed context; its remainder (P mod block_size tokens) opens the first generated block."""
     n, length = prompt.shape
-    if length == 0 or length % block_size:
-        raise UserError(f"the prompt has {length} tokens; it must be a positive multiple of "
-                        f"plugin.block_diffusion.block_size={block_size}")
+    if length == 0:
+        raise UserError("the sampler needs a prompt of at least one token")
     if strategy not in STRATEGIES:
         raise UserError(f"plugin.block_diffusion.sampler.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    to_fill = block_size - int(shift)
-    steps = to_fill if steps is None else steps
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise UserError(f"plugin.block_diffusion.sampler.steps={steps}: a block needs at least 1 forward pass (NFE >= 1)")
-    steps = min(steps, to_fill) if strategy != "first_hitting" else to_fill
-    counts = _transfer_counts(to_fill, steps)
+    whole = length - length % block_size
     dev = prompt.device
-    x, nfe, commits = prompt, 0, 0
+    x, nfe, commits = prompt[:, :whole], 0, 0
     start = time.perf_counter()
-    cache = None
+    cache = last = None
     if kv_cache:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        last = _forward(model, x, context_mask(length, block_size, mask_kind, dev), torch.arange(length, device=dev),
-                        cache).logits[:, -1]
-        commits += 1
-    for _ in range(num_blocks):
+        if whole:
+            last = _forward(model, x, context_mask(whole, block_size, mask_kind, dev), torch.arange(whole, device=dev),
+                            cache).logits[:, -1]
+            commits += 1
+    for b in range(num_blocks):
         c = x.shape[1]
         block = torch.full((n, block_size), mask_id, dtype=x.dtype, device=dev)
-        if shift:
+        if b == 0:
+            block[:, :length - whole] = prompt[:, whole:]
+        if shift and block[0, 0] == mask_id:  # the AR head proposes a block's first token
             if not kv_cache:
                 last = _forward(model, x, context_mask(c, block_size, mask_kind, dev), torch.arange(c, device=dev)).logits[:, -1]
             block[:, 0] = _choose(last, mask_id, temperature, generator)[0]
-        for k in counts:
+        to_fill = int((block[0] == mask_id).sum())
+        passes = to_fill if strategy == "first_hitting" or steps is None else min(steps, to_fill)
+        for k in _transfer_counts(to_fill, passes) if to_fill else []:
             if not (block == mask_id).any():
                 break
             if kv_cache:
@@ -156,5 +159,5 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
             commits += 1
         x = torch.cat([x, block], 1)
     seconds = time.perf_counter() - start
-    per_row = num_blocks * block_size
+    per_row = x.shape[1] - length
     return x, SampleStats(tokens=n * per_row, seconds=seconds, nfe=nfe, commit_passes=commits, per_row=per_row)

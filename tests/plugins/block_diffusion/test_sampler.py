@@ -45,5 +45,21 @@ def test_sampler_bad_input(llama):
     prompt = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(UserError, match="at least 1 forward pass"):
         sample_blocks(llama, prompt, num_blocks=1, block_size=4, mask_id=mask_id, steps=0, strategy="sequential")
-    with pytest.raises(UserError, match="multiple of"):
-        sample_blocks(llama, prompt[:, :3], num_blocks=1, block_size=4, mask_id=mask_id)
+    with pytest.raises(UserError, match="at least one token"):
+        sample_blocks(llama, prompt[:, :0], num_blocks=1, block_size=4, mask_id=mask_id)
+
+
+@pytest.mark.parametrize("kind,shift", [("bd3", False), ("context_causal", True)])
+def test_partial_prompt_opens_the_first_block(llama, kind, shift):
+    """A 6-token prompt with L' = 4: one committed block, two prompt tokens kept in the first generated block;
+    with a 2-token prompt nothing is cached before the first block. Cached = recomputed in both."""
+    mask_id = add_mask_token(llama)
+    for length in (6, 2):
+        prompt = torch.randint(0, 39, (2, length), generator=torch.Generator().manual_seed(length))
+        kw = dict(num_blocks=2, block_size=4, mask_id=mask_id, mask_kind=kind, shift=shift, steps=2,
+                  strategy="low_confidence_static")
+        cached, stats = sample_blocks(llama, prompt, **kw)
+        plain, _ = sample_blocks(llama, prompt, kv_cache=False, **kw)
+        assert torch.equal(cached, plain) and torch.equal(cached[:, :length], prompt)
+        assert cached.shape[1] == (length // 4 + 2) * 4 and not (cached == mask_id).any()
+        assert stats.per_row == cached.shape[1] - length and stats.nfe == 4
