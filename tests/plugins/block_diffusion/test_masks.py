@@ -58,3 +58,18 @@ def test_flex_matches_reference(kind):
     flex = block_diffusion_attention(q, k, v, attention_mask(kind, n, 16, "cuda"))
     ref = block_diffusion_attention(q, k, v, dense_mask(kind, n, 16, "cuda")[None, None])
     torch.testing.assert_close(flex, ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_flex_cpu_path_matches_reference():
+    """FlexAttention's compiled CPU path with the BlockMask built from the same mask functions (tile 128, blocks
+    of 4 and 8: the tile is a sparsity unit, not the diffusion block) equals SDPA with the dense mask."""
+    from blocktrain.kernels.block_diffusion_attention import _block_mask
+
+    torch.manual_seed(0)
+    n = 64
+    q, k, v = torch.randn(2, 4, 2 * n, 16), torch.randn(2, 2, 2 * n, 16), torch.randn(2, 2, 2 * n, 16)
+    for kind, lp in (("bd3", 8), ("context_causal", 4)):
+        flex = block_diffusion_attention(q, k, v, _block_mask(kind, n, lp, "cpu"))
+        ref = block_diffusion_attention(q, k, v, dense_mask(kind, n, lp)[None, None])
+        torch.testing.assert_close(flex, ref, rtol=1e-5, atol=1e-5)
