@@ -31,6 +31,9 @@ def add_mask_token(model, tokenizer=None, reading: str = "add", mask_token_id: i
     ``mask_token_id``, whose embedding is the mask's input.
     """
     rows = model.get_input_embeddings().num_embeddings
+    saved = getattr(model.config, "mask_token_id", None) if getattr(model.config, "block_diffusion", None) else None
+    if saved is not None and saved < rows:  # a model this plugin exported: its mask token is already there
+        return int(saved)
     if reading == "embedding":
         if mask_token_id is None or not 0 <= mask_token_id < rows:
             raise UserError(f"plugin.block_diffusion.mask_token_id must be an id in [0, {rows}) with "

@@ -72,6 +72,18 @@ def test_bd3_lm_recipe_end_to_end(tmp_path):
     assert len(rows) == 2 and all(len(r.split(",")[1]) == 12 for r in rows)  # 3 blocks of 4 symbols, as text
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
 
+    export = run_dir / "export" / "model"  # save_pretrained with the mask token; reload and sample
+    config = json.loads((export / "config.json").read_text())
+    assert config["vocab_size"] == 33 and config["mask_token_id"] == 32 and config["block_diffusion"]["block_size"] == 4
+    again = tmp_path / "again"
+    result = train("recipe=block_diffusion_sample", f"model.id={export}", f"run_dir={again}", "logger=csv",
+                   "data.seq_len=16", "data.num_train=32", "data.num_val=16", "plugin.block_diffusion.sampler.num_samples=2",
+                   "plugin.block_diffusion.sampler.num_blocks=3", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = read_metrics(again)["metrics"]
+    assert reloaded["block_diffusion/nelbo"] == pytest.approx(metrics["block_diffusion/nelbo"], rel=1e-5)
+    assert reloaded["block_diffusion/nfe_per_token"] == pytest.approx(6 / 12)  # 2 passes per 4-token block
+
 
 @pytest.mark.slow
 def test_bd3_lm_block_size_must_divide_seq_len(tmp_path):
