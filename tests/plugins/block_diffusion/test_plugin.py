@@ -46,6 +46,27 @@ def test_apply_adds_mask_token_and_checks_block_size():
     assert set(terms) == {"diffusion"} and torch.isfinite(terms["diffusion"])
 
 
+def test_loss_follows_the_curriculum_and_the_switches():
+    """Mid-curriculum (from the trainer's global step, restored on resume) the loss runs at that stage's block size;
+    the SDAR-VL switches (PBNC, EMRS, sequence noise, masked reduction) and NBDiff's AR term give finite terms."""
+    config = BlockDiffusionConfig(block_size=4, curriculum=[1, 2], curriculum_steps=3, attention="context_causal",
+                                  shift_logits=True, ar_loss_weight=1.0, noise_schedule="beta", weighting="emrs",
+                                  noise_granularity="sequence", reduction="masked")
+    plugin = BlockDiffusionPlugin(config)
+    model = plugin.apply(tiny_llama(attn="sdpa"), run_ctx(8))
+    batch = {"input_ids": torch.randint(0, 40, (2, 8))}
+    sizes = []
+    for step in (0, 4, 7):
+        ctx = run_ctx(8)
+        ctx.trainer = SimpleNamespace(global_step=step, max_steps=9)
+        terms = plugin.loss(model, batch, ctx)
+        assert set(terms) == {"diffusion", "ar"} and all(torch.isfinite(v) for v in terms.values())
+        sizes.append(plugin.block_size_at(step))
+        if step == 0:  # L' = 1 with the shift: every token starts a block, nothing is masked
+            assert terms["diffusion"].item() == 0.0
+    assert sizes == [1, 2, 4]
+
+
 def test_curriculum_block_sizes():
     plugin = BlockDiffusionPlugin(BlockDiffusionConfig(block_size=8, curriculum=[1, 2, 4], curriculum_steps=10,
                                                        attention="context_causal", shift_logits=True))
