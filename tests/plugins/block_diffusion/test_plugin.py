@@ -98,7 +98,8 @@ def test_bd3_lm_recipe_end_to_end(tmp_path):
     assert config["vocab_size"] == 33 and config["mask_token_id"] == 32 and config["block_diffusion"]["block_size"] == 4
     again = tmp_path / "again"
     result = train("recipe=block_diffusion_sample", f"model.id={export}", f"run_dir={again}", "logger=csv",
-                   "data.seq_len=16", "data.num_train=32", "data.num_val=16", "plugin.block_diffusion.sampler.num_samples=2",
+                   "data.seq_len=16", "data.num_train=32", "data.num_val=16", "data.batch_size=8",
+                   "plugin.block_diffusion.sampler.num_samples=2",
                    "plugin.block_diffusion.sampler.num_blocks=3", "trainer.enable_progress_bar=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     reloaded = read_metrics(again)["metrics"]
