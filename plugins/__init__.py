@@ -31,3 +31,5 @@ BUILTIN: dict[str, tuple[str, str]] = {
 }
 BUILTIN["h4g"] = ("blocktrain.plugins.h4g.plugin:H4GPlugin",
                   "H4G: zero-shot node classification on text-attributed graphs in the Poincaré ball, Möbius block scaling")
+BUILTIN["block_diffusion"] = ("blocktrain.plugins.block_diffusion.plugin:BlockDiffusionPlugin",
+                              "Block diffusion LM (BD3-LM; SDAR/SDAR-VL/NBDiff switches): two-stream masks, NELBO, KV-cached sampler")

