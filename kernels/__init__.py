@@ -7,5 +7,5 @@ from blocktrain.kernels.lora_linear import lora_linear
 from blocktrain.kernels.poincare import block_mobius_matvec
 from blocktrain.kernels.quant_matmul import quant_matmul
 
-__all__ = ["block_sparse_linear", "fake_quant", "get_backend", "lora_linear", "quant_matmul", "set_backend", "use_backend"]
-__all__ = ["block_mobius_matvec", "fake_quant", "get_backend", "lora_linear", "quant_matmul", "set_backend", "use_backend"]
+__all__ = ["block_mobius_matvec", "block_sparse_linear", "fake_quant", "get_backend", "lora_linear", "quant_matmul",
+           "set_backend", "use_backend"]

@@ -135,9 +135,11 @@ class Registry(Mapping):
 
 
 _CLIP = "blocktrain.trainer.clip.config"  # the CLIP few-shot library's kinds
-TASKS = Registry("task.kind", ("blocktrain.trainer.tasks", _CLIP))
-DATA_KINDS = Registry("data.kind", ("blocktrain.trainer.sources.config", _CLIP))
-MODEL_KINDS = Registry("model.kind", ("blocktrain.trainer.sources.config", _CLIP))
+_GENERATIVE = "blocktrain.trainer.generative.config"  # idx image data, the SiT and BFM models
+_GRAPH = "blocktrain.trainer.graph.config"  # text-attributed graphs and zero-shot node classification
+TASKS = Registry("task.kind", ("blocktrain.trainer.tasks", _CLIP, _GRAPH))
+DATA_KINDS = Registry("data.kind", ("blocktrain.trainer.sources.config", _CLIP, _GENERATIVE, _GRAPH))
+MODEL_KINDS = Registry("model.kind", ("blocktrain.trainer.sources.config", _CLIP, _GENERATIVE))
 STAGES = Registry("stage", ("blocktrain.trainer.stages",), plural="stages")
 
 
@@ -192,11 +194,3 @@ def resolve_recipe(value: str) -> tuple[str, Path]:
         raise UserError(f"unknown recipe '{value}'. Valid recipes: {', '.join(sorted(recipes))}")
     return value, recipes[value]
 
-
-# the generative library's kinds (idx image data, the SiT model): built in like the sources above
-_GENERATIVE = "blocktrain.trainer.generative.config"
-DATA_KINDS._builtins += (_GENERATIVE,)
-MODEL_KINDS._builtins += (_GENERATIVE,)
-# the text-attributed-graph library's kinds (trainer/graph/config.py), built in like the CLIP library's
-for _registry in (TASKS, DATA_KINDS):
-    _registry._builtins += ("blocktrain.trainer.graph.config",)

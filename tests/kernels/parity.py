@@ -29,8 +29,8 @@ import torch
 
 from blocktrain.kernels import dispatch
 
-CASE_MODULES = ("cases_lora_linear", "cases_quant_matmul", "cases_fake_quant", "cases_block_sparse_linear")
-CASE_MODULES = ("cases_lora_linear", "cases_quant_matmul", "cases_fake_quant", "cases_poincare")
+CASE_MODULES = ("cases_lora_linear", "cases_quant_matmul", "cases_fake_quant", "cases_block_sparse_linear",
+                "cases_poincare")
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]

@@ -74,18 +74,12 @@ def generative_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -
              "stages=[fit,evaluate,export]"], "export/model/model.safetensors", "val/fm_loss")
 
 
-SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario, "quantize": quantization_scenario,
-             "generative": generative_scenario}
 def model_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -> tuple[list[str], str, str]:
     """A model built around a tiny text encoder, aligned for 2 steps on a small synthetic text-attributed graph and
     evaluated zero-shot; reloaded from its export."""
     return ([f"recipe={name}_synthetic", f"model.id={tiny_bert_dir}", "data.synthetic_nodes=48", "data.batch_size=8",
              "data.synthetic_vocab=600", "trainer.max_steps=2", "checkpoint.every_n_steps=1", "task.feature_cache=null",
              "stages=[fit,evaluate,export]"], f"export/{name}", "zeroshot/acc_mean")
-
-
-SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario, "quantize": quantization_scenario,
-             "model": model_scenario}
 
 
 def objective_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) -> tuple[list[str], str, str]:
@@ -97,7 +91,9 @@ def objective_scenario(name, tiny_bert_dir, sentiment_csv, llama_dir, corpus) ->
             "block_diffusion/nelbo")
 
 
-SCENARIOS["objective"] = objective_scenario
+SCENARIOS = {"adapter": adapter_scenario, "prune": pruning_scenario, "quantize": quantization_scenario,
+             "generative": generative_scenario, "model": model_scenario, "objective": objective_scenario}
+FITS = ("adapter", "generative", "model", "objective")  # kinds whose scenario is a fit, interrupted after a step
 
 
 def _sigint_after_first_progress_step(monkeypatch) -> None:
@@ -139,9 +135,7 @@ def test_plugin_compose_run_resume_export_reload(name, tiny_bert_dir, sentiment_
     resumed = tmp_path / "resumed"
     interrupted = False
     with monkeypatch.context() as patch:
-        if kind in ("adapter", "generative"):  # a fit: interrupted after its first step
-        if kind in ("adapter", "model"):  # a fit
-        if kind in ("adapter", "objective"):
+        if kind in FITS:
             extra = [interrupt_at(1)]
         else:
             extra = []
