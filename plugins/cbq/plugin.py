@@ -31,7 +31,9 @@ class CBQConfig(QuantConfig):
     window: int = 2  # blocks optimised jointly
     overlap: int = 1  # blocks shared by consecutive windows (window=1, overlap=0: block-wise, BRECQ-style)
     rank: int = 5  # LoRA-Rounding rank r of V = A1·A2; 0 = full AdaRound V
-    init: str = "svd"  # svd (truncated SVD of AdaRound's V0) | zero (A1 = 0, V = 0)
+    init: str = "svd"  # svd (truncated SVD of AdaRound's V0) | zero (A1 = 0); with frozen_base both start at V0
+    frozen_base: bool = True  # V = B + A1·A2 with B = V0 − A1·A2(init) frozen (start = RTN); false: V = A1·A2 alone
+    keep_better: bool = True  # a window whose hardened loss ends above its start reverts to the start
     reg_weight: float = 0.01  # λ of the rounding regulariser Σ(1 − |2h − 1|^β)
     beta_start: float = 20.0  # β annealed linearly from beta_start to beta_end after the warm-up
     beta_end: float = 2.0
@@ -76,8 +78,7 @@ class CBQPlugin(QuantizationPlugin):
         """The core's ``CBQSettings`` from the config."""
         from blocktrain.plugins.cbq.cbq import CBQSettings
 
-        return CBQSettings(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(CBQSettings)
-                              if hasattr(self.config, f.name)})  # frozen_base, keep_better: core defaults until conf/ has them
+        return CBQSettings(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(CBQSettings)})
 
     def apply(self, model, run):
         from blocktrain.plugins.cbq.cbq import find_blocks
