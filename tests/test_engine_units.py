@@ -55,6 +55,7 @@ def test_sampler_skips_once_and_reshuffles_per_epoch():
     sampler = ResumableSampler(20, batch_size=4, seed=0)
     full = list(sampler)
     sampler.skip = 8
+    assert len(sampler) == 20  # the epoch's length: Lightning's restored batch counter includes the skipped ones
     assert list(sampler) == full[8:]
     assert list(sampler) == full
     sampler.set_epoch(1)

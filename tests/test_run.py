@@ -68,6 +68,53 @@ def test_resume_after_interrupt_equals_uninterrupted_run(lora_args, tmp_path):
             torch.testing.assert_close(value, opt_b["state"][idx][name], rtol=1e-5, atol=1e-6)
 
 
+def test_interrupt_checkpoint_pairs_weights_with_their_ema_and_resume_is_bit_identical(lora_args, tmp_path):
+    """Ctrl-C right after step N (raised by a callback that runs before the engine's own ones) saves the EMA
+    updated through step N, and the resumed run ends with the same weights and average as a straight run."""
+    import pytorch_lightning as pl
+
+    decay = 0.5
+    common = [a for a in lora_args if not a.startswith(("run_dir=", "trainer.max_steps="))]
+    common += ["logger=none", "trainer.max_steps=8", "trainer.enable_progress_bar=false", f"ema.decay={decay}"]
+    straight = tmp_path / "straight"
+    run(load_config([*common, f"run_dir={straight}"]))
+
+    class Record(pl.Callback):  # the trained weights at fit start and after every step
+        def __init__(self):
+            self.weights: list[dict] = []
+
+        def _keep(self, module):
+            self.weights.append({k: v.detach().clone() for k, v in module.model.named_parameters() if v.requires_grad})
+
+        def on_fit_start(self, trainer, pl_module):
+            self._keep(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._keep(pl_module)
+
+    resumed, record = tmp_path / "resumed", Record()
+    with pytest.raises(RunInterrupted):
+        run(load_config([*common, f"run_dir={resumed}"]), extra_callbacks=[record, interrupt_at(5)])
+    ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 5 and len(record.weights) == 6
+    expected = dict(record.weights[0])
+    for step in record.weights[1:]:
+        expected = {k: v.lerp(step[k], 1 - decay) for k, v in expected.items()}
+    shadow = ckpt["callbacks"]["EMA"]["shadow"]
+    assert shadow.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(shadow[key], expected[key], rtol=0, atol=1e-7, msg=key)
+
+    run(load_config([*common, f"run_dir={resumed}", "resume=auto"]))
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 8
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for key, value in a["callbacks"]["EMA"]["shadow"].items():
+        assert torch.equal(value, b["callbacks"]["EMA"]["shadow"][key]), key
+
+
 def test_fresh_run_refuses_a_run_dir_with_checkpoints(lora_args, tmp_path):
     args = [*lora_args, "logger=none", "trainer.max_steps=4"]
     assert train(*args).returncode == 0

@@ -10,7 +10,8 @@ class ResumableSampler(Sampler[int]):
     """Shuffled order per epoch from (seed, epoch), sharded over ranks, able to skip what was consumed.
 
     Rank r takes every world-th index of the epoch's permutation, so a global batch of B·world samples
-    is the same set whatever the number of processes. ``skip`` samples are dropped once, on resume.
+    is the same set whatever the number of processes. ``skip`` samples are dropped once, on resume; the
+    length stays the whole epoch's, because Lightning's restored batch counter already counts them.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
@@ -33,7 +34,7 @@ class ResumableSampler(Sampler[int]):
         return iter(indices)
 
     def __len__(self) -> int:
-        return len(self._indices()) - self.skip
+        return len(self._indices())
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at every epoch start."""

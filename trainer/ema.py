@@ -4,6 +4,10 @@
 ``(1 - decay)`` of the way to its value (parameters matching ``ema.targets``, a regex, or every trainable
 one). Validation inside and after fit, the ``evaluate`` and ``sample`` stages and the export see the
 averaged weights; training continues from the raw ones. The averages ride in every checkpoint.
+
+The average is updated once per optimiser step (not per accumulated micro-batch). The engine runs this
+callback first, and an exception (Ctrl-C) raised between a step and its update applies the update before the
+interrupt checkpoint is written, so a checkpoint always pairs step-N weights with the average through step N.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ class EMA(pl.Callback):
         self.pattern = re.compile(targets) if targets else None
         self.shadow: dict[str, torch.Tensor] = {}
         self._swapped = 0
+        self._step = 0  # the optimiser step the average is updated through
 
     def _tracked(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         for name, p in self.model.named_parameters():
@@ -32,12 +37,21 @@ class EMA(pl.Callback):
             if name not in self.shadow:
                 self.shadow[name] = p.detach().clone()
             self.shadow[name] = self.shadow[name].to(p.device)
+        self._step = trainer.global_step  # a fresh average, or one restored with its step's weights
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self._step:  # an accumulated micro-batch: no optimiser step yet
+            return
         for name, p in self._tracked():
             if name in self.shadow:
                 self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1 - self.decay)
+        self._step = trainer.global_step
+
+    def on_exception(self, trainer, pl_module, exception):
+        """Catch up with a step the interrupt landed after, before the interrupt checkpoint is written."""
+        if trainer.state.fn == "fit":
+            self.on_train_batch_end(trainer, pl_module, None, None, 0)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:

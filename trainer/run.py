@@ -192,8 +192,6 @@ class RunState:
         self.saved_on_interrupt = False
         self._callbacks = _task_and_plugin_callbacks(task, plugins, ctx)
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.targets) if cfg.get("ema") and cfg.ema.decay else None
-        if self.ema is not None:
-            self._callbacks.append(self.ema)
         self._first_fit: str | None = None
         self.trainer = self._trainer(self.trainer_kw)  # device, evaluation and calibration before any fit
         ctx.device = str(self.trainer.strategy.root_device)
@@ -208,18 +206,22 @@ class RunState:
         self.ctx.stage = self.metrics.stage = None
 
     def _trainer(self, kwargs: dict, phase: Stage | None = None) -> pl.Trainer:
+        """Callbacks in the order Lightning calls them: the step's own state (data position, EMA) first, so every
+        later callback, an interrupt and each checkpoint see it complete; then the rest; checkpoints last."""
         callbacks = [*_progress_callbacks(kwargs.get("enable_progress_bar", True)), *self.extra_callbacks,
                      *self._callbacks]
+        step_state = [self.ema] if self.ema is not None else []
         if phase is not None:
             from pytorch_lightning.callbacks import ModelCheckpoint
 
             folder = checkpoint_dir(self.run_dir, phase.name)
             self._last = LastCheckpoint(folder / "last.ckpt")
-            callbacks = [DataPositionCallback(), self._last, *callbacks, ModelCheckpoint(
+            step_state.insert(0, DataPositionCallback())
+            callbacks = [self._last, *callbacks, ModelCheckpoint(
                 dirpath=folder, filename="step{step:07d}", auto_insert_metric_name=False,
                 every_n_train_steps=self.cfg.checkpoint.every_n_steps, save_top_k=self.cfg.checkpoint.keep_last,
                 monitor="step", mode="max", save_last=True, save_on_train_epoch_end=True)]
-        trainer = pl.Trainer(**kwargs, logger=self.loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        trainer = pl.Trainer(**kwargs, logger=self.loggers, callbacks=[*step_state, *callbacks], plugins=[AtomicCheckpointIO()],
                              default_root_dir=str(self.run_dir), use_distributed_sampler=False,
                              enable_checkpointing=phase is not None)
         self.ctx.trainer = trainer

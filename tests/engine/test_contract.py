@@ -1,6 +1,8 @@
 """Units of the plugin contract: stage lists, plugin combinations, loss terms, parameter groups, EMA, media."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -95,11 +97,16 @@ def test_ema_averages_after_each_step_and_swaps_in_and_out():
     model = torch.nn.Linear(3, 1)
     model.bias.requires_grad = False
     ema = EMA(model, decay=0.75)
-    ema.on_fit_start(None, None)
+    trainer = SimpleNamespace(global_step=0)
+    ema.on_fit_start(trainer, None)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(4.0)
-    ema.on_train_batch_end(None, None, None, None, 0)
+    ema.on_train_batch_end(trainer, None, None, None, 0)  # an accumulated micro-batch: no step, no update
+    assert torch.equal(ema.shadow["weight"], start)
+    trainer.global_step = 1
+    ema.on_train_batch_end(trainer, None, None, None, 0)
+    ema.on_train_batch_end(trainer, None, None, None, 1)  # the same step again: once only
     assert set(ema.shadow) == {"weight"}  # only trainable parameters
     assert torch.allclose(ema.shadow["weight"], start + 1.0)  # 0.75 * w0 + 0.25 * (w0 + 4)
     with ema.swapped():
