@@ -15,6 +15,15 @@ from blocktrain.trainer.errors import UserError
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def frozen_pretrained(cls, model_id: str, what: str, hint: str = ""):
+    """``cls.from_pretrained(model_id)`` in eval mode without gradients; one clear message when it cannot load."""
+    try:
+        return cls.from_pretrained(model_id).eval().requires_grad_(False)
+    except OSError as e:
+        raise UserError(f"cannot load {what} '{model_id}': {e}. Offline, pass a local folder written by "
+                        f"save_pretrained{hint}") from e
+
+
 def _rgb(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[1] not in (1, 3):
         raise UserError(f"the frozen encoder takes 1- or 3-channel images, got {x.shape[1]} channels "
@@ -74,11 +83,7 @@ class Dinov2Features(nn.Module):
         super().__init__()
         from transformers import Dinov2Model
 
-        try:
-            self.net = Dinov2Model.from_pretrained(model_id).eval().requires_grad_(False)
-        except OSError as e:
-            raise UserError(f"cannot load DINOv2 '{model_id}' (encoder id): {e}. Offline, pass a local folder "
-                            "written by save_pretrained, or use the efficientnet_lite0 encoder") from e
+        self.net = frozen_pretrained(Dinov2Model, model_id, "DINOv2 (encoder id)", ", or use the efficientnet_lite0 encoder")
         self.input_size = input_size
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

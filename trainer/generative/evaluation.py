@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from blocktrain.trainer.generative.encoders import frozen_pretrained
 from blocktrain.trainer.generative.flow import SampleResult, Velocity, flops_per_sample, sample
 from blocktrain.trainer.generative.metrics import cached_real_features, extract, frechet_distance, kernel_inception_distance
 
@@ -26,13 +27,7 @@ class Latents:
     def __init__(self, vae_id: str, scale: float):
         from diffusers import AutoencoderKL
 
-        from blocktrain.trainer.errors import UserError
-
-        try:
-            self.vae = AutoencoderKL.from_pretrained(vae_id).eval().requires_grad_(False)
-        except OSError as e:
-            raise UserError(f"cannot load the VAE '{vae_id}' (plugin vae): {e}. Offline, pass a local folder "
-                            "written by save_pretrained") from e
+        self.vae = frozen_pretrained(AutoencoderKL, vae_id, "the VAE (plugin vae)")
         self.scale = scale
         self.channels = self.vae.config.latent_channels
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # pixels per latent, per side
