@@ -98,7 +98,7 @@ def train_for(model, data, seconds: float, seed: int, step_fn, params) -> dict:
         steps += 1
     elapsed = time.perf_counter() - start
     model.eval()
-    return {"steps": steps, "train_s": elapsed, "images_per_s": steps * 64 / elapsed, "last_loss": float(loss)}
+    return {"train_steps": steps, "train_s": elapsed, "images_per_s": steps * 64 / elapsed, "last_loss": float(loss)}
 
 
 def one(arm: str, seed: int, args) -> list[dict]:
@@ -218,7 +218,7 @@ def table(records: list[dict], steps: list[int]) -> dict[str, list[tuple]]:
             asd = statistics.stdev(accs) if len(accs) > 1 else 0.0
             gflops = rs[0][f"steps{s}"]["gflops"]
             rows.setdefault(arm, []).append((gflops, statistics.mean(fds), sd, statistics.mean(accs)))
-            trained = ", ".join(str(r["steps"]) + (f" + FRN {r['frn_steps']}" if "frn_steps" in r else "") for r in rs)
+            trained = ", ".join(str(r["train_steps"]) + (f" + FRN {r['frn_train_steps']}" if "frn_train_steps" in r else "") for r in rs)
             print(f"| {arm} | {s} | {rs[0][f'steps{s}']['nfe']} | {gflops:.3f} | {statistics.mean(fds):.1f} ± {sd:.1f} | "
                   f"{statistics.mean(r[f'steps{s}']['kid'] for r in rs):.3f} | {statistics.mean(accs):.3f} ± {asd:.3f} | "
                   + (f"{trained} | {statistics.mean(r['images_per_s'] for r in rs):.1f} | "
@@ -254,7 +254,7 @@ def plot(rows: dict[str, list[tuple]], path: str) -> None:
             px, _ = at(gx, y0)
             _, py = at(x0, gy)
             draw.text((px - 12, h - m + 5), f"{10 ** gx:.2f}", fill="black")
-            draw.text((ox + 5, py - 6), f"{gy:.3g}", fill="black")
+            draw.text((ox + 5, py - 6), f"{gy:.4g}", fill="black")
         for i, (arm, pts) in enumerate(rows.items()):
             line = [at(math.log10(p[0]), p[col]) for p in pts]
             draw.line(line, fill=colours[i % 5], width=2)

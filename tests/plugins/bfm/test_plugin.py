@@ -185,6 +185,9 @@ def test_training_and_sampling_on_vae_latents(tmp_path):
     assert out.images.shape == (2, 3, 16, 16) and out.nfe == 2 and out.flops_per_sample > 0
     with pytest.raises(UserError, match="the data has 4 latent channels .* but model.channels=1"):
         plugin.apply(SiT(8, 1, 2, 32, 1, 4), SimpleNamespace(data=SimpleNamespace(train=[(images[0], 0)])))
+    with pytest.raises(UserError, match="(?s)cannot load the VAE .plugin vae. .*missing.*save_pretrained"):
+        FlowMatchingPlugin(FlowMatchingConfig(vae=str(tmp_path / "missing"))).apply(
+            SiT(8, 4, 2, 32, 1, 4), SimpleNamespace(data=SimpleNamespace(train=[(images[0], 0)])))
 
 
 def test_dinov2_encoder_gives_patch_tokens_on_the_trunk_grid(tmp_path):
