@@ -109,7 +109,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(2)
     chain = MarkovChain(args.vocab, args.alpha, 0)
-    floor = chain.nll_floor(args.seq_len) * args.seq_len / (args.seq_len - 1)  # per scored token, first excluded
+    floor = chain.nll_floor(args.seq_len, skip_first=True)  # per scored token: tokens 1.. given token 0
     print(f"{describe_machine()}; steps {args.steps}, batch {args.batch}, L {args.seq_len}, V {args.vocab}, "
           f"d {args.hidden}, layers {args.layers}, lr {args.lr}; entropy rate {chain.entropy_rate:.4f} nats, "
           f"held-out NLL floor ~{floor:.4f} nats/token")

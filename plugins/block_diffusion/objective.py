@@ -120,7 +120,8 @@ def block_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, *, block_size
 def nelbo_sums(model, x0: torch.Tensor, *, block_size: int, mask_id: int, mask_kind: str = "bd3",
                shift: bool = False, scored: torch.Tensor | None = None, ignore_bos: bool = True,
                generator: torch.Generator | None = None) -> tuple[float, int]:
-    """Summed NELBO (nats) of ``x0`` and the number of scored tokens: the reported bound, always with the uniform
+    """Summed NELBO (nats) of ``x0`` and the number of tokens it covers (scored ones, less the never-predicted
+    position 0 under ``ignore_bos`` or the shift): the reported bound, always with the uniform
     schedule on [1e-3, 1], nominal 1/t weights and one t per block, whatever the training objective (with the
     logit shift, each block's first token is scored by the AR head)."""
     from blocktrain.plugins.block_diffusion.noise import sample_t
@@ -131,5 +132,8 @@ def nelbo_sums(model, x0: torch.Tensor, *, block_size: int, mask_id: int, mask_k
     terms = block_diffusion_loss(model, x0, t, block_size=block_size, mask_id=mask_id, mask_kind=mask_kind,
                                  shift=shift, scored=scored, ignore_bos=ignore_bos, generator=generator,
                                  block_first=True)
-    count = int(scored.sum())
-    return float(sum(terms.values())) * count, count
+    denom = int(scored.sum())  # the loss's divisor
+    covered = scored.clone()  # the tokens the bound covers: position 0 is never predicted under ignore_bos or the shift
+    if ignore_bos or shift:
+        covered[:, 0] = False
+    return float(sum(terms.values())) * denom, int(covered.sum())

@@ -210,8 +210,9 @@ class BlockDiffusionPlugin(Plugin):
             total, count = total + s, count + n
         nelbo = total / max(count, 1)
         out = {"block_diffusion/nelbo": nelbo, "block_diffusion/ppl_bound": math.exp(min(nelbo, 50.0))}
-        if "nll_floor" in run.data.info:  # a synthetic source with a known entropy rate
-            out["block_diffusion/nll_floor"] = float(run.data.info["nll_floor"])
+        if "nll_floor" in run.data.info:  # a synthetic source with a known entropy rate: the floor of the tokens scored
+            skip_first = self.config.ignore_bos or self.config.shift_logits
+            out["block_diffusion/nll_floor"] = float(run.data.info["nll_floor_after_first" if skip_first else "nll_floor"])
         return out
 
     # -- sampling ------------------------------------------------------------------------------

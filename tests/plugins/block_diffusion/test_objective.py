@@ -1,4 +1,6 @@
 """The block-diffusion objective's own checks: AR limits, weights, noise levels, a training step, bad input."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,3 +136,18 @@ def test_mask_token_added_and_bad_input(llama):
     with pytest.raises(UserError, match="mask_token_id"):
         add_mask_token(llama, reading="embedding")
     assert add_mask_token(llama, reading="embedding", mask_token_id=7) == 7
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_nelbo_is_per_predicted_token(llama, shift):
+    """A model that predicts every token uniformly has NELBO log V per token it predicts: position 0 (never
+    predicted under ignore_bos or the shift) is left out of the count, not averaged in as a free zero."""
+    from blocktrain.plugins.block_diffusion.objective import nelbo_sums
+
+    mask_id = add_mask_token(llama)
+    torch.nn.init.zeros_(llama.get_output_embeddings().weight)  # constant logits: uniform over the 40 real tokens
+    x0 = torch.randint(0, 40, (4000, L), generator=torch.Generator().manual_seed(0))
+    total, count = nelbo_sums(llama, x0, block_size=4, mask_id=mask_id, shift=shift,
+                              mask_kind="context_causal" if shift else "bd3", generator=torch.Generator().manual_seed(1))
+    assert count == 4000 * (L - 1)
+    assert abs(total / count - math.log(40)) < 0.03 * math.log(40)  # the old count was off by (L - 1) / L = 12.5%
