@@ -26,7 +26,8 @@ CHOICES = {
     "weighting": ("nominal", "emrs"),
     "reduction": ("tokens", "masked"),
 }
-STRATEGIES = ("first_hitting", "sequential", "low_confidence_static", "low_confidence_dynamic")
+STRATEGIES = ("first_hitting", "ddpm", "sequential", "low_confidence_static", "low_confidence_dynamic",
+              "entropy_bounded", "confidence_threshold")
 
 
 def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -38,9 +39,11 @@ def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> Non
 class SamplerConfig:
     """``plugin.block_diffusion.sampler``: the `sample` stage."""
 
-    strategy: str = "first_hitting"  # first_hitting | sequential | low_confidence_static | low_confidence_dynamic
-    steps: Optional[int] = None  # forward passes per block (NFE per block); null = one per token
-    threshold: float = 0.9  # low_confidence_dynamic: commit every token at least this probable
+    strategy: str = "first_hitting"  # one of STRATEGIES (see sampler.py)
+    steps: Optional[int] = None  # forward passes per block (NFE per block; ddpm: time points); null = one per token
+    threshold: float = 0.9  # low_confidence_dynamic / confidence_threshold: commit every token at least this probable
+    entropy_bound: float = 0.35  # entropy_bounded: summed entropy (nats) of the tokens committed in one pass (SDAR)
+    sub_blocks: int = 1  # confidence_threshold: sub-blocks decoded left to right within a block (NBDiff)
     temperature: float = 0.0  # 0 = greedy
     kv_cache: bool = True
     num_samples: int = 4  # prompts taken from the val split (else train)
@@ -55,8 +58,9 @@ class SamplerConfig:
         for key in ("num_samples", "prompt_blocks", "num_blocks"):
             if getattr(self, key) < 1:
                 raise UserError(f"{KEY}.sampler.{key} must be >= 1, got {getattr(self, key)}")
-        if self.temperature < 0 or not 0 <= self.threshold <= 1:
-            raise UserError(f"{KEY}.sampler.temperature must be >= 0 and threshold in [0, 1]")
+        if self.temperature < 0 or not 0 <= self.threshold <= 1 or self.entropy_bound < 0 or self.sub_blocks < 1:
+            raise UserError(f"{KEY}.sampler.temperature and entropy_bound must be >= 0, threshold in [0, 1], "
+                            "sub_blocks >= 1")
 
 
 @dataclass
@@ -235,6 +239,7 @@ class BlockDiffusionPlugin(Plugin):
         tokens, stats = sample_blocks(model, prompt, num_blocks=s.num_blocks, block_size=c.block_size,
                                       mask_id=self.mask_id, mask_kind=c.attention, shift=c.shift_logits,
                                       steps=s.steps, strategy=s.strategy, threshold=s.threshold,
+                                      entropy_bound=s.entropy_bound, sub_blocks=s.sub_blocks,
                                       temperature=s.temperature, kv_cache=s.kv_cache, generator=generator)
         decode = self._decoder(run)
         table = Table(columns=["prompt", "sample"],
