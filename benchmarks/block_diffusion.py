@@ -106,8 +106,9 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     chain = MarkovChain(args.vocab, args.alpha, 0)
     floor = chain.nll_floor(args.seq_len, skip_first=True)  # per scored token: tokens 1.. given token 0
     print(f"{describe_machine()}; steps {args.steps}, batch {args.batch}, L {args.seq_len}, V {args.vocab}, "
