@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.plugin import Plugin, PluginConfig
@@ -50,6 +50,7 @@ class SamplerConfig:
     prompt_blocks: int = 1  # leading blocks of each held-out sequence used as the prompt
     num_blocks: int = 8  # blocks generated after the prompt
     seed: int = 0
+    judge: Optional[Dict[str, Any]] = None  # Gen-PPL: an AR model node (as `model:`) that scores the samples
 
     def __post_init__(self):
         _choice(f"{KEY}.sampler", "strategy", self.strategy, STRATEGIES)
@@ -250,11 +251,22 @@ class BlockDiffusionPlugin(Plugin):
             "block_diffusion/nfe_per_token": stats.nfe_per_token,
             "block_diffusion/tokens_per_step": stats.per_row / max(stats.nfe, 1),
         }
+        if s.judge:
+            out.update(self._judge(tokens, prompt_len, device))
         score = getattr(source, "log_likelihood", None)  # a synthetic source that knows its true generator
         if score is not None:
             ll = score(tokens.cpu(), start=prompt_len)
             out["block_diffusion/sample_nll"] = float(-ll.sum() / (tokens.shape[0] * stats.per_row))
         return out
+
+    def _judge(self, tokens, prompt_len, device):
+        """Gen-PPL of the samples under the AR judge (e.g. the model before adaptation)."""
+        from blocktrain.plugins.block_diffusion.sampler import judge_nll
+        from blocktrain.trainer.sources.models import load_model
+
+        judge = load_model(dict(self.config.sampler.judge)).model.to(device).eval()
+        nll = float(judge_nll(judge, tokens, prompt_len).sum()) / (tokens.shape[0] * (tokens.shape[1] - prompt_len))
+        return {"block_diffusion/judge_nll": nll, "block_diffusion/gen_ppl": math.exp(min(nll, 50.0))}
 
     def _decoder(self, run):
         tokenizer = run.tokenizer

@@ -220,3 +220,15 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
     seconds = time.perf_counter() - start
     per_row = x.shape[1] - length
     return x, SampleStats(tokens=n * per_row, seconds=seconds, nfe=nfe, commit_passes=commits, per_row=per_row)
+
+
+@torch.no_grad()
+def judge_nll(judge, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """Per row, the summed NLL (nats) of ``tokens[:, start:]`` under an AR ``judge`` given the tokens before it
+    (Gen-PPL = exp(sum / count)); one plain causal pass."""
+    vocab = judge.get_output_embeddings().weight.shape[0]
+    if int(tokens.max()) >= vocab:
+        raise UserError(f"the Gen-PPL judge has {vocab} output tokens but a sample holds id {int(tokens.max())}: "
+                        "the judge must share the sampled model's tokenizer")
+    logits = judge(input_ids=tokens).logits[:, start - 1:-1].float()
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, start:], reduction="none").sum(1)

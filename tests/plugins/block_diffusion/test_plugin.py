@@ -140,3 +140,29 @@ def test_nbdiff_adapt_recipe_on_smollm2(tmp_path):
     assert metrics["block_diffusion/nfe_per_token"] <= 0.5 + 1e-9  # steps=4 passes for 8-token blocks
     (samples,) = (run_dir / "media").glob("block_diffusion_samples*")
     assert "<|mdm_mask|>" not in samples.read_text()
+
+
+def test_sample_stage_reports_gen_ppl_from_a_judge(tmp_path):
+    """The sample stage loads the judge from a model node and reports its Gen-PPL of the generated tokens (here
+    the judge is a saved copy of the sampled model, so the number can be recomputed), next to the exact NLL
+    under the synthetic chain."""
+    from blocktrain.plugins.block_diffusion.sampler import judge_nll, sample_blocks
+    from blocktrain.trainer.sources.scratch import MarkovChain, MarkovTexts
+
+    chain = MarkovChain(40, 0.5, 0)
+    val = MarkovTexts(chain.sample(4, 16, torch.Generator().manual_seed(0)), chain)
+    judge_dir = tmp_path / "judge"
+    tiny_llama(attn="sdpa").save_pretrained(judge_dir)
+    config = BlockDiffusionConfig(block_size=4, sampler=SamplerConfig(
+        strategy="low_confidence_static", steps=2, num_samples=2, num_blocks=2,
+        judge={"kind": "transformers", "id": str(judge_dir), "auto_class": "AutoModelForCausalLM", "processor": "none"}))
+    plugin = BlockDiffusionPlugin(config)
+    model = plugin.apply(tiny_llama(attn="sdpa"), run_ctx(16))
+    run = SimpleNamespace(data=SimpleNamespace(val=val, train=val, info={"seq_len": 16, "alphabet": ""}), tokenizer=None)
+    out = plugin.sample(model, run)
+    tokens, _ = sample_blocks(model, val.tokens[:2, :4], num_blocks=2, block_size=4, mask_id=plugin.mask_id,
+                              strategy="low_confidence_static", steps=2, generator=torch.Generator().manual_seed(0))
+    expected = float(judge_nll(tiny_llama(attn="sdpa"), tokens, 4).sum()) / 16
+    assert out["block_diffusion/judge_nll"] == pytest.approx(expected, rel=1e-4)
+    assert out["block_diffusion/gen_ppl"] == pytest.approx(math.exp(expected), rel=1e-4)
+    assert out["block_diffusion/sample_nll"] > 0

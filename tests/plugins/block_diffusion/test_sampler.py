@@ -125,3 +125,20 @@ def test_ddpm_caching_reuses_the_denoiser_output(llama):
         when[(new != x)[:, 0]] = i
         x = new
     assert not (x == 9).any() and (torch.bincount(when.long(), minlength=4) / 4000 - 0.25).abs().max() < 0.03
+
+
+def test_judge_scores_the_samples_like_a_causal_lm(llama):
+    """Gen-PPL's judge NLL of the generated part equals the causal-LM cross-entropy computed token by token;
+    a judge with a smaller vocabulary is refused with one message."""
+    import torch.nn.functional as F
+
+    from blocktrain.plugins.block_diffusion.sampler import judge_nll
+
+    tokens = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(2))
+    nll = judge_nll(llama, tokens, 4)
+    expected = torch.zeros(3)
+    for i in range(4, 12):
+        expected += F.cross_entropy(llama(input_ids=tokens[:, :i]).logits[:, -1].float(), tokens[:, i], reduction="none")
+    torch.testing.assert_close(nll, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="the Gen-PPL judge has 40 output tokens but a sample holds id 45"):
+        judge_nll(llama, torch.tensor([[1, 2, 45]]), 1)
