@@ -138,6 +138,7 @@ def test_nbdiff_adapt_recipe_on_smollm2(tmp_path):
     metrics = read_metrics(run_dir)["metrics"]
     assert metrics["val/ppl"] < 200 and math.isfinite(metrics["block_diffusion/nelbo"])  # the AR head is kept
     assert metrics["block_diffusion/nfe_per_token"] <= 0.5 + 1e-9  # steps=4 passes for 8-token blocks
+    assert 1 < metrics["block_diffusion/gen_ppl"] < 1e4  # judged by the original SmolLM2
     (samples,) = (run_dir / "media").glob("block_diffusion_samples*")
     assert "<|mdm_mask|>" not in samples.read_text()
 
