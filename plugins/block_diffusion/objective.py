@@ -81,10 +81,12 @@ def block_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, *, block_size
                          mask_kind: str = "bd3", shift: bool = False, scored: torch.Tensor | None = None,
                          weighting: str = "nominal", reduction: str = "tokens", ignore_bos: bool = True,
                          ar_weight: float = 0.0, generator: torch.Generator | None = None,
-                         block_first: bool = False) -> dict[str, torch.Tensor]:
+                         block_first: bool = False, per_block: bool = False) -> dict[str, torch.Tensor]:
     """Loss terms ``{"diffusion": ..., ["ar": ...]}`` for clean tokens ``x0 [N, L]`` at block noise levels
     ``t [N, L/block_size]``; ``scored`` marks the tokens to score (default all). ``block_first`` (with ``shift``)
-    adds ``"block_first"``: the AR head's NLL of each block's first token, which the diffusion term leaves out."""
+    adds ``"block_first"``: the AR head's NLL of each block's first token, which the diffusion term leaves out.
+    ``per_block`` adds ``"per_block"`` ``[N, L/block_size]``: each block's mean weighted token loss (no gradient),
+    whose variance the clip search minimises."""
     n, length = x0.shape
     check_lengths(length, block_size)
     scored = torch.ones_like(x0, dtype=torch.bool) if scored is None else scored.bool()
@@ -100,9 +102,11 @@ def block_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, *, block_size
         weight = torch.where(ratio > 0, 1 / ratio.clamp(min=1e-12), 0).repeat_interleave(block_size, dim=1)
     else:
         weight = 1 / t.repeat_interleave(block_size, dim=1)
-    total = (nll.masked_fill(~masked, 0) * weight).sum()
+    token_loss = nll.masked_fill(~masked, 0) * weight
     denom = masked.sum() if reduction == "masked" else scored.sum()
-    terms = {"diffusion": total / denom.clamp(min=1)}
+    terms = {"diffusion": token_loss.sum() / denom.clamp(min=1)}
+    if per_block:
+        terms["per_block"] = token_loss.detach().view(n, -1, block_size).mean(-1)
     if ar_weight > 0:
         targets = x0[:, 1:].masked_fill(~scored[:, 1:], -100)
         terms["ar"] = ar_weight * F.cross_entropy(clean[:, :-1].float().flatten(0, 1), targets.flatten(),

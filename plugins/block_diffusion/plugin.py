@@ -86,6 +86,10 @@ class BlockDiffusionConfig(PluginConfig):
     pbnc_c_start: float = 2.0  # PBNC concentration, ramped linearly ...
     pbnc_c_end: float = 50.0  # ... to this
     pbnc_ramp_steps: Optional[int] = None  # over this many steps; null = trainer.max_steps
+    clip_search: bool = False  # BD3-LM's data-driven clip: train on the val-variance-minimising interval
+    clip_search_widths: List[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    clip_search_delta: float = 0.05  # step between candidate interval starts
+    clip_search_batches: int = 8  # val batches per search (BD3-LM: 100)
     curriculum: List[int] = field(default_factory=list)  # NBDiff: block sizes trained before block_size, e.g. [1, 2]
     curriculum_steps: int = 100  # optimizer steps per curriculum block size
     eval_batches: Optional[int] = None  # evaluate: val batches in the NELBO bound; null = all
@@ -109,6 +113,10 @@ class BlockDiffusionConfig(PluginConfig):
                             "clean stream sees the rest of its block, so next-token prediction would leak the answer")
         if not 0 < self.pbnc_mu < 1 or self.pbnc_c_start <= 0 or self.pbnc_c_end <= 0:
             raise UserError(f"{KEY}.pbnc_mu must be in (0, 1) and pbnc_c_start/pbnc_c_end > 0")
+        if self.clip_search and (self.clip_search_batches < 1 or not 0 < self.clip_search_delta < 1
+                                 or any(not 0 < w <= 1 for w in self.clip_search_widths)):
+            raise UserError(f"{KEY}.clip_search needs clip_search_batches >= 1, clip_search_delta in (0, 1) and "
+                            "clip_search_widths in (0, 1]")
         if self.curriculum_steps < 1:
             raise UserError(f"{KEY}.curriculum_steps must be >= 1, got {self.curriculum_steps}")
         if isinstance(self.sampler, dict):
@@ -127,6 +135,8 @@ class BlockDiffusionPlugin(Plugin):
     def __init__(self, config: BlockDiffusionConfig):
         super().__init__(config)
         self.mask_id: int | None = None
+        self.eps = (config.eps_min, config.eps_max)  # the training interval (the clip search moves it)
+        self.clip_search = None
 
     # -- surgery -------------------------------------------------------------------------------
     def apply(self, model, run):
@@ -176,7 +186,7 @@ class BlockDiffusionPlugin(Plugin):
         x0, scored = self._scored(batch)
         ramp = c.pbnc_ramp_steps or (int(trainer.max_steps) if trainer is not None and trainer.max_steps > 0 else 1)
         t = sample_t(x0.shape[0], x0.shape[1] // block_size, granularity=c.noise_granularity,
-                     schedule=c.noise_schedule, eps_min=c.eps_min, eps_max=c.eps_max, antithetic=c.antithetic,
+                     schedule=c.noise_schedule, eps_min=self.eps[0], eps_max=self.eps[1], antithetic=c.antithetic,
                      beta_mu=c.pbnc_mu, beta_c=pbnc_concentration(step, ramp, c.pbnc_c_start, c.pbnc_c_end),
                      device=x0.device)
         return block_diffusion_loss(model, x0, t, block_size=block_size, mask_id=self.mask_id,
@@ -195,7 +205,23 @@ class BlockDiffusionPlugin(Plugin):
 
     def eval_sums(self, model, batch, run):
         total, count = self._nelbo(model, batch)
+        trainer = getattr(run, "trainer", None)
+        if self.clip_search is not None and not getattr(trainer, "sanity_checking", False):
+            c = self.config
+            x0, scored = self._scored(batch)
+            self.clip_search.record(model, x0, scored, block_size=c.block_size, mask_id=self.mask_id,
+                                    mask_kind=c.attention, shift=c.shift_logits, ignore_bos=c.ignore_bos,
+                                    granularity=c.noise_granularity, antithetic=c.antithetic)
         return {"nelbo": (total, count)}
+
+    def callbacks(self, run):
+        if not self.config.clip_search:
+            return []
+        from blocktrain.plugins.block_diffusion.clip_search import ClipSearch, ClipSearchCallback
+
+        c = self.config
+        self.clip_search = ClipSearch(c.eps_min, c.clip_search_widths, c.clip_search_delta, c.clip_search_batches)
+        return [ClipSearchCallback(self)]
 
     def evaluate(self, model, run):
         """The NELBO bound (nats/token) and its perplexity over the val split, with a fixed noise seed."""
@@ -279,8 +305,9 @@ class BlockDiffusionPlugin(Plugin):
 
     # -- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"mask_id": self.mask_id}
+        return {"mask_id": self.mask_id, "eps": list(self.eps)}
 
     def load_state_dict(self, state: dict) -> None:
         self.mask_id = state.get("mask_id", self.mask_id)
+        self.eps = tuple(state.get("eps", self.eps))
 
