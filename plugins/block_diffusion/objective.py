@@ -97,8 +97,8 @@ def block_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, *, block_size
         noised = torch.cat([noised[:, :1], noised[:, :-1]], dim=1)
     nll = -subs_log_probs(noised, mask_id).gather(-1, x0[..., None]).squeeze(-1)
     if weighting == "emrs":
-        per_block = lambda m: m.view(n, -1, block_size).sum(-1).float()  # noqa: E731
-        ratio = per_block(masked) / per_block(eligible).clamp(min=1)
+        block_sum = lambda m: m.view(n, -1, block_size).sum(-1).float()  # noqa: E731
+        ratio = block_sum(masked) / block_sum(eligible).clamp(min=1)
         weight = torch.where(ratio > 0, 1 / ratio.clamp(min=1e-12), 0).repeat_interleave(block_size, dim=1)
     else:
         weight = 1 / t.repeat_interleave(block_size, dim=1)
