@@ -79,7 +79,7 @@ def run_arm(arm, seed, chain, train, val, args):
     with torch.no_grad():
         if block:  # the 4-token prompt opens (or, at L' = 4, is) the first block; L'/2 passes per block
             out, stats = sample_blocks(model, prompt, num_blocks=args.seq_len // block - (block == 4),
-                                       block_size=block, mask_id=mask_id, strategy="low_confidence_static",
+                                       block_size=block, mask_id=mask_id, strategy=args.strategy,
                                        steps=block // 2, temperature=1.0, generator=sg)
             nfe = stats.nfe_per_token
         else:
@@ -107,6 +107,8 @@ def main():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--strategy", default="low_confidence_static", help="the diffusion arms' commit strategy "
+                   "(L'/2 passes per block; first_hitting: one token per pass, NFE = L)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     chain = MarkovChain(args.vocab, args.alpha, 0)
