@@ -79,7 +79,7 @@ def run_arm(arm, seed, chain, train, val, args):
     with torch.no_grad():
         if block:  # the 4-token prompt opens (or, at L' = 4, is) the first block; L'/2 passes per block
             out, stats = sample_blocks(model, prompt, num_blocks=args.seq_len // block - (block == 4),
-                                       block_size=block, mask_id=mask_id, strategy="low_confidence_static",
+                                       block_size=block, mask_id=mask_id, strategy=args.strategy,
                                        steps=block // 2, temperature=1.0, generator=sg)
             nfe = stats.nfe_per_token
         else:
@@ -106,10 +106,13 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--strategy", default="low_confidence_static", help="the diffusion arms' commit strategy "
+                   "(L'/2 passes per block; first_hitting: one token per pass, NFE = L)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     chain = MarkovChain(args.vocab, args.alpha, 0)
-    floor = chain.nll_floor(args.seq_len) * args.seq_len / (args.seq_len - 1)  # per scored token, first excluded
+    floor = chain.nll_floor(args.seq_len, skip_first=True)  # per scored token: tokens 1.. given token 0
     print(f"{describe_machine()}; steps {args.steps}, batch {args.batch}, L {args.seq_len}, V {args.vocab}, "
           f"d {args.hidden}, layers {args.layers}, lr {args.lr}; entropy rate {chain.entropy_rate:.4f} nats, "
           f"held-out NLL floor ~{floor:.4f} nats/token")

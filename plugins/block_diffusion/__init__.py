@@ -12,7 +12,7 @@ from blocktrain.trainer.plugin import lazy_exports
 _EXPORTS = {
     "add_mask_token": "objective", "block_diffusion_loss": "objective", "nelbo_sums": "objective",
     "two_stream_logits": "objective", "sample_t": "noise", "mask_tokens": "noise", "pbnc_concentration": "noise",
-    "sample_blocks": "sampler", "SampleStats": "sampler",
+    "sample_blocks": "sampler", "SampleStats": "sampler", "judge_nll": "sampler",
     "BlockDiffusionConfig": "plugin", "BlockDiffusionPlugin": "plugin",
 }
 __all__ = list(_EXPORTS)

@@ -55,3 +55,14 @@ def mask_tokens(x0: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor, block
     p = t.repeat_interleave(block_size, dim=1)
     masked = (torch.rand(x0.shape, device=x0.device, generator=generator) < p) & eligible
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+
+
+def clip_windows(eps: float, widths, delta: float) -> list[tuple[float, float]]:
+    """BD3-LM's candidate noise intervals for the clip search: the full ``[eps, 1]`` and, for every width w,
+    ``[a, a + w]`` with a = 0, delta, 2 delta, ... up to 1 - w (ends clamped to [eps, 1])."""
+    windows = [(eps, 1.0)]
+    for w in widths:
+        for i in range(int(round((1 - w) / delta)) + 1):
+            a = i * delta
+            windows.append((round(max(a, eps), 6), round(min(max(a + w, eps), 1.0), 6)))
+    return list(dict.fromkeys(windows))

@@ -81,10 +81,12 @@ def block_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, *, block_size
                          mask_kind: str = "bd3", shift: bool = False, scored: torch.Tensor | None = None,
                          weighting: str = "nominal", reduction: str = "tokens", ignore_bos: bool = True,
                          ar_weight: float = 0.0, generator: torch.Generator | None = None,
-                         block_first: bool = False) -> dict[str, torch.Tensor]:
+                         block_first: bool = False, per_block: bool = False) -> dict[str, torch.Tensor]:
     """Loss terms ``{"diffusion": ..., ["ar": ...]}`` for clean tokens ``x0 [N, L]`` at block noise levels
     ``t [N, L/block_size]``; ``scored`` marks the tokens to score (default all). ``block_first`` (with ``shift``)
-    adds ``"block_first"``: the AR head's NLL of each block's first token, which the diffusion term leaves out."""
+    adds ``"block_first"``: the AR head's NLL of each block's first token, which the diffusion term leaves out.
+    ``per_block`` adds ``"per_block"`` ``[N, L/block_size]``: each block's mean weighted token loss (no gradient),
+    whose variance the clip search minimises."""
     n, length = x0.shape
     check_lengths(length, block_size)
     scored = torch.ones_like(x0, dtype=torch.bool) if scored is None else scored.bool()
@@ -95,14 +97,16 @@ def block_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, *, block_size
         noised = torch.cat([noised[:, :1], noised[:, :-1]], dim=1)
     nll = -subs_log_probs(noised, mask_id).gather(-1, x0[..., None]).squeeze(-1)
     if weighting == "emrs":
-        per_block = lambda m: m.view(n, -1, block_size).sum(-1).float()  # noqa: E731
-        ratio = per_block(masked) / per_block(eligible).clamp(min=1)
+        block_sum = lambda m: m.view(n, -1, block_size).sum(-1).float()  # noqa: E731
+        ratio = block_sum(masked) / block_sum(eligible).clamp(min=1)
         weight = torch.where(ratio > 0, 1 / ratio.clamp(min=1e-12), 0).repeat_interleave(block_size, dim=1)
     else:
         weight = 1 / t.repeat_interleave(block_size, dim=1)
-    total = (nll.masked_fill(~masked, 0) * weight).sum()
+    token_loss = nll.masked_fill(~masked, 0) * weight
     denom = masked.sum() if reduction == "masked" else scored.sum()
-    terms = {"diffusion": total / denom.clamp(min=1)}
+    terms = {"diffusion": token_loss.sum() / denom.clamp(min=1)}
+    if per_block:
+        terms["per_block"] = token_loss.detach().view(n, -1, block_size).mean(-1)
     if ar_weight > 0:
         targets = x0[:, 1:].masked_fill(~scored[:, 1:], -100)
         terms["ar"] = ar_weight * F.cross_entropy(clean[:, :-1].float().flatten(0, 1), targets.flatten(),
@@ -120,7 +124,8 @@ def block_diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, *, block_size
 def nelbo_sums(model, x0: torch.Tensor, *, block_size: int, mask_id: int, mask_kind: str = "bd3",
                shift: bool = False, scored: torch.Tensor | None = None, ignore_bos: bool = True,
                generator: torch.Generator | None = None) -> tuple[float, int]:
-    """Summed NELBO (nats) of ``x0`` and the number of scored tokens: the reported bound, always with the uniform
+    """Summed NELBO (nats) of ``x0`` and the number of tokens it covers (scored ones, less the never-predicted
+    position 0 under ``ignore_bos`` or the shift): the reported bound, always with the uniform
     schedule on [1e-3, 1], nominal 1/t weights and one t per block, whatever the training objective (with the
     logit shift, each block's first token is scored by the AR head)."""
     from blocktrain.plugins.block_diffusion.noise import sample_t
@@ -131,5 +136,8 @@ def nelbo_sums(model, x0: torch.Tensor, *, block_size: int, mask_id: int, mask_k
     terms = block_diffusion_loss(model, x0, t, block_size=block_size, mask_id=mask_id, mask_kind=mask_kind,
                                  shift=shift, scored=scored, ignore_bos=ignore_bos, generator=generator,
                                  block_first=True)
-    count = int(scored.sum())
-    return float(sum(terms.values())) * count, count
+    denom = int(scored.sum())  # the loss's divisor
+    covered = scored.clone()  # the tokens the bound covers: position 0 is never predicted under ignore_bos or the shift
+    if ignore_bos or shift:
+        covered[:, 0] = False
+    return float(sum(terms.values())) * denom, int(covered.sum())

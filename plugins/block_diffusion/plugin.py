@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.plugin import Plugin, PluginConfig
@@ -26,7 +26,8 @@ CHOICES = {
     "weighting": ("nominal", "emrs"),
     "reduction": ("tokens", "masked"),
 }
-STRATEGIES = ("first_hitting", "sequential", "low_confidence_static", "low_confidence_dynamic")
+STRATEGIES = ("first_hitting", "ddpm", "sequential", "low_confidence_static", "low_confidence_dynamic",
+              "entropy_bounded", "confidence_threshold")
 
 
 def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -38,15 +39,18 @@ def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> Non
 class SamplerConfig:
     """``plugin.block_diffusion.sampler``: the `sample` stage."""
 
-    strategy: str = "first_hitting"  # first_hitting | sequential | low_confidence_static | low_confidence_dynamic
-    steps: Optional[int] = None  # forward passes per block (NFE per block); null = one per token
-    threshold: float = 0.9  # low_confidence_dynamic: commit every token at least this probable
+    strategy: str = "first_hitting"  # one of STRATEGIES (see sampler.py)
+    steps: Optional[int] = None  # forward passes per block (NFE per block; ddpm: time points); null = one per token
+    threshold: float = 0.9  # low_confidence_dynamic / confidence_threshold: commit every token at least this probable
+    entropy_bound: float = 0.35  # entropy_bounded: summed entropy (nats) of the tokens committed in one pass (SDAR)
+    sub_blocks: int = 1  # confidence_threshold: sub-blocks decoded left to right within a block (NBDiff)
     temperature: float = 0.0  # 0 = greedy
     kv_cache: bool = True
     num_samples: int = 4  # prompts taken from the val split (else train)
     prompt_blocks: int = 1  # leading blocks of each held-out sequence used as the prompt
     num_blocks: int = 8  # blocks generated after the prompt
     seed: int = 0
+    judge: Optional[Dict[str, Any]] = None  # Gen-PPL: an AR model node (as `model:`) that scores the samples
 
     def __post_init__(self):
         _choice(f"{KEY}.sampler", "strategy", self.strategy, STRATEGIES)
@@ -55,8 +59,9 @@ class SamplerConfig:
         for key in ("num_samples", "prompt_blocks", "num_blocks"):
             if getattr(self, key) < 1:
                 raise UserError(f"{KEY}.sampler.{key} must be >= 1, got {getattr(self, key)}")
-        if self.temperature < 0 or not 0 <= self.threshold <= 1:
-            raise UserError(f"{KEY}.sampler.temperature must be >= 0 and threshold in [0, 1]")
+        if self.temperature < 0 or not 0 <= self.threshold <= 1 or self.entropy_bound < 0 or self.sub_blocks < 1:
+            raise UserError(f"{KEY}.sampler.temperature and entropy_bound must be >= 0, threshold in [0, 1], "
+                            "sub_blocks >= 1")
 
 
 @dataclass
@@ -81,6 +86,10 @@ class BlockDiffusionConfig(PluginConfig):
     pbnc_c_start: float = 2.0  # PBNC concentration, ramped linearly ...
     pbnc_c_end: float = 50.0  # ... to this
     pbnc_ramp_steps: Optional[int] = None  # over this many steps; null = trainer.max_steps
+    clip_search: bool = False  # BD3-LM's data-driven clip: train on the val-variance-minimising interval
+    clip_search_widths: List[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    clip_search_delta: float = 0.05  # step between candidate interval starts
+    clip_search_batches: int = 8  # val batches per search (BD3-LM: 100)
     curriculum: List[int] = field(default_factory=list)  # NBDiff: block sizes trained before block_size, e.g. [1, 2]
     curriculum_steps: int = 100  # optimizer steps per curriculum block size
     eval_batches: Optional[int] = None  # evaluate: val batches in the NELBO bound; null = all
@@ -104,6 +113,10 @@ class BlockDiffusionConfig(PluginConfig):
                             "clean stream sees the rest of its block, so next-token prediction would leak the answer")
         if not 0 < self.pbnc_mu < 1 or self.pbnc_c_start <= 0 or self.pbnc_c_end <= 0:
             raise UserError(f"{KEY}.pbnc_mu must be in (0, 1) and pbnc_c_start/pbnc_c_end > 0")
+        if self.clip_search and (self.clip_search_batches < 1 or not 0 < self.clip_search_delta < 1
+                                 or any(not 0 < w <= 1 for w in self.clip_search_widths)):
+            raise UserError(f"{KEY}.clip_search needs clip_search_batches >= 1, clip_search_delta in (0, 1) and "
+                            "clip_search_widths in (0, 1]")
         if self.curriculum_steps < 1:
             raise UserError(f"{KEY}.curriculum_steps must be >= 1, got {self.curriculum_steps}")
         if isinstance(self.sampler, dict):
@@ -122,6 +135,8 @@ class BlockDiffusionPlugin(Plugin):
     def __init__(self, config: BlockDiffusionConfig):
         super().__init__(config)
         self.mask_id: int | None = None
+        self.eps = (config.eps_min, config.eps_max)  # the training interval (the clip search moves it)
+        self.clip_search = None
 
     # -- surgery -------------------------------------------------------------------------------
     def apply(self, model, run):
@@ -171,7 +186,7 @@ class BlockDiffusionPlugin(Plugin):
         x0, scored = self._scored(batch)
         ramp = c.pbnc_ramp_steps or (int(trainer.max_steps) if trainer is not None and trainer.max_steps > 0 else 1)
         t = sample_t(x0.shape[0], x0.shape[1] // block_size, granularity=c.noise_granularity,
-                     schedule=c.noise_schedule, eps_min=c.eps_min, eps_max=c.eps_max, antithetic=c.antithetic,
+                     schedule=c.noise_schedule, eps_min=self.eps[0], eps_max=self.eps[1], antithetic=c.antithetic,
                      beta_mu=c.pbnc_mu, beta_c=pbnc_concentration(step, ramp, c.pbnc_c_start, c.pbnc_c_end),
                      device=x0.device)
         return block_diffusion_loss(model, x0, t, block_size=block_size, mask_id=self.mask_id,
@@ -190,7 +205,23 @@ class BlockDiffusionPlugin(Plugin):
 
     def eval_sums(self, model, batch, run):
         total, count = self._nelbo(model, batch)
+        trainer = getattr(run, "trainer", None)
+        if self.clip_search is not None and not getattr(trainer, "sanity_checking", False):
+            c = self.config
+            x0, scored = self._scored(batch)
+            self.clip_search.record(model, x0, scored, block_size=c.block_size, mask_id=self.mask_id,
+                                    mask_kind=c.attention, shift=c.shift_logits, ignore_bos=c.ignore_bos,
+                                    granularity=c.noise_granularity, antithetic=c.antithetic)
         return {"nelbo": (total, count)}
+
+    def callbacks(self, run):
+        if not self.config.clip_search:
+            return []
+        from blocktrain.plugins.block_diffusion.clip_search import ClipSearch, ClipSearchCallback
+
+        c = self.config
+        self.clip_search = ClipSearch(c.eps_min, c.clip_search_widths, c.clip_search_delta, c.clip_search_batches)
+        return [ClipSearchCallback(self)]
 
     def evaluate(self, model, run):
         """The NELBO bound (nats/token) and its perplexity over the val split, with a fixed noise seed."""
@@ -210,8 +241,9 @@ class BlockDiffusionPlugin(Plugin):
             total, count = total + s, count + n
         nelbo = total / max(count, 1)
         out = {"block_diffusion/nelbo": nelbo, "block_diffusion/ppl_bound": math.exp(min(nelbo, 50.0))}
-        if "nll_floor" in run.data.info:  # a synthetic source with a known entropy rate
-            out["block_diffusion/nll_floor"] = float(run.data.info["nll_floor"])
+        if "nll_floor" in run.data.info:  # a synthetic source with a known entropy rate: the floor of the tokens scored
+            skip_first = self.config.ignore_bos or self.config.shift_logits
+            out["block_diffusion/nll_floor"] = float(run.data.info["nll_floor_after_first" if skip_first else "nll_floor"])
         return out
 
     # -- sampling ------------------------------------------------------------------------------
@@ -234,6 +266,7 @@ class BlockDiffusionPlugin(Plugin):
         tokens, stats = sample_blocks(model, prompt, num_blocks=s.num_blocks, block_size=c.block_size,
                                       mask_id=self.mask_id, mask_kind=c.attention, shift=c.shift_logits,
                                       steps=s.steps, strategy=s.strategy, threshold=s.threshold,
+                                      entropy_bound=s.entropy_bound, sub_blocks=s.sub_blocks,
                                       temperature=s.temperature, kv_cache=s.kv_cache, generator=generator)
         decode = self._decoder(run)
         table = Table(columns=["prompt", "sample"],
@@ -244,11 +277,22 @@ class BlockDiffusionPlugin(Plugin):
             "block_diffusion/nfe_per_token": stats.nfe_per_token,
             "block_diffusion/tokens_per_step": stats.per_row / max(stats.nfe, 1),
         }
+        if s.judge:
+            out.update(self._judge(tokens, prompt_len, device))
         score = getattr(source, "log_likelihood", None)  # a synthetic source that knows its true generator
         if score is not None:
             ll = score(tokens.cpu(), start=prompt_len)
             out["block_diffusion/sample_nll"] = float(-ll.sum() / (tokens.shape[0] * stats.per_row))
         return out
+
+    def _judge(self, tokens, prompt_len, device):
+        """Gen-PPL of the samples under the AR judge (e.g. the model before adaptation)."""
+        from blocktrain.plugins.block_diffusion.sampler import judge_nll
+        from blocktrain.trainer.sources.models import load_model
+
+        judge = load_model(dict(self.config.sampler.judge)).model.to(device).eval()
+        nll = float(judge_nll(judge, tokens, prompt_len).sum()) / (tokens.shape[0] * (tokens.shape[1] - prompt_len))
+        return {"block_diffusion/judge_nll": nll, "block_diffusion/gen_ppl": math.exp(min(nll, 50.0))}
 
     def _decoder(self, run):
         tokenizer = run.tokenizer
@@ -261,8 +305,9 @@ class BlockDiffusionPlugin(Plugin):
 
     # -- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"mask_id": self.mask_id}
+        return {"mask_id": self.mask_id, "eps": list(self.eps)}
 
     def load_state_dict(self, state: dict) -> None:
         self.mask_id = state.get("mask_id", self.mask_id)
+        self.eps = tuple(state.get("eps", self.eps))
 

@@ -18,6 +18,19 @@ def test_markov_entropy_rate_matches_sampled_nll():
     assert (counts - chain.pi.flatten()).abs().max() < 0.03
 
 
+def test_markov_floor_after_the_first_token():
+    """The floor of tokens 1.. given token 0 (what a model that never scores position 0 can reach) equals the
+    sampled NLL of those tokens; it is not the whole-sequence floor rescaled by L / (L - 1)."""
+    chain = MarkovChain(16, 0.1, seed=0)
+    x = chain.sample(4000, 8, torch.Generator().manual_seed(0))
+    first = chain.pi.sum(1)
+    second = chain.pi / first[:, None]  # p(x1 | x0)
+    nll = -(second[x[:, 0], x[:, 1]].log().sum() + chain.log_likelihood(x).sum()) / (4000 * 7)
+    floor = chain.nll_floor(8, skip_first=True)
+    assert abs(float(nll) - floor) < 0.02 * floor
+    assert floor < chain.nll_floor(8) * 8 / 7 - 0.2  # the rescaled whole-sequence floor counts token 0's entropy
+
+
 def test_markov_data_kind_through_build_datasets():
     data = build_datasets({"kind": "markov", "vocab_size": 8, "seq_len": 12, "num_train": 40, "num_val": 8,
                            "batch_size": 4}, seed=1)

@@ -33,9 +33,14 @@ class MarkovChain:
         self.entropy_rate = float(-(self.pi * plogp).sum())  # nats per token
         self.pair_entropy = float(-(self.pi * self.pi.clamp_min(1e-300).log()).sum())
 
-    def nll_floor(self, length: int) -> float:
-        """The expected NLL per token (nats) of a stationary sequence of ``length`` tokens under the chain."""
-        return (self.pair_entropy + (length - 2) * self.entropy_rate) / length
+    def nll_floor(self, length: int, skip_first: bool = False) -> float:
+        """The expected NLL per token (nats) of a stationary sequence of ``length`` tokens under the chain; with
+        ``skip_first``, of tokens 1.. given token 0 (what a model that never predicts the first token is scored on)."""
+        if not skip_first:
+            return (self.pair_entropy + (length - 2) * self.entropy_rate) / length
+        first = self.pi.sum(1)
+        first_entropy = float(-(first * first.clamp_min(1e-300).log()).sum())
+        return (self.pair_entropy - first_entropy + (length - 2) * self.entropy_rate) / (length - 1)
 
     def sample(self, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
         v = self.P.shape[0]
@@ -80,6 +85,7 @@ def build_markov(cfg, tokenizer, seed) -> Datasets:
     alphabet = ALPHABET[:cfg.vocab_size] if cfg.vocab_size <= len(ALPHABET) else ""
     info = {"seq_len": cfg.seq_len, "vocab_size": cfg.vocab_size, "entropy_rate": chain.entropy_rate,
             "nll_floor": chain.nll_floor(cfg.seq_len), "ppl_floor": math.exp(chain.nll_floor(cfg.seq_len)),
+            "nll_floor_after_first": chain.nll_floor(cfg.seq_len, skip_first=True),
             "alphabet": alphabet}
     return Datasets(train=MarkovTexts(train, chain), val=MarkovTexts(val, chain), collate_fn=None, info=info)
 

@@ -1,4 +1,6 @@
 """The block-diffusion objective's own checks: AR limits, weights, noise levels, a training step, bad input."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,11 +21,13 @@ def batch(n=3, vocab=39, seed=1):
 
 def test_block_size_one_at_t_one_is_ar_cross_entropy(llama):
     """BD3 mask, L' = 1, t = 1: every token but BOS masked; token i sees clean x_<i and its own mask token, so the
-    loss is the AR cross-entropy of predicting x_i from [x_<i, MASK], recomputed here prefix by prefix."""
+    loss is the AR cross-entropy of predicting x_i from [x_<i, MASK], recomputed here prefix by prefix. The
+    gradients agree too, so both train along the same loss curve from the same seed."""
     mask_id = add_mask_token(llama)
     x0 = batch()
     t = torch.ones(3, L)
     loss = block_diffusion_loss(llama, x0, t, block_size=1, mask_id=mask_id)["diffusion"]
+    grads = torch.autograd.grad(loss, list(llama.parameters()))
     total = 0.0
     for i in range(1, L):
         ids = torch.cat([x0[:, :i], torch.full((3, 1), mask_id)], 1)
@@ -31,6 +35,8 @@ def test_block_size_one_at_t_one_is_ar_cross_entropy(llama):
         logits[:, mask_id] = float("-inf")
         total = total + F.cross_entropy(logits, x0[:, i], reduction="sum")
     torch.testing.assert_close(loss, total / x0.numel(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, torch.autograd.grad(total / x0.numel(), list(llama.parameters()))):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_context_causal_clean_stream_is_the_causal_lm(llama):
@@ -134,3 +140,38 @@ def test_mask_token_added_and_bad_input(llama):
     with pytest.raises(UserError, match="mask_token_id"):
         add_mask_token(llama, reading="embedding")
     assert add_mask_token(llama, reading="embedding", mask_token_id=7) == 7
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_nelbo_is_per_predicted_token(llama, shift):
+    """A model that predicts every token uniformly has NELBO log V per token it predicts: position 0 (never
+    predicted under ignore_bos or the shift) is left out of the count, not averaged in as a free zero."""
+    from blocktrain.plugins.block_diffusion.objective import nelbo_sums
+
+    mask_id = add_mask_token(llama)
+    torch.nn.init.zeros_(llama.get_output_embeddings().weight)  # constant logits: uniform over the 40 real tokens
+    x0 = torch.randint(0, 40, (4000, L), generator=torch.Generator().manual_seed(0))
+    total, count = nelbo_sums(llama, x0, block_size=4, mask_id=mask_id, shift=shift,
+                              mask_kind="context_causal" if shift else "bd3", generator=torch.Generator().manual_seed(1))
+    assert count == 4000 * (L - 1)
+    assert abs(total / count - math.log(40)) < 0.03 * math.log(40)  # the old count was off by (L - 1) / L = 12.5%
+
+
+def test_noised_block_reads_the_earlier_clean_blocks_at_their_positions(llama):
+    """In the model as run, noised block 1 gets exactly the logits of a single-stream pass over [x_0 block 0 ;
+    x_t block 1] at positions 0..7 (so both streams carry positions 0..L-1 and M_OBC reaches block 0's clean
+    tokens), and changing block 0's clean tokens changes them."""
+    from blocktrain.plugins.block_diffusion.sampler import context_mask
+
+    mask_id = add_mask_token(llama)
+    x0 = batch()
+    xt = x0.clone()
+    xt[:, [1, 5, 6]] = mask_id
+    noised, _ = two_stream_logits(llama, xt, x0, 4, "bd3")
+    ids = torch.cat([x0[:, :4], xt[:, 4:]], 1)
+    single = llama(input_ids=ids, attention_mask=context_mask(L, 4, "bd3", "cpu")[None, None],
+                   position_ids=torch.arange(L)[None].expand(3, -1)).logits
+    torch.testing.assert_close(noised[:, 4:], single[:, 4:], rtol=1e-5, atol=1e-5)
+    x0b = x0.clone()
+    x0b[:, 0] = (x0b[:, 0] + 1) % 39
+    assert (two_stream_logits(llama, xt, x0b, 4, "bd3")[0][:, 4:] - noised[:, 4:]).abs().max() > 1e-3

@@ -138,5 +138,65 @@ def test_nbdiff_adapt_recipe_on_smollm2(tmp_path):
     metrics = read_metrics(run_dir)["metrics"]
     assert metrics["val/ppl"] < 200 and math.isfinite(metrics["block_diffusion/nelbo"])  # the AR head is kept
     assert metrics["block_diffusion/nfe_per_token"] <= 0.5 + 1e-9  # steps=4 passes for 8-token blocks
+    assert 1 < metrics["block_diffusion/gen_ppl"] < 1e4  # judged by the original SmolLM2
     (samples,) = (run_dir / "media").glob("block_diffusion_samples*")
     assert "<|mdm_mask|>" not in samples.read_text()
+
+
+def test_sample_stage_reports_gen_ppl_from_a_judge(tmp_path):
+    """The sample stage loads the judge from a model node and reports its Gen-PPL of the generated tokens (here
+    the judge is a saved copy of the sampled model, so the number can be recomputed), next to the exact NLL
+    under the synthetic chain."""
+    from blocktrain.plugins.block_diffusion.sampler import judge_nll, sample_blocks
+    from blocktrain.trainer.sources.scratch import MarkovChain, MarkovTexts
+
+    chain = MarkovChain(40, 0.5, 0)
+    val = MarkovTexts(chain.sample(4, 16, torch.Generator().manual_seed(0)), chain)
+    judge_dir = tmp_path / "judge"
+    tiny_llama(attn="sdpa").save_pretrained(judge_dir)
+    config = BlockDiffusionConfig(block_size=4, sampler=SamplerConfig(
+        strategy="low_confidence_static", steps=2, num_samples=2, num_blocks=2,
+        judge={"kind": "transformers", "id": str(judge_dir), "auto_class": "AutoModelForCausalLM", "processor": "none"}))
+    plugin = BlockDiffusionPlugin(config)
+    model = plugin.apply(tiny_llama(attn="sdpa"), run_ctx(16))
+    run = SimpleNamespace(data=SimpleNamespace(val=val, train=val, info={"seq_len": 16, "alphabet": ""}), tokenizer=None)
+    out = plugin.sample(model, run)
+    tokens, _ = sample_blocks(model, val.tokens[:2, :4], num_blocks=2, block_size=4, mask_id=plugin.mask_id,
+                              strategy="low_confidence_static", steps=2, generator=torch.Generator().manual_seed(0))
+    expected = float(judge_nll(tiny_llama(attn="sdpa"), tokens, 4).sum()) / 16
+    assert out["block_diffusion/judge_nll"] == pytest.approx(expected, rel=1e-4)
+    assert out["block_diffusion/gen_ppl"] == pytest.approx(math.exp(expected), rel=1e-4)
+    assert out["block_diffusion/sample_nll"] > 0
+
+
+def test_clip_search_moves_training_to_the_least_variance_interval():
+    """A model predicting uniformly has block loss (1/t) (masked / L') log V: its variance falls with t, so of
+    the candidates [0, w], ..., [1 - w, 1] (w = 0.5, 0.9; steps of 0.25) and [1e-3, 1] the search picks [0.5, 1]. The
+    callback moves the training interval there after validation (not after the sanity check), and the interval
+    survives a checkpoint."""
+    from blocktrain.plugins.block_diffusion.clip_search import ClipSearchCallback
+    from blocktrain.plugins.block_diffusion.noise import clip_windows
+
+    windows = clip_windows(1e-3, [0.5, 0.9], 0.25)
+    assert windows == [(1e-3, 1.0), (1e-3, 0.5), (0.25, 0.75), (0.5, 1.0), (1e-3, 0.9)]
+    plugin = BlockDiffusionPlugin(BlockDiffusionConfig(block_size=4, clip_search=True, clip_search_batches=2,
+                                                       clip_search_widths=[0.5, 0.9], clip_search_delta=0.25))
+    model = plugin.apply(tiny_llama(attn="sdpa"), run_ctx(8))
+    torch.nn.init.zeros_(model.get_output_embeddings().weight)
+    (callback,) = plugin.callbacks(run_ctx(8))
+    ctx = run_ctx(8)
+    ctx.trainer = SimpleNamespace(sanity_checking=False)
+    for seed in range(3):  # the third batch is past clip_search_batches
+        batch = {"input_ids": torch.randint(0, 40, (512, 8), generator=torch.Generator().manual_seed(seed))}
+        plugin.eval_sums(model, batch, ctx)
+    assert plugin.clip_search.batches == 2 and plugin.eps == (1e-3, 1.0)
+    logged = {}
+    callback.on_validation_epoch_end(SimpleNamespace(sanity_checking=True), None)
+    assert plugin.eps == (1e-3, 1.0)
+    callback.on_validation_epoch_end(SimpleNamespace(sanity_checking=False),
+                                     SimpleNamespace(log=lambda k, v: logged.__setitem__(k, v)))
+    assert plugin.eps == (0.5, 1.0) and logged == {"train/clip_eps_min": 0.5, "train/clip_eps_max": 1.0}
+    assert plugin.clip_search.batches == 0  # a new search starts with the next validation
+    again = BlockDiffusionPlugin(BlockDiffusionConfig(block_size=4, clip_search=True))
+    again.load_state_dict(plugin.state_dict())
+    assert again.eps == (0.5, 1.0)
