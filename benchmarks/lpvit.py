@@ -125,7 +125,8 @@ def quality(args) -> None:
     before_of: dict = {}  # the magnitude arms do not depend on the seed
     for seed in args.seeds:
         calib = calibration_batches(data, args.calib, args.batch, seed=2 * seed)
-        tune = calibration_batches(data, args.finetune_steps * args.batch, args.batch, seed=2 * seed + 1)
+        tune = calibration_batches(data, args.finetune_steps * args.batch, args.batch, seed=2 * seed + 1) \
+            if args.finetune_steps else []
         sums, shapes = gradient_statistic(dense, names, calib)
         grads = {n: sums[n] / len(calib) for n in names}
         arms = {arm: masks_from_gradients(dense, grads, shapes, s)[0] for arm, s in settings.items()} | magnitude
@@ -144,7 +145,7 @@ def quality(args) -> None:
                 model(**batch).loss.backward()
                 opt.step()
             model.eval()
-            after = perplexity(model, held_out, batch_size=8)["ppl"]
+            after = perplexity(model, held_out, batch_size=8)["ppl"] if tune else before
             print(f"| {seed} | {arm} | {kept:.3f} | {before:.4g} | {after:.4g} |", flush=True)
 
 
