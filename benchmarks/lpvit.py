@@ -94,7 +94,7 @@ def quality(args) -> None:
     import copy
     import time
 
-    from blocktrain.plugins.lpvit.pruner import LPViTSettings, lpvit_prune
+    from blocktrain.plugins.lpvit.pruner import LPViTSettings, gradient_statistic, masks_from_gradients
     from blocktrain.trainer.compression.calibration import calibration_batches
     from blocktrain.trainer.compression.evaluation import perplexity
     from blocktrain.trainer.compression.fixed_masks import attach_masks, find_weight_layers, mask_optimizer
@@ -115,18 +115,28 @@ def quality(args) -> None:
           f"(Q4_1-dequantized), {len(names)} Linears at {args.flops} of their FLOPs, 32x32 blocks, seq_len "
           f"{args.seq_len}, {args.calib} calibration windows, {args.finetune_steps} fine-tune steps of "
           f"{args.batch} windows, {args.eval_windows} held-out windows\n")
-    print("| seed | arm | ppl after pruning | ppl after fine-tune |\n|---:|---|---:|---:|")
-    print(f"| - | dense | {perplexity(dense, held_out, batch_size=8)['ppl']:.2f} | - |", flush=True)
+    print("| seed | arm | FLOPs kept | ppl after pruning | ppl after fine-tune |\n|---:|---|---:|---:|---:|")
+    print(f"| - | dense | 1 | {perplexity(dense, held_out, batch_size=8)['ppl']:.4g} | - |", flush=True)
+    settings = {"LPViT (as coded)": LPViTSettings(flops=args.flops, block=block),
+                "LPViT (exact stencil, lagrangian, no power)": LPViTSettings(
+                    flops=args.flops, block=block, faithful=False, select="lagrangian", power=False)}
+    magnitude = {"uniform": uniform_masks(dense, names, 1 - args.flops, block),
+                 "global magnitude": global_masks(dense, names, args.flops, block)}
+    before_of: dict = {}  # the magnitude arms do not depend on the seed
     for seed in args.seeds:
         calib = calibration_batches(data, args.calib, args.batch, seed=2 * seed)
-        tune = calibration_batches(data, args.finetune_steps * args.batch, args.batch, seed=2 * seed + 1)
-        arms = {"LPViT": lambda m: lpvit_prune(m, calib, LPViTSettings(flops=args.flops, block=block), names)[0],
-                "uniform": lambda m: uniform_masks(m, names, 1 - args.flops, block),
-                "global magnitude": lambda m: global_masks(m, names, args.flops, block)}
-        for arm, masks_of in arms.items():
+        tune = calibration_batches(data, args.finetune_steps * args.batch, args.batch, seed=2 * seed + 1) \
+            if args.finetune_steps else []
+        sums, shapes = gradient_statistic(dense, names, calib)
+        grads = {n: sums[n] / len(calib) for n in names}
+        arms = {arm: masks_from_gradients(dense, grads, shapes, s)[0] for arm, s in settings.items()} | magnitude
+        for arm, masks in arms.items():
             model = copy.deepcopy(dense)
-            attach_masks(model, masks_of(model))
-            before = perplexity(model, held_out, batch_size=8)["ppl"]
+            attach_masks(model, masks)
+            kept = sum(float(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+            if arm not in before_of:
+                before_of[arm] = perplexity(model, held_out, batch_size=8)["ppl"]
+            before = before_of.pop(arm) if arm in settings else before_of[arm]
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
             mask_optimizer(model, opt)
@@ -135,8 +145,8 @@ def quality(args) -> None:
                 model(**batch).loss.backward()
                 opt.step()
             model.eval()
-            after = perplexity(model, held_out, batch_size=8)["ppl"]
-            print(f"| {seed} | {arm} | {before:.2f} | {after:.2f} |", flush=True)
+            after = perplexity(model, held_out, batch_size=8)["ppl"] if tune else before
+            print(f"| {seed} | {arm} | {kept:.3f} | {before:.4g} | {after:.4g} |", flush=True)
 
 
 def main() -> None:

@@ -115,14 +115,20 @@ def ema_smooth(values: torch.Tensor, weight: float) -> torch.Tensor:
     return out
 
 
-def derivative(xs: torch.Tensor, ys: torch.Tensor, h: int) -> torch.Tensor:
+def derivative(xs: torch.Tensor, ys: torch.Tensor, h: int, exact: bool = False) -> torch.Tensor:
     """The code's ``derivative_approx``: len(xs) − 1 values; at i, step h_i = min(h, i, n − i − 1) and the 5-point
     stencil (−y[i+h_i] + 8y[i+⌊h_i/2⌋] − 8y[i−⌊h_i/2⌋] + y[i−h_i]) / (6(x[i+h_i] − x[i])); one-sided or central
-    differences where h_i < 2. (An odd h_i, near the ends, makes the stencil inexact — as coded.)"""
+    differences where h_i < 2.
+
+    As coded, an odd h_i (i = 3, 5, … and their mirrors near a = 1) makes the stencil inexact: on a straight line it
+    returns (16⌊h_i/2⌋ − 2h_i)/(6h_i) of the slope, 0.56 at h_i = 3. ``exact`` rounds an odd h_i down to even, which
+    gives the true 5-point stencil with step h_i/2."""
     x, y, n = xs.tolist(), ys.tolist(), len(xs)
     out = []
     for i in range(n - 1):
         k = min(h, i, n - i - 1)
+        if exact and k > 2 and k % 2:
+            k -= 1
         if k < 2 and i < 2:
             out.append((y[i + 1] - y[i]) / (x[i + 1] - x[i]))
         elif k < 2:
@@ -133,9 +139,10 @@ def derivative(xs: torch.Tensor, ys: torch.Tensor, h: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def auto_beta(amounts: torch.Tensor, distortions: list[torch.Tensor], powers: list[torch.Tensor]) -> float:
+def auto_beta(amounts: torch.Tensor, distortions: list[torch.Tensor], powers: list[torch.Tensor],
+              exact: bool = False) -> float:
     """β = mean over layers of max dδ/da ÷ mean over layers of max dP/da (derivatives with h = 10, as coded);
     0 when no layer has a power cost (every input narrower than 16)."""
-    dist = sum(float(derivative(amounts, d, 10).max()) for d in distortions) / len(distortions)
-    power = sum(float(derivative(amounts, p, 10).max()) for p in powers) / len(powers)
+    dist = sum(float(derivative(amounts, d, 10, exact).max()) for d in distortions) / len(distortions)
+    power = sum(float(derivative(amounts, p, 10, exact).max()) for p in powers) / len(powers)
     return dist / power if power > 0 else 0.0

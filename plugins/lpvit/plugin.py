@@ -43,8 +43,9 @@ class LPViTConfig(PluginConfig):
     grid: int = 100  # amounts 0, 1/grid, ..., 1
     tolerance: float = 0.02  # the bisection stops within this of the budget
     max_iters: int = 40
-    faithful: bool = True  # the code's + beta*P and incremental second-order update; false: - beta*P, closed form
+    faithful: bool = True  # the code's + beta*P, incremental 2nd-order update, inexact odd-step stencil; false: fixed
     normalize: bool = True  # bisect on slopes in units of the median layer's largest derivative; false: as coded
+    select: str = "slope"  # slope: argmin |C'(a) - slope| (as coded) | lagrangian: argmin C(a) - slope * a
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=2000, batch_size=64))
     save_every_s: float = 300.0  # resumable state written at most this often (and on Ctrl-C, and at the end)
     export_block_sparse: bool = False  # export also a model whose pruned Linears run block_sparse_linear
@@ -58,6 +59,8 @@ class LPViTConfig(PluginConfig):
             raise UserError(f"{_WHERE}.block must be two positive sizes [rows, cols], got {list(self.block)}")
         if self.ranking not in ("taylor", "l1"):
             raise UserError(f"{_WHERE}.ranking must be taylor or l1, got {self.ranking!r}")
+        if self.select not in ("slope", "lagrangian"):
+            raise UserError(f"{_WHERE}.select must be slope or lagrangian, got {self.select!r}")
         if self.smooth is not None and not 0.0 <= self.smooth < 1.0:
             raise UserError(f"{_WHERE}.smooth must be in [0, 1) or null, got {self.smooth}")
         if not 0.0 <= self.min_density < 1.0:

@@ -37,8 +37,10 @@ class LPViTSettings:
     grid: int = 100  # amounts 0, 1/grid, ..., 1 (the code's maxdeadzones)
     tolerance: float = 0.02  # bisection stops when |FLOPs kept - flops| <= tolerance
     max_iters: int = 40
-    faithful: bool = True  # the code's + β·P and incremental second-order update; False: - β·P and the closed form
+    faithful: bool = True  # the code's + β·P, incremental second-order update and inexact odd-step stencil; False:
+    #                        - β·P, the closed form and the exact 5-point stencil
     normalize: bool = True  # bisect on slopes in units of the median layer's largest derivative (False: as coded)
+    select: str = "slope"  # slope: argmin_a |C'(a) - λ| (as coded) | lagrangian: argmin_a C(a) - λ·a
 
 
 @dataclass
@@ -152,6 +154,13 @@ def _amounts_at(slopes: list[torch.Tensor], amounts: torch.Tensor, slope: float,
     return [min(cap, float(amounts[i])) for i in picks]
 
 
+def _lagrangian_amounts(costs: list[torch.Tensor], amounts: torch.Tensor, slope: float, cap: float) -> list[float]:
+    """Each layer's amount minimising C(a) − slope·a (first on ties), capped at ``cap`` (the line the code has
+    commented out in ``pareto_condition``). On a convex curve it is where the slope crosses ``slope``; on any curve it
+    never decreases as ``slope`` grows, so the bisection's FLOPs are monotone."""
+    return [min(cap, float(amounts[int(torch.argmin(c - slope * amounts))])) for c in costs]
+
+
 def flops_ratio(stats: dict[str, LayerStats], amounts: dict[str, float]) -> float:
     """FLOPs of the pruned layers kept at ``amounts``, over their dense FLOPs."""
     return sum(st.flops(amounts[n]) for n, st in stats.items()) / sum(st.flops(0.0) for st in stats.values())
@@ -169,13 +178,18 @@ def allocate(costs: dict[str, torch.Tensor], stats: dict[str, LayerStats], s: LP
     names = list(costs)
     amounts_grid = torch.arange(s.grid + 1, dtype=torch.float64) / s.grid
     cap = 1 - min(s.min_density, (1 - s.flops) / 2)
-    slopes = [C.derivative(amounts_grid, costs[n], s.h) for n in names]
+    slopes = [C.derivative(amounts_grid, costs[n], s.h, exact=not s.faithful) for n in names]
     peaks = sorted(float(d.max()) for d in slopes)
     scale = peaks[len(peaks) // 2] if s.normalize and peaks[len(peaks) // 2] > 0 else 1.0
     slopes = [d / scale for d in slopes]
+    scaled = [costs[n] / scale for n in names]
 
     def kept(slope_log2: float) -> tuple[float, dict]:
-        amounts = dict(zip(names, _amounts_at(slopes, amounts_grid, 2.0 ** slope_log2, cap)))
+        if s.select == "lagrangian":
+            picks = _lagrangian_amounts(scaled, amounts_grid, 2.0 ** slope_log2, cap)
+        else:
+            picks = _amounts_at(slopes, amounts_grid, 2.0 ** slope_log2, cap)
+        amounts = dict(zip(names, picks))
         return flops_ratio(stats, amounts), amounts
 
     lo, hi = -100.0, 100.0
@@ -237,7 +251,7 @@ def build_costs(model: nn.Module, grads: dict[str, torch.Tensor], shapes: dict[s
         power[name] = C.power_curve(weight.numel(), s.block, width, s.grid)
     dist = {n: d.cpu() for n, d in dist.items()}
     amounts = torch.arange(s.grid + 1, dtype=torch.float64) / s.grid
-    beta = C.auto_beta(amounts, list(dist.values()), list(power.values())) if s.power else 0.0
+    beta = C.auto_beta(amounts, list(dist.values()), list(power.values()), exact=not s.faithful) if s.power else 0.0
     sign = 1.0 if s.faithful else -1.0
     total = {n: dist[n] + sign * beta * power[n] for n in dist}
     return stats, {"distortion": dist, "power": power, "beta": beta, "total": total}

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from blocktrain.plugins.lpvit import curves as C
-from blocktrain.plugins.lpvit.pruner import (LayerStats, LPViTSettings, allocate, build_costs, flops_ratio,
-                                            gradient_statistic, lpvit_prune)
+from blocktrain.plugins.lpvit.pruner import (LayerStats, LPViTSettings, _lagrangian_amounts, allocate, build_costs,
+                                            flops_ratio, gradient_statistic, lpvit_prune)
 from blocktrain.trainer.compression.fixed_masks import attach_masks, find_weight_layers, mask_optimizer
 from tests.pruning.conftest import tiny_llama, token_batches
 
@@ -177,6 +177,46 @@ def test_equal_slope_allocation_reaches_the_budget(flops):
     assert values == sorted(values, reverse=True) and values[0] > values[-1]
 
 
+def test_exact_stencil_is_exact_on_lines_and_the_coded_one_is_not():
+    amounts = torch.arange(101, dtype=torch.float64) / 100
+    line = 7.0 * amounts
+    exact = C.derivative(amounts, line, 4, exact=True)
+    torch.testing.assert_close(exact, torch.full_like(exact, 7.0))
+    coded = C.derivative(amounts, line, 4)
+    assert coded[3] == pytest.approx(7.0 * 10 / 18) and coded[97] == pytest.approx(7.0 * 10 / 18)  # h_i = 3
+    assert coded[50] == pytest.approx(7.0)
+
+
+@pytest.mark.parametrize("select", ["slope", "lagrangian"])
+def test_convex_curves_with_a_linear_term_get_interior_amounts_at_equal_slopes(select):
+    """Two layers of equal FLOPs, C = c·a² + 20a (a power-like linear term): equal slopes 2c₁a₁ = 2c₂a₂ with
+    a₁ + a₂ = 1 give a₁ = c₂/(c₁ + c₂). The coded stencil reads 0.56 of the slope at a = 0.03 and 0.97, which
+    below 20 are the smallest derivatives, so it returns the extremes (0.95 and 0.03)."""
+    amounts_grid = torch.arange(101, dtype=torch.float64) / 100
+    stats = {n: LayerStats(None, torch.arange(100), torch.full((100,), 64), 1, 64, 0) for n in "xy"}
+    costs = {"x": 1.0 * amounts_grid ** 2 + 20 * amounts_grid, "y": 3.0 * amounts_grid ** 2 + 20 * amounts_grid}
+    amounts, slope = allocate(costs, stats, LPViTSettings(flops=0.5, tolerance=0.005, faithful=False, select=select))
+    assert amounts == pytest.approx({"x": 0.75, "y": 0.25}, abs=0.011)
+    assert 2 * 1.0 * amounts["x"] == pytest.approx(2 * 3.0 * amounts["y"], abs=0.07)  # the curves' slopes agree
+    if select == "slope":
+        coded, _ = allocate(costs, stats, LPViTSettings(flops=0.5, tolerance=0.005, faithful=True))
+        assert coded == {"x": 0.95, "y": 0.03}
+
+
+def test_lagrangian_selection_is_monotone_on_noisy_curves():
+    stats, costs = synthetic()
+    gen = torch.Generator().manual_seed(0)
+    noisy = {n: c + 0.02 * torch.randn(c.shape, generator=gen, dtype=torch.float64) for n, c in costs.items()}
+    s = LPViTSettings(flops=0.5, tolerance=0.01, select="lagrangian", faithful=False)
+    amounts, _ = allocate(noisy, stats, s)
+    assert abs(flops_ratio(stats, amounts) - 0.5) <= 0.01
+    grid = torch.arange(101, dtype=torch.float64) / 100
+    picks = [_lagrangian_amounts(list(noisy.values()), grid, 2.0 ** e, 0.95) for e in torch.linspace(-4, 4, 33)]
+    for layer in range(len(noisy)):
+        column = [p[layer] for p in picks]
+        assert column == sorted(column) and column[0] < column[-1]
+
+
 def test_min_density_cap_holds():
     stats, costs = synthetic()
     s = LPViTSettings(flops=0.02, min_density=0.3)
@@ -193,10 +233,13 @@ def test_faithful_switches_change_only_the_documented_quirks(pruned):
     model, batches, names, _, _, _ = pruned
     sums, shapes = gradient_statistic(model, names, batches)
     grads = {n: sums[n] / len(batches) for n in names}
-    # power sign only (no second-order term): the distortion is the same, the power term flips
+    # power sign and stencil only (no second-order term): the distortion is the same, the power term flips
     a = build_costs(model, grads, shapes, LPViTSettings(block=(8, 8), second_order=False, faithful=True))[1]
     b = build_costs(model, grads, shapes, LPViTSettings(block=(8, 8), second_order=False, faithful=False))[1]
-    assert a["beta"] == b["beta"] > 0
+    grid = torch.arange(101, dtype=torch.float64) / 100
+    dists, powers = list(a["distortion"].values()), list(a["power"].values())
+    assert a["beta"] == C.auto_beta(grid, dists, powers) > 0  # β differs only by the stencil
+    assert b["beta"] == C.auto_beta(grid, dists, powers, exact=True) > 0
     for n in names:
         torch.testing.assert_close(a["distortion"][n], b["distortion"][n])
         torch.testing.assert_close(a["total"][n], a["distortion"][n] + a["beta"] * a["power"][n])

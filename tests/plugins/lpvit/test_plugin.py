@@ -136,3 +136,7 @@ def test_deit_recipe_composes_with_the_cli():
     assert "name: deit_small_patch16_224" in result.stdout and "block:\n    - 16\n    - 16" in result.stdout
     cfg = load_config(["recipe=lpvit_deit_s", "data.path=/data/train"])
     assert validate_config(cfg)["lpvit"].exclude == []
+    base = train("recipe=lpvit_deit_b", "data.path=/data/imagenet/train", "--cfg", "job")
+    assert base.returncode == 0, base.stderr[-2000:]
+    assert "name: deit_base_patch16_224" in base.stdout and "block:\n    - 32\n    - 32" in base.stdout
+    assert "lr: 0.000125" in base.stdout and "max_epochs: 300" in base.stdout
