@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,17 +26,20 @@ ARMS = ("h4g", "hyperbolic", "euclidean")
 
 def run_one(recipe: str, arm: str, seed: int, extra: list[str], root: Path) -> dict:
     run_dir = root / f"{arm}-{seed}"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "blocktrain.trainer.cli", f"recipe={recipe}", f"plugin.h4g.geometry={arm}",
-                           f"seed={seed}", f"run_dir={run_dir}", "logger=csv", "trainer.enable_progress_bar=false",
-                           *extra], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, sys.executable, "-m", "blocktrain.trainer.cli",
+                           f"recipe={recipe}", f"plugin.h4g.geometry={arm}", f"seed={seed}", f"run_dir={run_dir}",
+                           "logger=csv", "trainer.enable_progress_bar=false", *extra], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {**metrics, "wall_s": wall, "peak_rss_gb": max(rss, before) / 2**20}
+    return {**metrics, "wall_s": wall, "peak_rss_gb": int(proc.stdout.strip().splitlines()[-1]) / 2**20}
+
+
+# runs its arguments as a child and prints that child's peak RSS (KiB): one number per run, not the running maximum
+_MEASURED = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
 
 
 def summary(values: list[float]) -> str:
