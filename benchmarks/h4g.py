@@ -3,6 +3,7 @@
     python benchmarks/h4g.py                                   # h4g_synthetic, seeds 0-4, the three arms
     python benchmarks/h4g.py --recipe h4g_zeroshot --seeds 0 1 2
     python benchmarks/h4g.py --set trainer.max_steps=100 data.synthetic_nodes=200
+    python benchmarks/h4g.py --recipe h4g_zeroshot --set data.debian_max_nodes=2000 --log runs.jsonl
 
 Each run is its own `train` process (the text features are cached across runs, so every arm sees identical
 inputs). Prints, per arm, mean ± sd over seeds of zero-shot accuracy and macro-F1 (heterophilic / homophilic
@@ -54,12 +55,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
+    parser.add_argument("--log", type=Path, help="append every run's metrics here as one JSON line (partial sweeps survive)")
     args = parser.parse_args()
     results = {arm: [] for arm in args.arms}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:  # arms interleaved, so machine load drifts hit all of them alike
             for arm in args.arms:
                 results[arm].append(run_one(args.recipe, arm, seed, args.set, Path(tmp)))
+                if args.log is not None:
+                    with open(args.log, "a") as f:
+                        f.write(json.dumps({"arm": arm, "seed": seed, **results[arm][-1]}) + "\n")
                 print(f"done: {arm} seed {seed}", file=sys.stderr)
     keys = sorted({k for runs in results.values() for r in runs for k in r
                    if k.startswith(("zeroshot/", "radius/")) and not k.endswith("labels_mean")})
