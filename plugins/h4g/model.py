@@ -19,10 +19,12 @@ from blocktrain.kernels.poincare import block_mobius_matvec, dist, expmap0, logm
 class EgoNeighbourGNN(nn.Module):
     """GraphSAGE/GCN layers that keep the ego and the neighbour aggregate apart (H2GCN's separation): each
     layer gives cat(W_ego·h, AGG(h over neighbours, no self-loops)); the output combines the input projection
-    and every layer's output (cat, then a linear map), so heterophilic neighbourhoods do not wash out the ego."""
+    and every layer's output (cat, then a linear map), so heterophilic neighbourhoods do not wash out the ego.
+    With ``skip`` the output is the node's own input features plus that map, initialised to zero: the encoder starts
+    as the identity on the ego's text features and learns a correction, instead of squeezing them through ``hidden``."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int = 2, conv: str = "sage",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, skip: bool = False):
         from torch_geometric.nn import GCNConv, SAGEConv
 
         super().__init__()
@@ -32,7 +34,12 @@ class EgoNeighbourGNN(nn.Module):
             SAGEConv(hidden * (1 if i == 0 else 2), hidden, aggr="mean", root_weight=False) if conv == "sage"
             else GCNConv(hidden * (1 if i == 0 else 2), hidden, add_self_loops=False) for i in range(layers))
         self.out = nn.Linear(hidden * (1 + 2 * layers), out_dim)
-        self.dropout = dropout
+        self.dropout, self.skip = dropout, skip
+        if skip:
+            if in_dim != out_dim:
+                raise ValueError(f"an ego skip needs the output dim {out_dim} to equal the input dim {in_dim}")
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.inp(x))
@@ -41,7 +48,8 @@ class EgoNeighbourGNN(nn.Module):
             h = F.dropout(h, self.dropout, self.training)
             h = F.relu(torch.cat([ego(h), nbr(h, edge_index)], dim=-1))
             parts.append(h)
-        return self.out(torch.cat(parts, dim=-1))
+        out = self.out(torch.cat(parts, dim=-1))
+        return x + out if self.skip else out
 
 
 class MobiusBlockScaling(nn.Module):
@@ -75,7 +83,7 @@ class H4GModel(nn.Module):
                  conv: str = "sage", dropout: float = 0.0, geometry: str = "h4g", similarity: str = "distance",
                  c: float = 1.0, groups: int = 4, block_form: str = "full", init_scale: float = 0.5,
                  scale_texts: bool = False, text_head: bool = False, temperature: float = 0.1,
-                 learn_temperature: bool = True, max_length: int = 128):
+                 learn_temperature: bool = True, max_length: int = 128, ego_skip: bool = True):
         super().__init__()
         self.text_encoder, self.tokenizer, self.max_length = text_encoder, tokenizer, max_length
         self.text_encoder.requires_grad_(False)
@@ -86,7 +94,7 @@ class H4GModel(nn.Module):
         dim = dim or text_dim
         if not text_head and dim != text_dim:
             raise ValueError(f"without a text head the embedding dim is the text encoder's width {text_dim}, not {dim}")
-        self.graph_encoder = EgoNeighbourGNN(text_dim, hidden, dim, layers, conv, dropout)
+        self.graph_encoder = EgoNeighbourGNN(text_dim, hidden, dim, layers, conv, dropout, ego_skip and not text_head)
         self.text_head = (nn.Sequential(nn.Linear(text_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim)) if text_head
                           else nn.Identity())  # Identity: the pretrained text space itself, which the graph side aligns to
         self.geometry, self.similarity, self.c, self.scale_texts = geometry, similarity, c, scale_texts

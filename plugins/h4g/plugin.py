@@ -34,6 +34,7 @@ class H4GConfig(PluginConfig):
     scale_texts: bool = False  # apply M to the text embeddings too
     text_head: bool = False  # false: texts keep the frozen encoder's space (GraphCLIP-style) | true: a trainable MLP
     dim: Optional[int] = None  # embedding dimension in the ball; null = the text encoder's width (required without text_head)
+    ego_skip: bool = True  # graph encoder output = own text features + a learned correction (zero at init); no text head
     hidden: int = 64
     layers: int = 2
     conv: str = "sage"  # neighbour aggregation: sage (mean) | gcn (symmetric-normalised)

@@ -185,3 +185,16 @@ def test_sample_nodes_reaches_exactly_the_k_hop_neighbourhood():
     assert sorted(sample_nodes(rowptr, col, torch.tensor([2]), [-1]).tolist()) == [1, 2, 3]
     got = sample_nodes(rowptr, col, torch.tensor([2, 0]), [1, 1], torch.Generator().manual_seed(0))
     assert got[:2].tolist() == [2, 0] and len(got) <= 6 and set(got.tolist()) <= {0, 1, 2, 3, 4}
+
+
+def test_synthetic_graphs_do_not_depend_on_the_hash_seed():
+    """The same graph_seed must give the same graphs in every process (a set's order follows PYTHONHASHSEED)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from blocktrain.trainer.graph.synthetic import synthetic_tags\n"
+            "s, t = synthetic_tags(0.5, [0.1], 20, 2, 200, 5, seed=3)\nprint(s.texts[:3], t[0].label_names)")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)}
+    assert len(outs) == 1

@@ -56,6 +56,7 @@ class TagZeroShotTaskConfig:
     """Graph–text InfoNCE on the source graph; zero-shot node classification of the targets from label texts."""
 
     kind: str = "tag_zero_shot"
+    align: str = field(default="node_text", metadata=choices("node_text", "label_text"))  # the source's alignment target
     prompt: str = "{}"  # template around each label text, e.g. "packages for {}"
     text_batch_size: int = field(default=256, metadata=POSITIVE)  # texts per text-encoder call
     radius_quantile: float = field(default=0.95, metadata=_UNIT)  # logged with the mean radius

@@ -24,7 +24,8 @@ def pseudo_words(n: int, rng: np.random.Generator) -> list[str]:
     words: set[str] = set()
     while len(words) < n:
         words.add("".join(rng.choice(list(_CONSONANTS)) + rng.choice(list(_VOWELS)) for _ in range(3)))
-    return sorted(words, key=lambda w: rng.random())
+    ordered = sorted(words)  # a set's order follows PYTHONHASHSEED; the draw must follow the seed alone
+    return [ordered[i] for i in rng.permutation(n)]
 
 
 def synthetic_tags(homophily_source: float, homophily_targets: list[float], num_nodes: int = 300,

@@ -1,5 +1,9 @@
-"""Task kind ``tag_zero_shot``: graph–text InfoNCE on the source graph; zero-shot node classification of
+"""Task kind ``tag_zero_shot``: graph–text alignment on the source graph; zero-shot node classification of
 the target graphs from label-text prompts.
+
+Alignment (``align``): ``node_text`` is symmetric InfoNCE between each node and its own text (GraphCLIP-style
+pairs); ``label_text`` is cross-entropy of each node against the source's label prompts (ZeroG-style). When the
+node's own text is also its input feature, ``node_text`` is solved by ignoring the graph.
 
 The model is a *TAG model* (e.g. ``plugins/h4g``'s ``H4GModel``), with:
 
@@ -77,8 +81,10 @@ class TagZeroShotTask(Task):
         sub = batch[0]  # the source graph's subgraph
         n = sub.batch_size
         z = model.embed_nodes(sub)[:n]
-        t = model.embed_texts(sub.x[:n])
-        return info_nce(model.logits(z, t))
+        if self.config.align == "label_text":  # each node against its class's prompt among the source's classes
+            labels = model.embed_texts(self.graphs[0].label_x.to(z.device))
+            return F.cross_entropy(model.logits(z, labels), sub.y[:n])
+        return info_nce(model.logits(z, model.embed_texts(sub.x[:n])))
 
     def eval_sums(self, model, batch) -> dict[str, tuple[float, int]]:
         sums: dict[str, tuple[float, int]] = {}

@@ -70,10 +70,10 @@ def test_arms(tiny_bert):
     assert torch.allclose(radius(h4g.embed_nodes(data)), 0.5 * radius(hyp.embed_nodes(data)), atol=1e-5)
 
 
-def _align(tiny_bert, data, steps, seed=0):
+def _align(tiny_bert, data, steps, seed=0, align="node_text", **kw):
     torch.manual_seed(seed)
-    model = _model(tiny_bert)
-    task = TagZeroShotTask(TagZeroShotTaskConfig(feature_cache=None), data.info)
+    model = _model(tiny_bert, **kw)
+    task = TagZeroShotTask(TagZeroShotTaskConfig(feature_cache=None, align=align), data.info)
     task.setup(model, _Run(data))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -91,15 +91,54 @@ def _align(tiny_bert, data, steps, seed=0):
 
 
 def test_alignment_lowers_info_nce(tiny_bert):
-    """InfoNCE over all 64 source nodes at once, before and after 30 steps on batches of 16."""
+    """InfoNCE over all 64 source nodes at once, before and after 60 steps on batches of 16 (an encoder without
+    the ego skip, so it starts near-uniform)."""
     data = _data()
-    before, task, _ = _align(tiny_bert, data, steps=0)
+    before, task, _ = _align(tiny_bert, data, steps=0, ego_skip=False)
     whole = data.collate_fn(data.train.items)  # after setup: with the text features
-    after, _, _ = _align(tiny_bert, data, steps=30)
+    after, _, _ = _align(tiny_bert, data, steps=60, ego_skip=False)
     with torch.no_grad():
         first, last = float(task.loss(before, whole)), float(task.loss(after, whole))
     assert abs(first - torch.log(torch.tensor(64.0))) < 0.05  # near-uniform at init
-    assert last < first - 0.1, (first, last)  # seen: drops of 0.15-0.25 (float order varies with threads)
+    assert last < first - 0.2, (first, last)  # float order varies with threads
+
+
+@pytest.mark.parametrize("geometry", ["h4g", "hyperbolic", "euclidean"])
+def test_untrained_model_starts_at_the_frozen_text_prediction(tiny_bert, geometry):
+    """With the ego skip every arm starts where the frozen text features are (the same zero-shot labels); an
+    encoder from scratch started at chance and, trained on one source graph, stayed below the text alone."""
+    from blocktrain.trainer.graph.task import zero_shot_report
+
+    data = _data()
+    model, _, _ = _align(tiny_bert, data, steps=0, geometry=geometry)
+    graphs = data.train.graphs
+    for g in graphs[1:]:
+        pred = model.logits(model.embed_nodes(g), model.embed_texts(g.label_x)).argmax(-1)
+        assert torch.equal(pred, (g.x @ g.label_x.t()).argmax(-1)), g.name
+    metrics, _ = zero_shot_report(model, graphs, set())
+    for g in graphs[1:]:
+        assert metrics[f"zeroshot/{g.name}/acc"] == metrics[f"zeroshot/{g.name}/text_only_acc"]
+
+
+def test_tangent_similarity_in_the_plain_ball_is_the_euclidean_arm(tiny_bert):
+    """logmap0(expmap0(u)) = u: the hyperbolic arm with the tangent similarity is the Euclidean pipeline."""
+    data = _data()
+    hyp, _, _ = _align(tiny_bert, data, steps=3, geometry="hyperbolic", similarity="tangent")
+    euc = _model(tiny_bert, geometry="euclidean")
+    euc.load_state_dict(hyp.state_dict())
+    g = data.train.graphs[1]
+    a = hyp.logits(hyp.embed_nodes(g), hyp.embed_texts(g.label_x))
+    assert torch.allclose(a, euc.logits(euc.embed_nodes(g), euc.embed_texts(g.label_x)), atol=1e-4)
+
+
+def test_label_text_alignment_is_cross_entropy_over_the_source_labels(tiny_bert):
+    data = _data()
+    model, task, _ = _align(tiny_bert, data, steps=0, align="label_text")
+    batch = data.collate_fn(data.train.items[:16])
+    z = model.embed_nodes(batch[0])[:16]
+    logits = model.logits(z, model.embed_texts(data.train.graphs[0].label_x))
+    expected = torch.nn.functional.cross_entropy(logits, data.train.graphs[0].y[:16])
+    assert torch.allclose(task.loss(model, batch), expected)
 
 
 def test_alignment_never_sees_target_labels(tiny_bert):
