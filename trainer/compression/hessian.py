@@ -54,7 +54,7 @@ def cholesky_inverse_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
 @contextlib.contextmanager
 def one_cpu_thread(device: torch.device | str):
     """One intra-op thread inside the block when on the CPU: a column sweep issues thousands of small ops, for
-    which thread synchronisation costs more than it saves (20-40x slower on a busy 2-core host)."""
+    which thread synchronisation costs more than it saves (5-70x slower on a busy 2-core host)."""
     if torch.device(device).type != "cpu":
         yield
         return
