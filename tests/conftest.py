@@ -13,8 +13,25 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_
     os.environ.setdefault(_key, _value)
 os.environ.pop("WANDB_MODE", None)  # the config's default (offline) must be what the tests see
 
+ONE_THREAD = ("compression", "quantization", "plugins/lpvit")  # folders of toy-model tests run on one thread
 POSITIVE, NEGATIVE = ("good", "happy"), ("bad", "sad")
 FILLER = "the quick brown fox jumps over lazy dog films make people a tiny model reads".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tests under the ``ONE_THREAD`` folders run on one intra-op thread: their toy models run faster (thread
+    start-up dominates tiny matmuls)."""
+    import torch
+
+    folder = Path(request.path).resolve().relative_to(Path(__file__).resolve().parent).as_posix()
+    if not folder.startswith(tuple(f + "/" for f in ONE_THREAD)):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def sentiment_rows(n: int, seed: int) -> list[tuple[str, str]]:

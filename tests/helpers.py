@@ -72,12 +72,9 @@ def interrupt_at(step: int, phase_prefix: str = ""):
     return InterruptAt()
 
 
-def single_thread():
-    """A fixture body: toy models run faster on one intra-op thread (thread start-up dominates their tiny
-    matmuls). Conftests turn it on for their folder with ``pytest.fixture(autouse=True)(single_thread)``."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def llm_args(recipe: str, llama_dir: Path, corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``train`` overrides running an LLM compression recipe on the tiny Llama and corpus of tests/conftest.py
+    (16-token windows)."""
+    return [f"recipe={recipe}", f"model.id={llama_dir}", f"data.files=[{corpus}]", "data.seq_len=16",
+            "data.val_fraction=0.2", "data.batch_size=8", f"run_dir={run_dir}", "trainer=cpu", "logger=none",
+            "trainer.enable_progress_bar=false", *extra]

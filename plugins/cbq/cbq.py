@@ -34,6 +34,7 @@ from blocktrain.trainer.compression.calibration import calibration_forward, to_d
 from blocktrain.trainer.compression.masks import find_linear_names
 from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec
 from blocktrain.trainer.compression.quantizing import replace_with_quant_linears
+from blocktrain.trainer.compression.replay import capture_inputs
 
 __all__ = ["CBQSettings", "find_blocks", "cbq_quantize", "adam_learn"]
 
@@ -78,35 +79,8 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]
     return best
 
 
-class _Stop(Exception):
-    pass
-
-
 def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _capture_inputs(model: nn.Module, first: nn.Module, batches: Iterable, forward: Callable,
-                    storage: torch.device) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
-    """The first block's hidden input per batch (on ``storage``) and its other arguments (as given)."""
-    hidden, rest = [], []
-
-    def pre(module, args, kwargs):
-        hidden.append(args[0].detach().to(storage))
-        rest.append((args[1:], kwargs))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    forward(model, batch)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return hidden, rest
 
 
 def adam_learn(params: list, loss_fn: Callable[[Any], torch.Tensor], batches: Iterable, steps: int, name: str,
@@ -231,7 +205,8 @@ def cbq_quantize(model: nn.Module, batches: list, spec: QuantSpec = QuantSpec(4)
 
 def _reconstruct(ses: _Session, batches, forward, learn, log, on_window, resume) -> dict[str, dict]:
     s = ses.s
-    x_fp, rests = _capture_inputs(ses.model, ses.blocks[0], batches, forward, ses.storage)
+    recorded = capture_inputs(ses.model, ses.blocks[0], batches, forward, ses.storage)
+    x_fp, rests = [args[0] for args, _ in recorded], [(args[1:], kwargs) for args, kwargs in recorded]
     x_q = list(x_fp)
     schedule = window_schedule(len(ses.blocks), s.window, s.overlap)
     first, report = 0, []

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from blocktrain.plugins.cbq.settings import CFPSettings
+from blocktrain.trainer.compression.replay import forward_with_hooks, probe_layers
 
 __all__ = ["outlier_mask", "clip_weight_outliers", "norm_linear_groups", "channel_scales", "fold_scales",
            "cfp_preprocess"]
@@ -80,28 +81,14 @@ def _is_norm(module: nn.Module) -> bool:
 
 def norm_linear_groups(model: nn.Module, scope: nn.Module, batch: Any, forward: Callable,
                        names: list[str]) -> list[tuple[str, list[str]]]:
-    """(norm, [linears]) where each of ``names`` reads exactly the norm's output (one probe forward); only
-    norms with an elementwise weight, inside ``scope`` (the block stack)."""
+    """(norm, [linears]) where each of ``names`` reads exactly the norm's output (one probe forward,
+    ``replay.probe_layers``); only norms with an elementwise weight, inside ``scope`` (the block stack)."""
     prefix = {id(m): n for n, m in model.named_modules()}
-    outputs: dict[int, tuple[torch.Tensor, str]] = {}  # the tensors are kept, so no id is reused
+    norms = [prefix[id(m)] for m in scope.modules() if _is_norm(m) and getattr(m, "weight", None) is not None]
+    probe = probe_layers(model, names, batch, forward, producers=norms)
     groups: dict[str, list[str]] = {}
-    handles = []
-    for module in scope.modules():
-        if _is_norm(module) and getattr(module, "weight", None) is not None:
-            handles.append(module.register_forward_hook(
-                lambda m, a, out: outputs.__setitem__(id(out), (out, prefix[id(m)]))))
-    for name in names:
-        def pre(m, args, name=name):
-            entry = outputs.get(id(args[0]))
-            if entry is not None and entry[0] is args[0]:
-                groups.setdefault(entry[1], []).append(name)
-        handles.append(model.get_submodule(name).register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    for name in (n for group in probe.groups for n in group if n in probe.read_from):
+        groups.setdefault(probe.read_from[name], []).append(name)
     return list(groups.items())
 
 
@@ -119,13 +106,7 @@ def channel_scales(model: nn.Module, norms: list[str], batches: Iterable, forwar
             stats[name] = [mx, mn] if old is None else [torch.maximum(old[0], mx), torch.minimum(old[1], mn)]
         return fn
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in norms]
-    try:
-        for batch in batches:
-            forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, batches, forward, [model.get_submodule(n).register_forward_hook(hook(n)) for n in norms])
     scales = {}
     for name, (mx, mn) in stats.items():
         sides = [torch.maximum(mx, -mn)] if s.variant == "paper" else [mx.clamp_min(0), (-mn).clamp_min(0)]

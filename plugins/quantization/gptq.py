@@ -15,24 +15,38 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from blocktrain.trainer.compression.hessian import HessianAccumulator, cholesky_inverse_upper
+from blocktrain.trainer.compression.hessian import HessianAccumulator, cholesky_inverse_upper, one_cpu_thread
 from blocktrain.trainer.compression.masks import find_linear_names
 from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec, dequantize, minmax_qparams, qrange
 from blocktrain.trainer.compression.quantizing import replace_with_quant_linears
 from blocktrain.trainer.compression.replay import calibrate_layers, default_forward
 
-__all__ = ["gptq_layer", "gptq_quantize"]
+__all__ = ["SharedFactor", "gptq_factor", "gptq_layer", "gptq_quantize"]
+
+
+SUB_BLOCK = 16  # columns whose errors are applied to each other at once; then to the rest of the block by one matmul
 
 
 @torch.no_grad()
 def gptq_layer(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, damp: float = 0.01,
-               act_order: bool = False, static_groups: bool = False, keep: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               act_order: bool = False, static_groups: bool = False, keep: torch.Tensor | None = None,
+               factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize one weight [out, in] given its input Hessian [in, in]. Returns (codes, scale, zero) on ``spec``.
 
     ``keep`` (True = kept) marks a pruned weight's surviving entries: the others get code = zero point (ŵ = 0)
-    and their error is spread like any other's.
+    and their error is spread like any other's. ``factor``: ``gptq_factor(H, damp, act_order)`` when already
+    computed (the layers of a group share it).
+
+    The sweep works on the transposed weight (a column is a contiguous row) and applies errors lazily at two
+    levels: within a sub-block of ``SUB_BLOCK`` columns one outer product per column, to the rest of the block
+    one matmul per sub-block, to the columns after the block one matmul per block (the paper's lazy batch);
+    on the CPU on one intra-op thread (``one_cpu_thread``).
     """
+    with one_cpu_thread(weight.device):
+        return _sweep(weight, H, spec, blocksize, damp, act_order, static_groups, keep, factor)
+
+
+def _sweep(weight, H, spec, blocksize, damp, act_order, static_groups, keep, factor):
     W = weight.detach().float().clone()
     rows, cols = W.shape
     H = H.to(W.device)
@@ -42,49 +56,76 @@ def gptq_layer(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize
     g = spec.group_size or cols
     n_groups = spec.n_groups(cols)
     column_spec = QuantSpec(spec.bits, spec.symmetric)
-    scale = torch.zeros(rows, n_groups, device=W.device)
-    zero = torch.zeros_like(scale)
     ready = [static_groups or spec.group_size is None] * n_groups
+    scale_t = torch.zeros(n_groups, rows, device=W.device)  # [group, row]: a group's scales contiguous
+    zero_t = torch.zeros_like(scale_t)
     if ready[0]:
         scale, zero = minmax_qparams(W, spec)
+        scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()
 
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
-    perm = perm.to(W.device)
+    perm, U = gptq_factor(H, damp, act_order) if factor is None else factor
+    perm, U = perm.to(W.device), U.to(W.device)
     position = torch.argsort(perm)  # column c is swept at position[c]
     group_of = (perm // g).tolist()  # the group of the column swept at each position
-    W = W[:, perm]
-    keep_p = None if keep is None else keep[:, perm]
-    U = cholesky_inverse_upper(H[perm][:, perm], damp)
-    Q = torch.zeros(rows, cols, device=W.device)
+    Wt = W[:, perm].T.contiguous()  # [position, row]
+    keep_t = None if keep is None else keep[:, perm].T.contiguous()
+    Qt = torch.empty_like(Wt)
+    diag = U.diagonal().tolist()
     lo, hi = qrange(spec)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        err = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            p = i1 + i
-            k = group_of[p]
-            if not ready[k]:  # the sweep reaches group k: its range from its weights as updated so far
-                at = position[k * g:(k + 1) * g]
-                current = torch.where(at[None, :] < i2, W1[:, (at - i1).clamp(0, i2 - i1 - 1)],
-                                      W[:, at] - err[:, :i] @ U[i1:p, at])
-                if keep_p is not None:
-                    current = current * keep_p[:, at]
-                scale[:, k:k + 1], zero[:, k:k + 1] = minmax_qparams(current, column_spec)
-                ready[k] = True
-            s, z = scale[:, k], zero[:, k]
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, lo, hi)  # quant.quantize of one column, inlined (the hot loop)
-            if keep_p is not None:
-                q = torch.where(keep_p[:, p], q, z)
-            Q[:, p] = q
-            e = (w - s * (q - z)) / U1[i, i]
-            W1[:, i:].addr_(e, U1[i, i:], alpha=-1)
-            err[:, i] = e
-        W[:, i2:] -= err @ U[i1:i2, i2:]
-    return Q[:, position].to(torch.int32), scale, zero
+        E = torch.empty(i2 - i1, rows, device=W.device)  # the block's scaled errors, one row per column
+        for j1 in range(i1, i2, SUB_BLOCK):
+            j2 = min(j1 + SUB_BLOCK, i2)
+            for p in range(j1, j2):
+                k = group_of[p]
+                if not ready[k]:  # the sweep reaches group k: its range from its weights as updated so far
+                    at = position[k * g:(k + 1) * g]
+                    current = Wt[at]  # a copy; rows at or after j2 still lack the errors of [j1, p), after i2 of [i1, p)
+                    late, later = at >= j2, at >= i2
+                    current[late] -= U[j1:p, at[late]].T @ E[j1 - i1:p - i1]
+                    current[later] -= U[i1:j1, at[later]].T @ E[:j1 - i1]
+                    if keep_t is not None:
+                        current = current * keep_t[at]
+                    s, z = minmax_qparams(current.T, column_spec)
+                    scale_t[k], zero_t[k] = s[:, 0], z[:, 0]
+                    ready[k] = True
+                s, z, w = scale_t[k], zero_t[k], Wt[p]
+                q = torch.round(w / s).add_(z).clamp_(lo, hi)  # quant.quantize of one column, inlined (the hot loop)
+                if keep_t is not None:
+                    q = torch.where(keep_t[p], q, z)
+                Qt[p] = q
+                e = E[p - i1]
+                torch.sub(w, s * (q - z), out=e).div_(diag[p])
+                if p + 1 < j2:
+                    Wt[p + 1:j2].addr_(U[p, p + 1:j2], e, alpha=-1)
+            if j2 < i2:
+                Wt[j2:i2].addmm_(U[j1:j2, j2:i2].T, E[j1 - i1:j2 - i1], alpha=-1)
+        if i2 < cols:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E, alpha=-1)
+    return Qt[position].T.to(torch.int32), scale_t.T.contiguous(), zero_t.T.contiguous()
+
+
+def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sweep order (descending Hessian diagonal with ``act_order``, else the identity) and the upper Cholesky
+    factor of the damped inverse Hessian in that order."""
+    perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if act_order
+            else torch.arange(H.shape[0], device=H.device))
+    return perm, cholesky_inverse_upper(H[perm][:, perm], damp)
+
+
+class SharedFactor:
+    """``gptq_factor`` of the last Hessian asked for, computed once for the layers of a group (they share it)."""
+
+    def __init__(self, damp: float, act_order: bool):
+        self.damp, self.act_order = damp, act_order
+        self.stats, self.factor = None, None
+
+    def __call__(self, stats: HessianAccumulator) -> tuple[torch.Tensor, torch.Tensor]:
+        if stats is not self.stats:
+            self.stats, self.factor = stats, gptq_factor(stats.H, self.damp, self.act_order)
+        return self.factor
 
 
 def gptq_quantize(model: nn.Module, batches: Iterable, spec: QuantSpec, forward: Callable = default_forward,
@@ -95,9 +136,11 @@ def gptq_quantize(model: nn.Module, batches: Iterable, spec: QuantSpec, forward:
     if act is not None and not act.dynamic:
         raise ValueError("static activation ranges are calibrated by the gptq plugin; use a dynamic ActQuantSpec here")
     entries = {}
+    factors = SharedFactor(damp, act_order)
 
     def finish(name: str, module: nn.Module, stats: HessianAccumulator) -> None:
-        codes, scale, zero = gptq_layer(module.weight, stats.H, spec, blocksize, damp, act_order, static_groups)
+        codes, scale, zero = gptq_layer(module.weight, stats.H, spec, blocksize, damp, act_order, static_groups,
+                                        factor=factors(stats))
         with torch.no_grad():
             module.weight.copy_(dequantize(codes, scale, zero, module.weight.dtype))
         entries[name] = {"codes": codes, "scale": scale, "zero": zero}

@@ -57,6 +57,7 @@ class GPTQPlugin(QuantizationPlugin):
     name = "gptq"
     description = "GPTQ weight quantization (Hessian error feedback; act-order, groups) of every Linear"
     config_class = GPTQConfig
+    _factors = None  # the shared inverse-Hessian factor of a layer group (set on first use)
 
     @property
     def needs_data(self) -> bool:
@@ -68,7 +69,10 @@ class GPTQPlugin(QuantizationPlugin):
         return HessianAccumulator(module.in_features, device=module.weight.device)
 
     def quantize_layer(self, weight, stats, keep):
-        from blocktrain.plugins.quantization.gptq import gptq_layer
+        from blocktrain.plugins.quantization.gptq import SharedFactor, gptq_layer
 
         c = self.config
-        return gptq_layer(weight, stats.H, self.spec, c.blocksize, c.damp, c.act_order, c.static_groups, keep)
+        if self._factors is None:
+            self._factors = SharedFactor(c.damp, c.act_order)
+        return gptq_layer(weight, stats.H, self.spec, c.blocksize, c.damp, c.act_order, c.static_groups, keep,
+                          self._factors(stats))

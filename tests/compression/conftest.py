@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from blocktrain.trainer.testing import tiny_timm_vit, write_image_folder
-from tests.helpers import single_thread
+from tests.helpers import llm_args  # noqa: F401  (imported by the tests from here)
 
 # iCBS at toy scale: small blocks, few chains, a fast temperature schedule, 8 steps per epoch
 ICBS_FAST = ["plugin.icbs.block_size=64", "plugin.icbs.k=32", "plugin.icbs.restarts=2", "plugin.icbs.beta_factor=1.6",
              "plugin.icbs.steps_per_epoch=8", "plugin.icbs.min_steps=0", "plugin.icbs.pruning.samples=16",
              "plugin.icbs.pruning.batch_size=4", "plugin.icbs.calibration.samples=16"]
-
-one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +29,6 @@ def vit_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def images(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"), classes=("cat", "dog"), per_class=12, size=(32, 32))
-
-
-def llm_args(recipe: str, llama_dir: Path, corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    """Overrides running an LLM pruning recipe on the tiny Llama and corpus (16-token windows)."""
-    return [f"recipe={recipe}", f"model.id={llama_dir}", f"data.files=[{corpus}]", "data.seq_len=16",
-            "data.val_fraction=0.2", "data.batch_size=8", f"run_dir={run_dir}", "trainer=cpu", "logger=none",
-            "trainer.enable_progress_bar=false", *extra]
 
 
 def vit_args(recipe: str, checkpoint: Path, images: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -44,3 +44,29 @@ def test_pruning_configs_import_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_replay_service_probes_producers_and_captures_block_inputs():
+    """``probe_layers`` tells which norm each Linear reads (none for o_proj/down_proj); ``capture_inputs`` stops
+    each forward at the block and returns what a full forward hands it."""
+    from blocktrain.trainer.compression.masks import find_linear_names
+    from blocktrain.trainer.compression.replay import capture_inputs, probe_layers
+    from tests.pruning.conftest import tiny_llama, token_batches
+
+    model, batches = tiny_llama(), token_batches(2)
+    names = find_linear_names(model)
+    norms = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
+    probe = probe_layers(model, names, batches[0], lambda m, b: m(**b), producers=norms)
+    assert probe.once and [len(g) for g in probe.groups] == [3, 1, 2, 1] * 2
+    assert probe.read_from == {f"model.layers.{i}.{n}": f"model.layers.{i}.{norm}" for i in range(2)
+                               for norm, ns in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj",
+                                                                     "self_attn.v_proj")),
+                                                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+                               for n in ns}
+    seen, after = [], []
+    model.model.layers[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    model.model.layers[1].register_forward_hook(lambda m, args, out: after.append(1))
+    captured = capture_inputs(model, model.model.layers[1], batches, lambda m, b: m(**b), storage="cpu")
+    assert len(captured) == 2 and not after  # stopped at the block: it never ran
+    for (args, kwargs), x in zip(captured, seen):
+        assert torch.equal(args[0], x) and "position_embeddings" in kwargs

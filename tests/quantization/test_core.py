@@ -116,13 +116,15 @@ def gptq_reference(w, H, spec, damp=0.01, act_order=False, static_groups=False, 
 @pytest.mark.parametrize("group_size,act_order,static_groups", [
     (None, False, False), (8, False, False), (None, True, False), (8, True, False), (8, True, True), (16, False, True),
 ])
-def test_gptq_equals_the_column_by_column_reference(group_size, act_order, static_groups):
+@pytest.mark.parametrize("blocksize", [5, 40])
+def test_gptq_equals_the_column_by_column_reference(group_size, act_order, static_groups, blocksize):
     spec = QuantSpec(3, False, group_size)
-    w = weight(cols=24 if group_size == 8 else 32)
+    w = weight(cols=(24 if group_size == 8 else 32) * (4 if blocksize > 5 else 1))
     x = correlated_inputs(cols=w.shape[1])
     H = hessian(x)
-    # blocksize 5: blocks that do not line up with groups of 8 or 16 (a group's range spans two blocks)
-    codes, scale, zero = gptq_layer(w, H, spec, blocksize=5, act_order=act_order, static_groups=static_groups)
+    # blocksize 5: blocks that do not line up with groups of 8 or 16 (a group's range spans two blocks); 40: blocks
+    # split into sub-blocks of 16, 16, 8 whose errors reach the rest of the block and later blocks at different times
+    codes, scale, zero = gptq_layer(w, H, spec, blocksize=blocksize, act_order=act_order, static_groups=static_groups)
     ref_codes, ref_scale, ref_zero = gptq_reference(w, H, spec, act_order=act_order, static_groups=static_groups)
     assert torch.allclose(scale, ref_scale, rtol=1e-4, atol=1e-6) and torch.equal(zero, ref_zero)
     assert torch.equal(codes, ref_codes)

@@ -14,17 +14,23 @@ block's output, one forward records each block's inputs, and the groups of block
 running block i alone on its inputs, whose outputs (from the pruned block) feed block i+1 — the same
 numbers as re-running the model for every group, at the cost of a few forwards in all instead of one
 forward prefix per group. Other models get the full forward per group.
+
+The same machinery serves methods that replay blocks themselves (CBQ): ``forward_with_hooks`` (calibration
+forwards that a hook may stop early), ``capture_inputs`` (a module's arguments per batch, each forward stopped
+there) and ``probe_layers`` (the execution order, shared inputs and, given producer modules, which producer's
+output each target reads).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Protocol
-
 import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["default_forward", "layer_groups", "calibrate_layers"]
+__all__ = ["default_forward", "StopForward", "forward_with_hooks", "capture_inputs", "Probe", "probe_layers",
+           "layer_groups", "calibrate_layers"]
 
 
 class Stats(Protocol):
@@ -40,8 +46,41 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a calibration forward early."""
+class StopForward(Exception):
+    """Raised by a hook to end a calibration forward early (``forward_with_hooks`` catches it)."""
+
+
+def forward_with_hooks(model: nn.Module, batches: Iterable, forward: Callable, handles: list) -> int:
+    """``forward(model, batch)`` without gradients for each batch, a hook raising ``StopForward`` ending that
+    batch's forward; the hook ``handles`` are removed afterwards, also on error. Returns the number of batches."""
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                n += 1
+                try:
+                    forward(model, batch)
+                except StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return n
+
+
+def capture_inputs(model: nn.Module, module: nn.Module, batches: Iterable, forward: Callable = default_forward,
+                   storage: torch.device | str | None = None) -> list[tuple[tuple, dict]]:
+    """``module``'s ``(args, kwargs)`` per batch, each forward stopped as ``module`` is reached; its first
+    argument (the hidden state) detached and moved to ``storage`` when given."""
+    recorded: list[tuple[tuple, dict]] = []
+
+    def pre(m, args, kwargs):
+        first = args[0].detach() if storage is None else args[0].detach().to(storage)
+        recorded.append(((first, *args[1:]), kwargs))
+        raise StopForward
+
+    forward_with_hooks(model, batches, forward, [module.register_forward_pre_hook(pre, with_kwargs=True)])
+    return recorded
 
 
 def _first(batches: Iterable) -> Any:
@@ -50,12 +89,30 @@ def _first(batches: Iterable) -> Any:
     raise ValueError("no calibration batches")
 
 
-def layer_groups(model: nn.Module, names: list[str], batch: Any,
-                 forward: Callable = default_forward) -> tuple[list[list[str]], bool]:
-    """Targets in execution order, grouped where consecutive ones read the same input; and whether each runs once."""
+@dataclass
+class Probe:
+    """What one probe forward saw: the targets in execution order, grouped where consecutive ones read the very
+    same input tensor; whether each ran exactly once; and, for each target reading the output tensor of one of
+    the given producer modules, that producer's name."""
+
+    groups: list[list[str]]
+    once: bool
+    read_from: dict[str, str]
+
+
+def probe_layers(model: nn.Module, names: list[str], batch: Any, forward: Callable = default_forward,
+                 producers: Iterable[str] = ()) -> Probe:
+    """One forward on ``batch`` with hooks on the targets ``names`` (and on ``producers``): see ``Probe``."""
     calls = {name: 0 for name in names}
     groups: list[list[str]] = []
     prev: list[torch.Tensor] = []
+    outputs: dict[int, tuple[torch.Tensor, str]] = {}  # producers' outputs, kept so that no id is reused
+    read_from: dict[str, str] = {}
+
+    def produced(name):
+        def fn(module, args, output):
+            outputs[id(output)] = (output, name)
+        return fn
 
     def hook(name):
         def fn(module, args, output):
@@ -63,6 +120,9 @@ def layer_groups(model: nn.Module, names: list[str], batch: Any,
             if calls[name] > 1:
                 return
             x = args[0]
+            source = outputs.get(id(x))
+            if source is not None and source[0] is x:
+                read_from[name] = source[1]
             same = prev and (x is prev[0] or (x.data_ptr() == prev[0].data_ptr() and x.shape == prev[0].shape
                                               and x.stride() == prev[0].stride() and x.dtype == prev[0].dtype))
             if same:
@@ -72,17 +132,20 @@ def layer_groups(model: nn.Module, names: list[str], batch: Any,
                 prev[:] = [x]
         return fn
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
-    try:
-        with torch.no_grad():
-            forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    handles = [model.get_submodule(name).register_forward_hook(produced(name)) for name in producers]
+    handles += [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    forward_with_hooks(model, [batch], forward, handles)
     missing = [name for name, n in calls.items() if n == 0]
     if missing:
         raise ValueError(f"these target layers never ran in a forward pass: {missing}")
-    return groups, all(n == 1 for n in calls.values())
+    return Probe(groups, all(n == 1 for n in calls.values()), read_from)
+
+
+def layer_groups(model: nn.Module, names: list[str], batch: Any,
+                 forward: Callable = default_forward) -> tuple[list[list[str]], bool]:
+    """Targets in execution order, grouped where consecutive ones read the same input; and whether each runs once."""
+    probe = probe_layers(model, names, batch, forward)
+    return probe.groups, probe.once
 
 
 def _run_pass(modules: dict[str, nn.Module], hooked: dict[str, Stats], model, batches, forward,
@@ -92,20 +155,10 @@ def _run_pass(modules: dict[str, nn.Module], hooked: dict[str, Stats], model, ba
         def fn(module, args, output):
             hooked[name].add(args[0].detach())
             if name == stop_after:
-                raise _Stop
+                raise StopForward
         return fn
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in hooked]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    forward(model, batch)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, batches, forward, [modules[name].register_forward_hook(hook(name)) for name in hooked])
 
 
 # -- block replay ----------------------------------------------------------------------------------
@@ -151,15 +204,7 @@ def _record_block_inputs(model, blocks: nn.Module, batches, forward) -> list[lis
 
     handles = [h for i, block in enumerate(blocks) for h in (block.register_forward_pre_hook(pre(i), with_kwargs=True),
                                                              block.register_forward_hook(post, with_kwargs=True))]
-    n = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                n += 1
-                forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    n = forward_with_hooks(model, batches, forward, handles)
     if not chained[0] or any(len(per_block) != n for per_block in inputs):
         return None
     return inputs

@@ -1,2 +1,2 @@
-"""The compression tests' tiny ViT and image folder, and one intra-op thread for toy models."""
-from tests.compression.conftest import images, one_thread, vit_checkpoint  # noqa: F401  (fixtures)
+"""The compression tests' tiny ViT and image folder (one intra-op thread: ``ONE_THREAD`` in tests/conftest.py)."""
+from tests.compression.conftest import images, vit_checkpoint  # noqa: F401  (fixtures)
