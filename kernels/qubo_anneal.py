@@ -85,25 +85,10 @@ def _draw_moves(gen, betas, n_moves: int, restarts: int, b: int, k: int, device)
     return slots.contiguous(), thr.contiguous()
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run the block on one intra-op thread when on the CPU: the reference issues many small ops per move,
-    for which thread start-up and synchronisation cost more than they save (10x on a busy 2-core host)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _levels_reference(Q, diag, slots, thr, k: int, st: dict[str, torch.Tensor]) -> None:
     """Run one chunk of levels on every chain, in place on ``st`` (the reference; vectorised over chains,
     the O(b) updates restricted to the chains that accepted their move)."""
-    with _one_cpu_thread(Q.device):
+    with dispatch.one_cpu_thread(Q.device):
         _levels_reference_impl(Q, diag, slots, thr, k, st)
 
 

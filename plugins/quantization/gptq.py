@@ -15,7 +15,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from blocktrain.trainer.compression.hessian import HessianAccumulator, cholesky_inverse_upper, one_cpu_thread
+from blocktrain.kernels.dispatch import one_cpu_thread
+from blocktrain.trainer.compression.hessian import HessianAccumulator, cholesky_inverse_upper
 from blocktrain.trainer.compression.masks import find_linear_names
 from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec, dequantize, minmax_qparams, qrange
 from blocktrain.trainer.compression.quantizing import replace_with_quant_linears

@@ -4,11 +4,9 @@ H = 2XXᵀ/N over the N input rows (tokens) seen, damped by ``damp``·mean(diag 
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-__all__ = ["HessianAccumulator", "cholesky_inverse_upper", "one_cpu_thread"]
+__all__ = ["HessianAccumulator", "cholesky_inverse_upper"]
 
 
 class HessianAccumulator:
@@ -49,18 +47,3 @@ def cholesky_inverse_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     if int(info):
         raise ValueError(f"Hessian is not positive definite after damping {damp}; increase damp")
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-
-
-@contextlib.contextmanager
-def one_cpu_thread(device: torch.device | str):
-    """One intra-op thread inside the block when on the CPU: a column sweep issues thousands of small ops, for
-    which thread synchronisation costs more than it saves (5-70x slower on a busy 2-core host)."""
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
