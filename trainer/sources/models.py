@@ -161,6 +161,7 @@ def _load_transformers(cfg, processor) -> LoadedModel:
 
     if quantization is not None and quantization.load_in_4bit:
         reload_own_quant_state(model)
+        keep_4bit_layout(model)
     if processor is None and cfg.processor != "none":
         processor = _load_processor(cfg, location, gguf_file)
     pad_id = getattr(processor, "pad_token_id", None) if cfg.processor == "tokenizer" else None
@@ -231,6 +232,18 @@ def reload_own_quant_state(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.register_load_state_dict_pre_hook(check_own)
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep the 4-bit weights in bitsandbytes' standard layout. On CPUs with AVX512-BF16, bitsandbytes (0.50)
+    repacks a layer's codes in place at its first no-grad eval forward, into a layout that changes the weight's
+    shape and fails on layers narrower than its 64-wide blocks; the frozen base would then differ by machine
+    between training, evaluation, checkpoints and exports. Matmuls take the portable dequantize path instead."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def new_weights(loading: dict) -> list[str]:
