@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocktrain.kernels.poincare import block_mobius_matvec, dist, expmap0, logmap0, radius
+from blocktrain.kernels.poincare import block_mobius_matvec, expmap0, logmap0, pairwise_dist, radius
 
 
 class EgoNeighbourGNN(nn.Module):
@@ -137,7 +137,7 @@ class H4GModel(nn.Module):
             return scale * g @ t.t()
         if self.similarity == "tangent":
             return scale * F.normalize(logmap0(g, self.c), dim=-1) @ F.normalize(logmap0(t, self.c), dim=-1).t()
-        return -scale * dist(g.unsqueeze(1), t.unsqueeze(0), self.c).to(g.dtype)
+        return -scale * pairwise_dist(g, t, self.c).to(g.dtype)
 
     def radius(self, z: torch.Tensor) -> torch.Tensor:
         """r(z) = d_c(0, z) in the ball; ‖z‖ (= 1) in the Euclidean arm."""

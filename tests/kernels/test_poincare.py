@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blocktrain.kernels.poincare import (BALL_EPS, block_diag_dense, block_mobius_matvec, dist, expmap0, logmap0,
-                                         mobius_add, mobius_matvec, project, radius)
+                                         mobius_add, mobius_matvec, pairwise_dist, project, radius)
 
 F64 = torch.float64
 
@@ -98,6 +98,59 @@ def test_dist_is_the_distance_not_its_square():
     a, b, z = _points(30, 5, 1.0, seed=7), _points(30, 5, 1.0, seed=8), _points(30, 5, 1.0, seed=9)
     assert torch.allclose(dist(a, b), dist(b, a), atol=1e-10)
     assert (dist(a, z) <= dist(a, b) + dist(b, z) + 1e-9).all()
+
+
+def _near_boundary(n, d, c, seed, tightest):
+    """Points at ‖x‖ = (1 − eps)/√c for eps from 1e-3 (the projection's margin) down to ``tightest``."""
+    unit = torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64), dim=-1)
+    eps = torch.logspace(-3, tightest, n, dtype=F64).unsqueeze(-1)
+    return unit * (1 - eps) / c ** 0.5
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_pairwise_dist_equals_the_elementwise_dist_and_geoopt_for_all_pairs(c):
+    """All (N, M) pairs of interior, near-boundary and coincident points, to 1e-6 in float64; not squared.
+
+    geoopt is compared up to the projection's margin (beyond it its own clamps cost it > 1e-6)."""
+    ball = geoopt.PoincareBall(c=torch.tensor(c, dtype=F64))
+    inner_x, inner_y = _points(20, 10, c, scale=0.5, seed=10), _points(15, 10, c, scale=0.5, seed=12)
+    for tightest in (-3, -4):
+        x = torch.cat([inner_x, _near_boundary(6, 10, c, 11, tightest)])
+        y = torch.cat([inner_y, _near_boundary(6, 10, c, 13, tightest), x[-2:]])
+        got = pairwise_dist(x, y, c)
+        assert got.shape == (26, 23) and got.dtype == F64
+        want = dist(x.unsqueeze(1), y.unsqueeze(0), c)
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()
+        assert got.max() > 10 and got[-2, -2] < 1e-6 and got[-1, -1] < 1e-6  # sees the boundary; d(x, x) = 0
+        if tightest == -3:
+            theirs = ball.dist(x.unsqueeze(1), y.unsqueeze(0))
+            assert torch.allclose(got, theirs, atol=1e-6, rtol=0), (got - theirs).abs().max()
+    assert torch.allclose(pairwise_dist(torch.zeros(1, 10, dtype=F64), x, c)[0], radius(x, c), atol=1e-9)  # not squared
+    batched = pairwise_dist(torch.stack([x, x.flip(0)]), torch.stack([y, y]), c)
+    assert torch.allclose(batched[1], got.flip(0), atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_pairwise_dist_gradients_equal_the_elementwise_ones(c):
+    g = torch.Generator().manual_seed(14)
+    x, y = (_points(12, 8, c, scale=0.7, seed=s).requires_grad_() for s in (15, 16))
+    w = torch.randn(12, 12, generator=g, dtype=F64)  # a generic upstream gradient
+    gx, gy = torch.autograd.grad((pairwise_dist(x, y, c) * w).sum(), (x, y))
+    ex, ey = torch.autograd.grad((dist(x.unsqueeze(1), y.unsqueeze(0), c) * w).sum(), (x, y))
+    assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    assert torch.allclose(gx, ex, atol=1e-9) and torch.allclose(gy, ey, atol=1e-9)
+    assert torch.autograd.gradcheck(lambda a, b: pairwise_dist(a, b, c), (x[:4], y[:3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_pairwise_dist_is_finite_on_and_beyond_the_boundary(dtype):
+    """Coincident, antipodal, on-boundary and outside points: finite values and gradients, in x's dtype."""
+    unit = torch.nn.functional.normalize(torch.randn(4, 6, dtype=dtype), dim=-1)
+    x = torch.cat([unit, unit * 3.0, torch.zeros(1, 6, dtype=dtype)]).requires_grad_()
+    y = torch.cat([unit, -unit, 0.5 * unit]).requires_grad_()
+    d = pairwise_dist(x, y)
+    assert d.dtype == dtype and torch.isfinite(d).all()
+    assert torch.isfinite(torch.cat([gr.flatten() for gr in torch.autograd.grad(d.sum(), (x, y))])).all()
 
 
 def test_bad_curvature_and_shapes_are_clear_errors():
