@@ -5,7 +5,10 @@ The built-in kinds are registered here like a plugin's (``register_task``); sche
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING
 
 from blocktrain.trainer.registry import TASKS, register_task
 
@@ -21,9 +24,35 @@ class CausalLMTaskConfig:
 
 
 @dataclass
+class MixupConfig:
+    """timm's ``Mixup`` on training batches (DeiT: mixup 0.8, cutmix 1.0, one of them per batch); the targets
+    become soft (label-smoothed by ``task.label_smoothing``) and the loss ``SoftTargetCrossEntropy``."""
+
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    prob: float = 1.0  # probability of mixing a batch
+    switch_prob: float = 0.5  # probability of cutmix rather than mixup when both are on
+    mode: str = "batch"  # batch | pair | elem
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher: (1 - alpha) * task loss + alpha * tau^2 * KL(teacher || student) at
+    temperature tau (``soft``), or alpha * cross-entropy with the teacher's argmax (``hard``, DeiT's switch)."""
+
+    teacher: Dict[str, Any] = field(default_factory=lambda: {"kind": MISSING})  # a model config, as `model`
+    alpha: float = 0.5
+    tau: float = 1.0
+    type: str = "soft"  # soft | hard
+    reduction: str = "batchmean"  # KL summed per sample, averaged over the batch; numel: DeiT's sum / (N x classes)
+
+
+@dataclass
 class ImageClassificationTaskConfig:
     kind: str = "image_classification"
     label_smoothing: float = 0.0
+    mixup: Optional[MixupConfig] = None  # null = off
+    distill: Optional[DistillConfig] = None  # null = off
 
 
 for _kind, _schema, _target in (
@@ -44,4 +73,4 @@ def build_task(cfg, info: dict):
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_object(validate_task_config(cfg))
-    return TASKS.load(cfg.kind)(config, info)
+    return TASKS.load(config.kind)(config, info)
