@@ -106,10 +106,12 @@ def test_distillation_through_the_task_with_a_frozen_teacher():
 
 
 def test_bad_distillation_options_are_one_clear_error():
-    with pytest.raises(UserError, match=r"^task.distill: alpha must be in \[0, 1\], got 1.5$"):
+    with pytest.raises(UserError, match=r"^task.distill.alpha must be in \[0, 1\], got 1.5$"):
         _task(distill={"teacher": TEACHER, "alpha": 1.5})
-    with pytest.raises(UserError, match=r"task.distill: tau must be > 0, got 0.0; type must be soft or hard"):
+    with pytest.raises(UserError, match=r"task.distill.tau must be > 0, got 0.0; task.distill.type must be soft or hard"):
         _task(distill={"teacher": TEACHER, "tau": 0.0, "type": "medium"})
+    with pytest.raises(UserError, match=r"^task.distill.teacher \(a model config\): unknown key 'model.depth'"):
+        _task(distill={"teacher": {**TEACHER, "depth": 1}})
     task = _task(distill={"teacher": {**TEACHER, "num_classes": 5}})
     with pytest.raises(UserError, match=r"^task.distill.teacher has 5 classes but the student has 3"):
         task.setup(tiny_timm_vit(num_classes=3), None)

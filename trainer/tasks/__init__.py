@@ -54,6 +54,30 @@ class ImageClassificationTaskConfig:
     mixup: Optional[MixupConfig] = None  # null = off
     distill: Optional[DistillConfig] = None  # null = off
 
+    @staticmethod
+    def check(node) -> None:
+        """The option values the schema's types cannot check; one ``UserError`` naming every problem."""
+        from blocktrain.trainer.errors import UserError
+        from blocktrain.trainer.sources.config import validate_model_config
+
+        m, d = node.mixup, node.distill
+        problems = [] if m is None or m.mode in ("batch", "pair", "elem") else [
+            f"task.mixup.mode must be batch, pair or elem, got {m.mode!r}"]
+        if d is not None:
+            problems += [f"task.distill.{msg}" for bad, msg in (
+                (not 0 <= d.alpha <= 1, f"alpha must be in [0, 1], got {d.alpha}"),
+                (not d.tau > 0, f"tau must be > 0, got {d.tau}"),
+                (d.type not in ("soft", "hard"), f"type must be soft or hard, got {d.type!r}"),
+                (d.reduction not in ("batchmean", "numel"), f"reduction must be batchmean or numel, got {d.reduction!r}"))
+                if bad]
+        if problems:
+            raise UserError("; ".join(problems))
+        if d is not None:
+            try:
+                validate_model_config(d.teacher)
+            except UserError as e:
+                raise UserError(f"task.distill.teacher (a model config): {e}") from None
+
 
 for _kind, _schema, _target in (
         ("sequence_classification", SequenceClassificationTaskConfig, "classification:SequenceClassificationTask"),
@@ -65,7 +89,11 @@ for _kind, _schema, _target in (
 def validate_task_config(cfg):
     from blocktrain.trainer.validation import validate_node
 
-    return validate_node(cfg, TASKS.entry(cfg.get("kind") if cfg is not None else None).schema, "task")
+    schema = TASKS.entry(cfg.get("kind") if cfg is not None else None).schema
+    node = validate_node(cfg, schema, "task")
+    if hasattr(schema, "check"):  # a schema's own checks of values (ranges, nested configs)
+        schema.check(node)
+    return node
 
 
 def build_task(cfg, info: dict):

@@ -57,25 +57,12 @@ class ImageClassificationTask(Task):
     def __init__(self, config, info: dict):
         super().__init__(config, info)
         self.mixup = self.teacher = None
-        d = config.distill
-        if d is not None:
-            from blocktrain.trainer.sources.config import validate_model_config
-
-            problems = [msg for bad, msg in (
-                (not 0 <= d.alpha <= 1, f"alpha must be in [0, 1], got {d.alpha}"),
-                (not d.tau > 0, f"tau must be > 0, got {d.tau}"),
-                (d.type not in ("soft", "hard"), f"type must be soft or hard, got {d.type!r}"),
-                (d.reduction not in ("batchmean", "numel"), f"reduction must be batchmean or numel, got {d.reduction!r}"))
-                if bad]
-            if problems:
-                raise UserError(f"task.distill: {'; '.join(problems)}")
-            validate_model_config(d.teacher)
-        m = config.mixup
-        if m is not None and m.mode not in ("batch", "pair", "elem"):
-            raise UserError(f"task.mixup.mode must be batch, pair or elem, got {m.mode!r}")
 
     def setup(self, model, run) -> None:
         classes = self.info.get("num_labels") or _num_classes(model)
+        if classes is None and (self.config.mixup is not None or self.config.distill is not None):
+            raise UserError("task.mixup and task.distill need the number of classes: the data gives no num_labels "
+                            "and the model no num_classes / config.num_labels")
         if self.config.mixup is not None:
             from timm.data import Mixup
 
