@@ -139,8 +139,7 @@ def test_media_are_written_as_png_text_and_csv(tmp_path):
 
 
 def test_per_sample_losses_average_to_the_task_loss():
-    from types import SimpleNamespace
-
+    from blocktrain.trainer.tasks import ImageClassificationTaskConfig
     from blocktrain.trainer.tasks.classification import ImageClassificationTask, SequenceClassificationTask
     from blocktrain.trainer.tasks.language import CausalLMTask
     from blocktrain.trainer.testing import tiny_bert_classifier, tiny_llama, tiny_timm_vit
@@ -150,7 +149,7 @@ def test_per_sample_losses_average_to_the_task_loss():
     cases = [(CausalLMTask(None, {}), tiny_llama(64).eval(), {"input_ids": ids}),
              (SequenceClassificationTask(None, {}), tiny_bert_classifier(64).eval(),
               {"input_ids": ids, "labels": torch.tensor([0, 2, 1, 0])}),
-             (ImageClassificationTask(SimpleNamespace(label_smoothing=0.0), {}), tiny_timm_vit(num_classes=3).eval(),
+             (ImageClassificationTask(ImageClassificationTaskConfig(), {}), tiny_timm_vit(num_classes=3).eval(),
               (torch.randn(4, 3, 32, 32), torch.tensor([0, 2, 1, 0])))]
     for task, model, batch in cases:
         per_sample = task.per_sample_loss(model, batch)

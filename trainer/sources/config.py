@@ -141,6 +141,9 @@ class ImageTransformConfig(DataConfig):
     channels: Optional[int] = field(default=None, metadata=choices(None, 1, 3))  # null = native
     mean: List[float] = field(default_factory=lambda: [0.5])  # one value = every channel
     std: List[float] = field(default_factory=lambda: [0.5])
+    # training-split augmentation: none, or deit (timm's RandAugment rand-m9-mstd0.5-inc1, random resized crop,
+    # flip, random erasing 0.25, bicubic; needs image_size and 3 channels); evaluation splits are never augmented
+    augment: str = field(default="none", metadata=choices("none", "deit"))
 
 
 @dataclass

@@ -317,14 +317,17 @@ class ConvertMode:
         return image.convert(self.mode)
 
 
-def image_transform(cfg):
-    """Channel conversion, resize to ``image_size`` squared, to tensor, normalise by ``mean``/``std``."""
+def image_transform(cfg, train: bool = False):
+    """Channel conversion, resize to ``image_size`` squared, to tensor, normalise by ``mean``/``std``; for the
+    training split with ``augment: deit``, timm's DeiT training pipeline instead (``deit_transform``)."""
     from torchvision import transforms
 
     if cfg.channels is not None:
         for key in ("mean", "std"):
             if len(cfg[key]) not in (1, cfg.channels):
                 raise UserError(f"data.{key} has {len(cfg[key])} values but data.channels={cfg.channels}")
+    if train and cfg.augment == "deit":
+        return deit_transform(cfg)
     steps = []
     if cfg.channels is not None:
         steps.append(ConvertMode("RGB" if cfg.channels == 3 else "L"))
@@ -332,6 +335,21 @@ def image_transform(cfg):
         steps.append(transforms.Resize((cfg.image_size, cfg.image_size)))
     steps += [transforms.ToTensor(), transforms.Normalize(list(cfg.mean), list(cfg.std))]
     return transforms.Compose(steps)
+
+
+def deit_transform(cfg):
+    """The DeiT recipe's training augmentation, built by timm: random resized crop (bicubic), horizontal flip,
+    RandAugment ``rand-m9-mstd0.5-inc1``, normalisation, random erasing (p 0.25, per-pixel noise)."""
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    if cfg.image_size is None or cfg.channels != 3:
+        raise UserError(f"data.augment=deit needs RGB images of a fixed size: set data.image_size (got "
+                        f"{cfg.image_size}) and data.channels=3 (got {cfg.channels})")
+    mean, std = (tuple(v) * (3 if len(v) == 1 else 1) for v in (cfg.mean, cfg.std))
+    return transforms.Compose([ConvertMode("RGB"), create_transform(
+        cfg.image_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3,
+        interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=mean, std=std)])
 
 
 def _probe(dataset, what: str):
@@ -354,14 +372,14 @@ def build_torchvision(cfg, tokenizer, seed) -> Datasets:
         raise UserError(f"unknown torchvision dataset '{cfg.name}' (data.name). Valid names: {', '.join(valid)}")
     params = inspect.signature(cls.__init__).parameters
     root = Path(cfg.root).expanduser()
-    base = {"transform": image_transform(cfg), **cfg.kwargs}
+    base = dict(cfg.kwargs)
     if "root" in params:
         base["root"] = str(root)
     if "download" in params:
         base["download"] = cfg.download
 
-    def make(split: str):
-        kwargs = dict(base)
+    def make(split: str, train: bool):
+        kwargs = {"transform": image_transform(cfg, train), **base}
         if "train" in params:
             if split not in _TRAIN_FLAG:
                 raise UserError(f"{cfg.name} has a train/test flag: a split must be one of "
@@ -378,12 +396,13 @@ def build_torchvision(cfg, tokenizer, seed) -> Datasets:
             hint = "" if cfg.download else " (data.download=false: put the files under data.root or set it true)"
             raise UserError(f"cannot open torchvision dataset {cfg.name} split '{split}' at {root}: {e}{hint}") from e
 
-    train = make(cfg.train_split)
+    train = make(cfg.train_split, True)
     if cfg.val_split is not None:
-        val = make(cfg.val_split)
-    else:
+        val = make(cfg.val_split, False)
+    else:  # the held-out part keeps the evaluation transform
         tr, va = split_indices(len(train), cfg.val_fraction, seed, f"{cfg.name} at {root}")
-        train, val = Subset(train, tr), (Subset(train, va) if va else None)
+        whole = make(cfg.train_split, False) if va and cfg.augment != "none" else train
+        train, val = Subset(train, tr), (Subset(whole, va) if va else None)
     _probe(train, cfg.name)
     classes = list(getattr(train.dataset if isinstance(train, Subset) else train, "classes", None) or [])
     info = {"class_names": classes, "num_labels": len(classes)} if classes else {}
@@ -393,22 +412,23 @@ def build_torchvision(cfg, tokenizer, seed) -> Datasets:
 def build_image_folder(cfg, tokenizer, seed) -> Datasets:
     from torchvision.datasets import ImageFolder
 
-    def open_folder(path, key):
+    def open_folder(path, key, train):
         p = _existing(path, key)
         try:
-            return ImageFolder(str(p), transform=image_transform(cfg))
+            return ImageFolder(str(p), transform=image_transform(cfg, train))
         except FileNotFoundError as e:
             raise UserError(f"no images found in {p} (data.{key}; expected {p}/<class>/<image>): {e}") from e
 
-    train = open_folder(cfg.path, "path")
+    train = open_folder(cfg.path, "path", True)
     classes = list(train.classes)
     if cfg.val_path is not None:
-        val = open_folder(cfg.val_path, "val_path")
+        val = open_folder(cfg.val_path, "val_path", False)
         if list(val.classes) != classes:
             raise UserError(f"data.val_path classes {val.classes} differ from data.path classes {classes}")
-    else:
+    else:  # the held-out part keeps the evaluation transform
         tr, va = split_indices(len(train), cfg.val_fraction, seed, str(cfg.path))
-        train, val = Subset(train, tr), (Subset(train, va) if va else None)
+        whole = open_folder(cfg.path, "path", False) if va and cfg.augment != "none" else train
+        train, val = Subset(train, tr), (Subset(whole, va) if va else None)
     _probe(train, str(cfg.path))
     return Datasets(train=train, val=val, collate_fn=None,
                     info={"class_names": classes, "num_labels": len(classes), "image_size": cfg.image_size})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.tasks.base import Task
 
 
@@ -28,13 +29,79 @@ class SequenceClassificationTask(Task):
         return {"loss": (out.loss.item() * n, n), "acc": (correct, n)}
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, base: torch.Tensor, alpha: float, tau: float,
+                      kind: str = "soft", reduction: str = "batchmean") -> torch.Tensor:
+    """(1 - alpha) * ``base`` + alpha * the distillation term: soft, tau^2 * KL(softmax(teacher/tau) ||
+    softmax(student/tau)) summed over classes and divided by the batch size (``batchmean``) or by N x classes
+    (``numel``, as DeiT's code); hard, cross-entropy with the teacher's argmax."""
+    if kind == "hard":
+        term = F.cross_entropy(student, teacher.argmax(-1))
+    else:
+        kl = F.kl_div(F.log_softmax(student.float() / tau, -1), F.log_softmax(teacher.float() / tau, -1),
+                      reduction="sum", log_target=True)
+        term = kl * tau * tau / (student.numel() if reduction == "numel" else student.shape[0])
+    return (1 - alpha) * base + alpha * term
+
+
+def _num_classes(model) -> int | None:
+    """A timm model's ``num_classes`` or a transformers model's ``config.num_labels``."""
+    n = getattr(model, "num_classes", None)
+    return n if n is not None else getattr(getattr(model, "config", None), "num_labels", None)
+
+
 class ImageClassificationTask(Task):
-    """Batches are (images, labels); cross-entropy with optional label smoothing, top-1 accuracy."""
+    """Batches are (images, labels); cross-entropy with optional label smoothing, top-1 accuracy. Options for
+    training (evaluation is always plain cross-entropy and accuracy): ``mixup`` (timm's Mixup/CutMix with soft
+    targets and ``SoftTargetCrossEntropy``) and ``distill`` (a frozen teacher, ``distillation_loss``)."""
+
+    def __init__(self, config, info: dict):
+        super().__init__(config, info)
+        self.mixup = self.teacher = None
+
+    def setup(self, model, run) -> None:
+        classes = self.info.get("num_labels") or _num_classes(model)
+        if classes is None and (self.config.mixup is not None or self.config.distill is not None):
+            raise UserError("task.mixup and task.distill need the number of classes: the data gives no num_labels "
+                            "and the model no num_classes / config.num_labels")
+        if self.config.mixup is not None:
+            from timm.data import Mixup
+
+            m = self.config.mixup
+            self.mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
+                               switch_prob=m.switch_prob, mode=m.mode, label_smoothing=self.config.label_smoothing,
+                               num_classes=classes)
+        if self.config.distill is not None:
+            from omegaconf import OmegaConf
+
+            from blocktrain.trainer.sources.models import load_model
+
+            teacher = load_model(OmegaConf.create(self.config.distill.teacher)).model
+            n = _num_classes(teacher)
+            if n != classes:
+                raise UserError(f"task.distill.teacher has {n} classes but the student has {classes}: the teacher "
+                                "must be trained on the same labels (a timm teacher takes "
+                                f"task.distill.teacher.num_classes={classes} with its own checkpoint)")
+            self.teacher = teacher.eval().requires_grad_(False)
 
     def loss(self, model, batch):
         images, labels = batch
-        return F.cross_entropy(_logits(model(images)), labels, label_smoothing=self.config.label_smoothing)
+        if self.mixup is not None:
+            if len(labels) % 2:  # timm's Mixup pairs samples: an odd last batch loses one
+                images, labels = images[:-1], labels[:-1]
+            images, targets = self.mixup(images, labels)
+        logits = _logits(model(images))
+        if self.mixup is not None:
+            from timm.loss import SoftTargetCrossEntropy
 
+            base = SoftTargetCrossEntropy()(logits, targets)
+        else:
+            base = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
+        if self.teacher is None:
+            return base
+        with torch.no_grad():
+            teacher = _logits(self.teacher.to(images.device)(images))
+        d = self.config.distill
+        return distillation_loss(logits, teacher, base, d.alpha, d.tau, d.type, d.reduction)
     def per_sample_loss(self, model, batch):
         images, labels = batch
         return F.cross_entropy(_logits(model(images)).float(), labels, reduction="none")

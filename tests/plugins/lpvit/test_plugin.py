@@ -116,7 +116,9 @@ def test_tiny_timm_vit_end_to_end(vit_checkpoint, images, tmp_path):
     run_dir = tmp_path / "run"
     args = vit_args("lpvit_deit_s", vit_checkpoint, images, run_dir, "plugin.lpvit.calibration.samples=12",
                     "plugin.lpvit.calibration.batch_size=6", "stages=[calibrate,{fit:{name:finetune,max_steps:2}},evaluate,export]",
-                    "trainer.max_epochs=null", "scheduler.warmup_steps=0")
+                    "trainer.max_epochs=null", "scheduler.warmup_steps=0",
+                    "task.distill={teacher:{kind:timm,name:vit_tiny_patch16_224,pretrained:false,num_classes:2,"
+                    "kwargs:{img_size:32,depth:1}}}")  # the recipe's DeiT augmentation and mixup, and a teacher
     run(load_config(args))
     metrics = read_metrics(run_dir)["metrics"]
     layers = {k.removeprefix("sparsity/density/") for k in metrics if k.startswith("sparsity/density/")}
@@ -140,3 +142,11 @@ def test_deit_recipe_composes_with_the_cli():
     assert base.returncode == 0, base.stderr[-2000:]
     assert "name: deit_base_patch16_224" in base.stdout and "block:\n    - 32\n    - 32" in base.stdout
     assert "lr: 0.000125" in base.stdout and "max_epochs: 300" in base.stdout
+    for recipe in ("lpvit_deit_s", "lpvit_deit_b"):  # the DeiT augmentation is on; distillation is an option
+        cfg = load_config([f"recipe={recipe}", "data.path=/data/train", "task.distill={teacher:{kind:timm,name:regnety_160}}"])
+        validate_config(cfg)
+        assert (cfg.data.augment, cfg.task.label_smoothing, dict(cfg.task.mixup)) == ("deit", 0.1, {})
+        assert cfg.task.distill.teacher.name == "regnety_160"
+    bad = load_config(["recipe=lpvit_deit_s", "data.path=/data/train", "task.distill={teacher:{kind:timm,name:x},alpha:2}"])
+    with pytest.raises(UserError, match=r"^task.distill.alpha must be in \[0, 1\], got 2"):  # before anything loads
+        validate_config(bad)
