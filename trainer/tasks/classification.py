@@ -102,6 +102,7 @@ class ImageClassificationTask(Task):
             teacher = _logits(self.teacher.to(images.device)(images))
         d = self.config.distill
         return distillation_loss(logits, teacher, base, d.alpha, d.tau, d.type, d.reduction)
+
     def per_sample_loss(self, model, batch):
         images, labels = batch
         return F.cross_entropy(_logits(model(images)).float(), labels, reduction="none")
