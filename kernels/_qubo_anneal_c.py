@@ -5,26 +5,18 @@ paper's schedule (≈120 levels × 4096 moves × 20 chains) takes over a minute.
 arithmetic per chain in plain C: same pre-drawn moves, same float32 operations in the same order
 (``-ffp-contract=off``: no fused multiply-adds), so its state matches the reference bit for bit (tested).
 
-The library is built once with the system C compiler (``$CC``, else ``cc``) into
-``$BLOCKTRAIN_CACHE`` (default ``~/.cache/blocktrain``)/kernels, named by a hash of the source and
-flags. Without a compiler (or when the build fails) :func:`load` warns once and returns ``None``, and
-callers use the torch reference loop; the kernel dispatch's ``BLOCKTRAIN_KERNELS=reference`` chooses that
+The library is built once with the system C compiler by ``_cbuild`` (cached under ``$BLOCKTRAIN_CACHE``/kernels).
+Without a compiler (or when the build fails) :func:`load` warns once and returns ``None``, and callers use the torch reference loop; the kernel dispatch's ``BLOCKTRAIN_KERNELS=reference`` chooses that
 loop without building anything (``compiled`` is the dispatch's name for this loop).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import warnings
-from pathlib import Path
 
 import torch
 
-from blocktrain.trainer.io import atomic_path
+from blocktrain.kernels import _cbuild
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -76,41 +68,12 @@ void anneal_levels(const float *Q, const float *diag, const int32_t *slots, cons
 _FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("BLOCKTRAIN_CACHE", "~/.cache/blocktrain")).expanduser() / "kernels"
-
-
-def _build() -> Path | None:
-    """The cached library's path, compiled now if missing; ``None`` without a compiler. Raises ``OSError``."""
-    tag = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"qubo_anneal_{tag}.so"
-    if target.exists():
-        return target
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None
-    with atomic_path(target) as tmp:  # a concurrent or failed build never leaves a partial library
-        proc = subprocess.run([compiler, *_FLAGS, "-x", "c", "-", "-o", str(tmp)], input=_SOURCE,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise OSError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
-    return target
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    try:
-        path = _build()
-    except OSError as err:  # a failed compile, a read-only cache directory
-        warnings.warn(f"could not build the CPU annealer ({err}); using the torch reference loop (slower)")
-        return None
-    if path is None:
-        warnings.warn(f"no C compiler {os.environ.get('CC', 'cc')!r} found ($CC, else cc) to build the CPU annealer; "
-                      "using the torch reference loop (slower)")
-        return None
-    lib = ctypes.CDLL(str(path))
-    lib.anneal_levels.restype = None
-    lib.anneal_levels.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 4
+    lib = _cbuild.load("qubo_anneal", _SOURCE, _FLAGS, "the CPU annealer", "the torch reference loop (slower)")
+    if lib is not None:
+        lib.anneal_levels.restype = None
+        lib.anneal_levels.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 4
     return lib
 
 

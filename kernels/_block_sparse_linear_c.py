@@ -1,0 +1,210 @@
+"""``block_sparse_linear``'s CPU kernel: C++ compiled on first use (``_cbuild``, ``-O3 -march=native -fopenmp``),
+called through ctypes on fp32 CPU tensors. Block sides must be multiples of 16 (one 16-float vector).
+
+Two loops cover the three products of y = x·Wᵀ:
+
+- ``bsr_mm`` (y, and the input gradient g·W over the column-major layout): threads take macro tiles of tokens;
+  a tile's rows of x are packed k-major in micro tiles of MR rows (zero-padded past the last token) and kept in L2
+  while every output block row sweeps over them. For one micro tile and block row, an MR × 16·NV register tile
+  accumulates outer products (a broadcast x element times a row of the packed block) over the row's stored blocks
+  only, starting from the bias, and is stored once. Blocks are packed [k][out] so that row is contiguous.
+- ``bsr_grad`` (the stored blocks' gradient gᵀ·x): each thread owns a contiguous run of blocks and walks the tokens
+  in chunks that stay in L2; per block, register tiles of rows × 16·NV columns accumulate over the chunk's tokens
+  and are added into the block.
+
+Sums run in a different order from the dense matmul (same products, fused multiply-adds): results match the masked
+dense linear to fp32 rounding, not bit for bit.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from blocktrain.kernels import _cbuild
+
+__all__ = ["available", "bsr_mm", "bsr_grad"]
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+
+static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* y rows [0, rows) of one micro tile, output columns [o0, o0 + 16 NV) of block row j0..j1:
+   acc[i] = bias + sum_j sum_k xp[(idx[j] kb + k) MR + i] * p[(j kb + k) ro + o0 ..]. */
+template <int MR, int NV>
+static void micro_mm(const float *__restrict xp, const float *__restrict p, int64_t j0, int64_t j1,
+                     const int64_t *__restrict idx, int64_t kb, int64_t ro, int64_t o0, const float *bias,
+                     float *__restrict y, int64_t ldy, int64_t rows) {
+    v16 acc[MR][NV];
+    for (int v = 0; v < NV; ++v) {
+        v16 b0 = bias ? ld(bias + o0 + 16 * v) : (v16){};
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i) acc[i][v] = b0;
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+        const float *a = xp + idx[j] * kb * MR;
+        const float *b = p + j * kb * ro + o0;
+        for (int64_t k = 0; k < kb; ++k, a += MR, b += ro) {
+            v16 w[NV];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) w[v] = ld(b + 16 * v);
+#pragma GCC unroll 32
+            for (int i = 0; i < MR; ++i) {
+                v16 s = a[i] - (v16){};
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) acc[i][v] += s * w[v];
+            }
+        }
+    }
+    for (int i = 0; i < MR && i < rows; ++i)
+        for (int v = 0; v < NV; ++v) st(y + i * ldy + o0 + 16 * v, acc[i][v]);
+}
+
+template <int MR, int NV>
+static void mm(const float *x, int64_t m, int64_t kdim, const float *p, const int64_t *ptr, const int64_t *idx,
+               int64_t nrows, int64_t kb, int64_t ro, const float *bias, float *y, int threads, int64_t l2) {
+    const int64_t ldy = nrows * ro;
+    int64_t mc = l2 / (kdim * (int64_t)sizeof(float)) / MR * MR;
+    if (mc < MR) mc = MR;
+    const int64_t tiles = (m + mc - 1) / mc;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = (float *)aligned_alloc(64, (size_t)(mc * kdim * sizeof(float)));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t m0 = t * mc, mt = m - m0 < mc ? m - m0 : mc, micro = (mt + MR - 1) / MR;
+            for (int64_t u = 0; u < micro; ++u) {
+                float *dst = buf + u * kdim * MR;
+                for (int64_t i = 0; i < MR; ++i) {
+                    const int64_t row = u * MR + i;
+                    if (row < mt) {
+                        const float *src = x + (m0 + row) * kdim;
+                        for (int64_t k = 0; k < kdim; ++k) dst[k * MR + i] = src[k];
+                    } else {
+                        for (int64_t k = 0; k < kdim; ++k) dst[k * MR + i] = 0.0f;
+                    }
+                }
+            }
+            for (int64_t r = 0; r < nrows; ++r)
+                for (int64_t o0 = 0; o0 < ro; o0 += 16 * NV)
+                    for (int64_t u = 0; u < micro; ++u)
+                        micro_mm<MR, NV>(buf + u * kdim * MR, p, ptr[r], ptr[r + 1], idx, kb, ro, o0,
+                                         bias ? bias + r * ro : 0, y + (m0 + u * MR) * ldy + r * ro, ldy,
+                                         mt - u * MR);
+        }
+        free(buf);
+    }
+}
+
+/* y (m, nrows ro) = x (m, kdim) times the packed blocks p (nnz, kb, ro) of each block row (ptr, idx), + bias. */
+extern "C" void bsr_mm(const float *x, int64_t m, int64_t kdim, const float *p, const int64_t *ptr,
+                       const int64_t *idx, int64_t nrows, int64_t kb, int64_t ro, const float *bias, float *y,
+                       int threads, int64_t l2) {
+    if (ro % 32 == 0) mm<12, 2>(x, m, kdim, p, ptr, idx, nrows, kb, ro, bias, y, threads, l2);
+    else mm<24, 1>(x, m, kdim, p, ptr, idx, nrows, kb, ro, bias, y, threads, l2);
+}
+
+template <int MR, int NV>
+static void micro_grad(const float *__restrict g, int64_t ldg, const float *__restrict x, int64_t ldx, int64_t n,
+                       float *__restrict out, int64_t ldo) {
+    v16 acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = ld(out + i * ldo + 16 * v);
+    for (int64_t t = 0; t < n; ++t, g += ldg, x += ldx) {
+        v16 w[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) w[v] = ld(x + 16 * v);
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; ++i) {
+            v16 s = g[i] - (v16){};
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[i][v] += s * w[v];
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) st(out + i * ldo + 16 * v, acc[i][v]);
+}
+
+template <int MR, int NV>
+static void grad(const float *g, const float *x, int64_t m, int64_t n, int64_t kdim, const int64_t *brow,
+                 const int64_t *col, int64_t nnz, int64_t r, int64_t c, float *gv, int threads, int64_t l2) {
+    memset(gv, 0, (size_t)(nnz * r * c * sizeof(float)));
+    int64_t chunk = l2 / ((n + kdim) * (int64_t)sizeof(float));
+    if (chunk < 16) chunk = 16;
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t nt = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t b0 = nnz * me / nt, b1 = nnz * (me + 1) / nt;
+        for (int64_t t0 = 0; t0 < m; t0 += chunk) {
+            const int64_t len = m - t0 < chunk ? m - t0 : chunk;
+            for (int64_t b = b0; b < b1; ++b)
+                for (int64_t i0 = 0; i0 < r; i0 += MR)
+                    for (int64_t c0 = 0; c0 < c; c0 += 16 * NV)
+                        micro_grad<MR, NV>(g + t0 * n + brow[b] * r + i0, n, x + t0 * kdim + col[b] * c + c0, kdim,
+                                           len, gv + (b * r + i0) * c + c0, c);
+        }
+    }
+}
+
+/* gv (nnz, r, c): block b = sum over tokens of g[:, brow[b] r ..]^T x[:, col[b] c ..]. */
+extern "C" void bsr_grad(const float *g, const float *x, int64_t m, int64_t n, int64_t kdim, const int64_t *brow,
+                         const int64_t *col, int64_t nnz, int64_t r, int64_t c, float *gv, int threads, int64_t l2) {
+    if (c % 32 == 0) grad<8, 2>(g, x, m, n, kdim, brow, col, nnz, r, c, gv, threads, l2);
+    else grad<16, 1>(g, x, m, n, kdim, brow, col, nnz, r, c, gv, threads, l2);
+}
+"""
+_SOURCE = "#include <omp.h>\n" + _SOURCE
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_L2 = 384 * 1024  # bytes of x (per macro tile) or of g and x (per token chunk) kept in L2
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = _cbuild.load("block_sparse_linear", _SOURCE, _FLAGS, "the CPU block-sparse linear",
+                       "torch's BSR matmul (slower)", language="c++")
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.bsr_mm.restype = lib.bsr_grad.restype = None
+        lib.bsr_mm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int, i64]
+        lib.bsr_grad.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int, i64]
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run here (building it on first use)."""
+    return _library() is not None
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        assert t.device.type == "cpu" and t.is_contiguous() and t.dtype in (torch.float32, torch.int64), t.dtype
+
+
+def bsr_mm(x: torch.Tensor, packed: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None,
+           out_features: int) -> torch.Tensor:
+    """x (m, k) times the block rows (``ptr``, ``idx``) of ``packed`` (nnz, kb, ro) blocks, + ``bias``: (m, out)."""
+    _check(x, packed, ptr, idx, *([] if bias is None else [bias]))
+    m, kdim = x.shape
+    _, kb, ro = packed.shape
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    _library().bsr_mm(x.data_ptr(), m, kdim, packed.data_ptr(), ptr.data_ptr(), idx.data_ptr(), ptr.numel() - 1,
+                      kb, ro, None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), _L2)
+    return y
+
+
+def bsr_grad(g: torch.Tensor, x: torch.Tensor, brow: torch.Tensor, col: torch.Tensor,
+             block: tuple[int, int]) -> torch.Tensor:
+    """The (nnz, R, C) blocks (``brow``, ``col``) of gᵀ·x."""
+    _check(g, x, brow, col)
+    (m, n), kdim = g.shape, x.shape[1]
+    gv = torch.empty(col.numel(), *block, dtype=torch.float32)
+    _library().bsr_grad(g.data_ptr(), x.data_ptr(), m, n, kdim, brow.data_ptr(), col.data_ptr(), col.numel(),
+                        *block, gv.data_ptr(), torch.get_num_threads(), _L2)
+    return gv
