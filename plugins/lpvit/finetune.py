@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from blocktrain.trainer.compression.block_sparse import run_block_sparse, run_dense
 from blocktrain.trainer.compression.fixed_masks import mask_optimizer
 
 __all__ = ["FixedMaskCallback", "flops_kept", "mask_picture"]
@@ -13,10 +14,16 @@ __all__ = ["FixedMaskCallback", "flops_kept", "mask_picture"]
 
 class FixedMaskCallback(pl.Callback):
     """Masks the optimiser state and weights after every step of a fit (``mask_optimizer``) on a model carrying
-    ``weight_mask`` buffers; the weights' gradient hooks already mask the gradients."""
+    ``weight_mask`` buffers; the weights' gradient hooks already mask the gradients. With ``block``, the masked
+    Linears that it tiles run ``block_sparse_linear`` over their kept blocks during the fit (``run_block_sparse``)."""
 
-    def __init__(self):
+    def __init__(self, block: tuple[int, int] | None = None):
         self.handles: list = []
+        self.block = block
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.block is not None:
+            run_block_sparse(pl_module, self.block)
 
     def on_train_start(self, trainer, pl_module):
         self.handles = [mask_optimizer(pl_module, opt) for opt in trainer.optimizers]
@@ -25,6 +32,9 @@ class FixedMaskCallback(pl.Callback):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+    def on_fit_end(self, trainer, pl_module):
+        run_dense(pl_module)
 
 
 @torch.no_grad()

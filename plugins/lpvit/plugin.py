@@ -49,6 +49,7 @@ class LPViTConfig(PluginConfig):
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=2000, batch_size=64))
     save_every_s: float = 300.0  # resumable state written at most this often (and on Ctrl-C, and at the end)
     export_block_sparse: bool = False  # export also a model whose pruned Linears run block_sparse_linear
+    finetune_block_sparse: bool = False  # fit stages run the masked Linears with block_sparse_linear (same result)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
     def __post_init__(self):
@@ -117,7 +118,8 @@ class LPViTPlugin(PruningPlugin):
         from blocktrain.trainer.compression.state import ResumableState
 
         c = self.config
-        state = ResumableState(run, self.name, dataclasses.asdict(c), c.save_every_s, free=("save_every_s", "lm_eval", "export_block_sparse"))
+        state = ResumableState(run, self.name, dataclasses.asdict(c), c.save_every_s,
+                               free=("save_every_s", "lm_eval", "export_block_sparse", "finetune_block_sparse"))
         saved = state.load() or {}
         if "masks" not in saved:
             cal = c.calibration
@@ -164,7 +166,7 @@ class LPViTPlugin(PruningPlugin):
     def callbacks(self, run):
         from blocktrain.plugins.lpvit.finetune import FixedMaskCallback
 
-        return [FixedMaskCallback()]
+        return [FixedMaskCallback(tuple(self.config.block) if self.config.finetune_block_sparse else None)]
 
     def on_stage_start(self, stage, model, run):
         from blocktrain.trainer.compression.fixed_masks import attach_masks, detach_masks

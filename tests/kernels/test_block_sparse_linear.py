@@ -138,3 +138,36 @@ def test_block_sparse_model_saves_reloads_and_matches(tmp_path):
     assert isinstance(fresh.model.layers[1].self_attn.q_proj, BlockSparseLinear)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_mask_training_through_block_sparse_linear_matches_the_masked_dense_steps():
+    from blocktrain.trainer.compression.block_sparse import BlockMaskedLinear, run_block_sparse, run_dense
+    from blocktrain.trainer.compression.fixed_masks import attach_masks, mask_optimizer
+
+    gen = torch.Generator().manual_seed(5)
+    models = [tiny_llama(), tiny_llama()]
+    masks = {n: block_pruned(*m.weight.shape, (16, 16), gen) != 0 for n, m in models[0].named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    masks["model.layers.0.mlp.up_proj"][:] = True  # keeps every block: stays a plain Linear
+    batches = token_batches(2)
+    for model in models:
+        attach_masks(model, masks)
+    keys = list(models[1].state_dict())
+    swapped = run_block_sparse(models[1], (16, 16))
+    assert set(swapped) == {n for n, keep in masks.items() if not keep.all()} and len(swapped) >= 8
+    assert "model.layers.0.mlp.up_proj" not in swapped
+    assert isinstance(models[1].model.layers[1].self_attn.o_proj, BlockMaskedLinear)
+    assert list(models[1].state_dict()) == keys
+    for model in models:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        mask_optimizer(model, opt)
+        for batch in batches:
+            opt.zero_grad()
+            model(**batch, labels=batch["input_ids"]).loss.backward()
+            opt.step()
+    run_dense(models[1])
+    assert type(models[1].model.layers[1].self_attn.o_proj) is torch.nn.Linear
+    assert not hasattr(models[1].model.layers[1].self_attn.o_proj, "bsr_col")
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert not models[1].model.layers[1].self_attn.o_proj.weight[~masks["model.layers.1.self_attn.o_proj"]].any()

@@ -3,6 +3,10 @@
 ``to_block_sparse(model, block)`` swaps every Linear whose weight has whole zero blocks (a block-pruned model) for a
 ``BlockSparseLinear`` holding only the stored blocks; ``save_block_sparse``/``load_block_sparse`` write and read it
 as safetensors plus a manifest, onto a freshly built model of the same architecture.
+
+For training with fixed block masks, ``run_block_sparse(model, block)`` makes every masked Linear (``weight_mask``
+buffer, ``fixed_masks``) that the block tiles a ``BlockMaskedLinear``: same parameters, buffers and state dict, but
+its forward and backward run ``block_sparse_linear`` over the blocks its mask keeps; ``run_dense`` undoes it.
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ import torch
 from torch import nn
 
 from blocktrain.kernels.block_sparse_linear import block_sparse_linear, from_bsr, to_bsr
+from blocktrain.trainer.compression.fixed_masks import MASK, masked_layers
 
-__all__ = ["BlockSparseLinear", "to_block_sparse", "save_block_sparse", "load_block_sparse"]
+__all__ = ["BlockSparseLinear", "BlockMaskedLinear", "to_block_sparse", "save_block_sparse", "load_block_sparse",
+           "run_block_sparse", "run_dense"]
 
 MANIFEST = "block_sparse.json"
 
@@ -53,6 +59,54 @@ class BlockSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
                 f"blocks={self.values.shape[0]}")
+
+
+class BlockMaskedLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is zero outside fixed R×C blocks, run by ``block_sparse_linear`` on those blocks
+    (gathered from the weight each call, so the weight's gradient is theirs scattered into zeros). Made from a
+    Linear in place by :func:`run_block_sparse` (a class swap, as ``torch.nn.utils.parametrize`` does), so
+    parameters, optimiser state, hooks and the state dict are the Linear's; the layout buffers are not persistent."""
+
+    block: tuple[int, int]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, c = self.block
+        tiles = self.weight.view(self.out_features // r, r, self.in_features // c, c).transpose(1, 2)
+        return block_sparse_linear(x, tiles[self.bsr_rows, self.bsr_col], self.bsr_crow, self.bsr_col, self.bias,
+                                   self.out_features)
+
+
+_LAYOUT = ("bsr_crow", "bsr_col", "bsr_rows")
+
+
+def run_block_sparse(model: nn.Module, block: tuple[int, int]) -> list[str]:
+    """Make every Linear with a ``weight_mask`` that ``block`` tiles a :class:`BlockMaskedLinear` over the blocks its
+    mask keeps any of (in place); returns their names. Layers whose mask keeps every block stay as they are."""
+    r, c = block
+    done = []
+    for name, module in masked_layers(model).items():
+        if type(module) is not nn.Linear or module.out_features % r or module.in_features % c:
+            continue
+        _, crow, col = to_bsr(getattr(module, MASK).float(), block)
+        if col.numel() == module.weight.numel() // (r * c):
+            continue
+        module.__class__ = BlockMaskedLinear
+        module.block = (r, c)
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+        for key, value in zip(_LAYOUT, (crow, col, rows)):
+            module.register_buffer(key, value, persistent=False)
+        done.append(name)
+    return done
+
+
+def run_dense(model: nn.Module) -> None:
+    """Turn every :class:`BlockMaskedLinear` back into a plain ``nn.Linear`` (in place)."""
+    for module in model.modules():
+        if isinstance(module, BlockMaskedLinear):
+            for key in _LAYOUT:
+                delattr(module, key)
+            del module.block
+            module.__class__ = nn.Linear
 
 
 def to_block_sparse(model: nn.Module, block: tuple[int, int], names: list[str] | None = None) -> dict[str, dict]:

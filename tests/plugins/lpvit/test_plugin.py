@@ -1,6 +1,7 @@
 """The ``lpvit`` plugin through the engine: bad input fails before calibration with one clear message; calibrate ->
 fine-tune (masks fixed, optimiser state included) -> evaluate -> export on a tiny Llama, interrupted mid-fine-tune
-and resumed with the same masks; a tiny timm ViT end to end; the DeiT recipe validates."""
+and resumed with the same masks; the fine-tune through block_sparse_linear equals the masked dense one; a tiny timm
+ViT end to end; the DeiT recipe validates."""
 from __future__ import annotations
 
 import pytest
@@ -88,6 +89,31 @@ def test_llm_prune_finetune_resume_export(llama_dir, corpus, tmp_path):
     assert exported.keys() == again.keys()
     for key in exported:
         assert torch.equal(exported[key], again[key]), key
+
+
+class LayerKinds(pl.Callback):
+    """The classes of the masked layers seen at every training step."""
+
+    def __init__(self):
+        self.kinds: set[str] = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.kinds |= {type(m).__name__ for m in masked_layers(pl_module).values()}
+
+
+def test_block_sparse_finetune_matches_the_masked_dense_finetune(llama_dir, corpus, tmp_path):
+    exports = {}
+    for flag in (False, True):
+        kinds = LayerKinds()
+        run(load_config(llm_args("lpvit_llm", llama_dir, corpus, tmp_path / str(flag), "plugin.lpvit.block=[16,16]",
+                                 "plugin.lpvit.calibration.samples=8", "stages=[calibrate,{fit:{name:ft,max_steps:2}},export]",
+                                 "scheduler.warmup_steps=0", "optim.lr=1e-2", "data.stride=8",
+                                 f"plugin.lpvit.finetune_block_sparse={flag}")), extra_callbacks=[kinds])
+        assert kinds.kinds == ({"BlockMaskedLinear", "Linear"} if flag else {"Linear"})
+        exports[flag] = load_file(str(tmp_path / str(flag) / "export" / "model" / "model.safetensors"))
+    assert exports[True].keys() == exports[False].keys()
+    for key, value in exports[False].items():
+        torch.testing.assert_close(exports[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_block_sparse_export_reloads_and_matches_the_dense_export(llama_dir, corpus, tmp_path):
