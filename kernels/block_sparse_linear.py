@@ -124,7 +124,7 @@ def _backward_triton(g2, x2, values, crow, col, need_x):
 
 
 # --------------------------------------------------------------------------------------------
-# compiled (CPU): fp32, blocks packed so each kernel's inner row is contiguous
+# compiled (CPU): fp32
 
 
 def _fp32(t: Tensor) -> Tensor:
@@ -132,19 +132,14 @@ def _fp32(t: Tensor) -> Tensor:
 
 
 def _forward_compiled(x2, values, crow, col, out, bias):
-    packed = _fp32(values).transpose(1, 2).contiguous()  # (nnzb, C, R): block j's row k is W[rows, col_k]
-    y = _block_sparse_linear_c.bsr_mm(_fp32(x2), packed, crow, col, None if bias is None else _fp32(bias), out)
+    y = _block_sparse_linear_c.forward(_fp32(x2), _fp32(values), crow, col, None if bias is None else _fp32(bias), out)
     return y.to(x2.dtype)
 
 
 def _backward_compiled(g2, x2, values, crow, col, need_x):
-    g, x = _fp32(g2), _fp32(x2)
-    gx = None
-    if need_x:  # g·W: the block columns of W as rows, each block as stored (R, C)
-        vt, ccol, rows = _transposed(values, crow, col, x.shape[1] // values.shape[2])
-        gx = _block_sparse_linear_c.bsr_mm(g, _fp32(vt.transpose(1, 2)), ccol, rows, None, x.shape[1]).to(x2.dtype)
-    gv = _block_sparse_linear_c.bsr_grad(g, x, _block_rows(crow), col, tuple(values.shape[1:]))
-    return gx, gv.to(values.dtype)
+    g, x, v = _fp32(g2), _fp32(x2), _fp32(values)
+    gx = _block_sparse_linear_c.backward_x(g, v, crow, col, x.shape[1]).to(x2.dtype) if need_x else None
+    return gx, _block_sparse_linear_c.backward_values(g, x, crow, col, tuple(values.shape[1:])).to(values.dtype)
 
 
 def _compiled_fits(values: Tensor, x: Tensor) -> bool:

@@ -106,7 +106,8 @@ def test_block_sparse_finetune_matches_the_masked_dense_finetune(llama_dir, corp
     for flag in (False, True):
         kinds = LayerKinds()
         run(load_config(llm_args("lpvit_llm", llama_dir, corpus, tmp_path / str(flag), "plugin.lpvit.block=[16,16]",
-                                 "plugin.lpvit.calibration.samples=8", "stages=[calibrate,{fit:{name:ft,max_steps:2}},export]",
+                                 "plugin.lpvit.calibration.samples=8",
+                                 "stages=[calibrate,{fit:{name:ft,max_steps:2}},export]",
                                  "scheduler.warmup_steps=0", "optim.lr=1e-2", "data.stride=8",
                                  f"plugin.lpvit.finetune_block_sparse={flag}")), extra_callbacks=[kinds])
         assert kinds.kinds == ({"BlockMaskedLinear", "Linear"} if flag else {"Linear"})
