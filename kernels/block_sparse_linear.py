@@ -7,8 +7,8 @@ back. Paths, chosen by ``kernels.dispatch``:
 - ``compiled`` (CPU, block sides multiples of 16, where a C++ compiler builds it): ``_block_sparse_linear_c``, a
   threaded, cache-blocked AVX loop over the stored blocks only, for y, the input gradient (the same loop over the
   column-major layout) and the block gradients; fp32 (bf16/fp16 inputs run in fp32). On this machine it runs the
-  DeiT-B MLP shapes at 50% block density 2-3x faster than torch's dense matmul and ~4x faster than torch's BSR
-  matmul (benchmarks/RESULTS.md), so ``auto`` picks it on the CPU;
+  DeiT-B MLP shapes at 50% block density 1.4-2.0x faster than torch's dense matmul (1.7-1.9x at 32x32) and
+  4.5-5.9x faster than torch's BSR matmul (benchmarks/RESULTS.md), so ``auto`` picks it on the CPU;
 - ``reference`` (other CPU blocks, no compiler, ``BLOCKTRAIN_KERNELS=reference``, and any device without Triton):
   torch's sparse BSR matmul for y and the input gradient (over the transposed layout), fp32 (torch has no
   bf16/fp16 BSR kernel on CPU); the block gradients are gathered from the dense gᵀ·x;
