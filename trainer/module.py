@@ -1,6 +1,7 @@
 """The LightningModule every run uses: model + task + plugins, engine-owned optimisation."""
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -101,7 +102,11 @@ class RunModule(pl.LightningModule):
         groups = [g for plugin in self.plugins for g in plugin.param_groups(self.model, self.run)]
         optimizer = build_optimizer(self.optim_cfg, param_groups(self.model, groups))
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_scheduler(self.scheduler_cfg, optimizer, total)
+        if self.trainer.train_dataloader is None:  # as estimated_stepping_batches does when it needs the length
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches) else None
+        scheduler = build_scheduler(self.scheduler_cfg, optimizer, total, per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- resume: plugin state and RNG streams ride in every checkpoint -----------------------------
