@@ -167,6 +167,24 @@ def test_tiny_timm_vit_end_to_end(vit_checkpoint, images, tmp_path, monkeypatch)
     assert any("finetune/train/loss" in row for row in history)  # the fine-tune curve
 
 
+def test_deit_finetune_resumes_exactly_mid_epoch(vit_checkpoint, images, tmp_path):
+    """Ctrl-C in the second epoch of a fine-tune with the DeiT pieces (augmentation, repeated augmentation, mixup, drop
+    path): the resumed run's export equals the straight run's (sample order, augmentation and mixup draws)."""
+    def args(run_dir, *extra):
+        return vit_args("lpvit_deit_s", vit_checkpoint, images, run_dir, "plugin.lpvit.calibration.samples=12",
+                        "plugin.lpvit.calibration.batch_size=6", "stages=[calibrate,{fit:{name:finetune,max_steps:5}},export]",
+                        "checkpoint.every_n_steps=1", *extra)  # 18 training images in batches of 6: 3 steps an epoch
+
+    run(load_config(args(tmp_path / "straight")))
+    with pytest.raises(RunInterrupted):
+        run(load_config(args(tmp_path / "resumed")), extra_callbacks=[interrupt_at(4, "finetune/")])
+    run(load_config(args(tmp_path / "resumed", "resume=auto")))
+    straight, resumed = (load_file(str(next((tmp_path / d / "export").rglob("*.safetensors"))))
+                         for d in ("straight", "resumed"))
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
 def test_deit_recipe_composes_with_the_cli():
     result = train("recipe=lpvit_deit_s", "data.path=/data/imagenet/train", "--cfg", "job")
     assert result.returncode == 0, result.stderr[-2000:]
