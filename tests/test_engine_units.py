@@ -9,8 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from blocktrain.trainer.checkpoint import AtomicCheckpointIO
+from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.data_module import ResumableSampler
-from blocktrain.trainer.optim import build_optimizer, lr_lambda
+from blocktrain.trainer.optim import build_optimizer, build_scheduler, lr_lambda
 
 OPTIM_DIR = resources.files("blocktrain.conf").joinpath("optim")
 
@@ -42,6 +43,19 @@ def test_lr_schedules():
     assert math.isclose(lr_lambda("cosine", 0, 100, 0.0)(500), 0.0, abs_tol=1e-12)
 
 
+def test_warmup_in_epochs_counts_the_steps_of_an_epoch():
+    def lrs(cfg, per_epoch):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_scheduler(OmegaConf.create({"kind": "cosine", "min_lr": 0.0, **cfg}), opt, 100, per_epoch)
+        return [sched.lr_lambdas[0](s) for s in range(100)]
+
+    assert lrs({"warmup_steps": 0, "warmup_epochs": 2.5}, 4) == lrs({"warmup_steps": 10}, None)
+    with pytest.raises(UserError, match="warmup_epochs=1 needs a value >= 0 and scheduler.warmup_steps=0 \\(got 5\\)"):
+        lrs({"warmup_steps": 5, "warmup_epochs": 1}, 4)
+    with pytest.raises(UserError, match="warmup_epochs needs a loop over epochs"):
+        lrs({"warmup_steps": 0, "warmup_epochs": 1}, None)
+
+
 def test_sampler_gives_the_same_global_batches_for_any_world_size():
     one = list(ResumableSampler(50, batch_size=8, seed=3))
     ranks = [list(ResumableSampler(50, batch_size=4, seed=3, rank=r, world=2)) for r in range(2)]
@@ -60,6 +74,30 @@ def test_sampler_skips_once_and_reshuffles_per_epoch():
     assert list(sampler) == full
     sampler.set_epoch(1)
     assert sorted(sampler) == sorted(full) and list(sampler) != full
+    epoch1 = list(sampler)
+    sampler.set_epoch(0)  # a loader built before Lightning restores the epoch counter: the skip waits for epoch 1
+    sampler.skip, sampler.skip_epoch = 8, 1
+    sampler.set_epoch(1)
+    assert list(sampler) == epoch1[8:] and list(sampler) == epoch1
+    sampler.skip, sampler.skip_epoch = 8, 1  # saved in epoch 1, resumed into epoch 2: nothing to skip there
+    sampler.set_epoch(2)
+    assert len(list(sampler)) == 20
+    sampler.skip, sampler.skip_epoch = 20, 2  # saved after the epoch's last batch
+    assert len(list(sampler)) == 20
+
+
+def test_repeated_augmentation_sampler_repeats_in_a_row_and_resumes_exactly():
+    plain = list(ResumableSampler(20, batch_size=4, seed=0))
+    sampler = ResumableSampler(20, batch_size=4, seed=0, repeats=3)
+    full = list(sampler)
+    assert len(full) == len(sampler) == 20  # an epoch keeps the split's length
+    assert full == [i for i in plain[:7] for _ in range(3)][:20]  # the same permutation, each index 3 times in a row
+    sampler.skip = 8
+    assert list(sampler) == full[8:] and list(sampler) == full
+    ranks = [list(ResumableSampler(20, batch_size=2, seed=0, rank=r, world=2, repeats=3)) for r in range(2)]
+    assert [i for pair in zip(*ranks) for i in pair] == full  # copies of an index go to consecutive ranks
+    sampler.set_epoch(1)
+    assert list(sampler) != full and sorted(set(sampler)) != list(range(20))
 
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -94,7 +132,6 @@ def test_trainer_presets_are_lightning_arguments(preset):
 
 def test_unknown_trainer_key_lists_lightning_arguments():
     from blocktrain.trainer.cli import load_config
-    from blocktrain.trainer.errors import UserError
     from blocktrain.trainer.run import trainer_kwargs
 
     with pytest.raises(UserError, match="unknown key 'max_stepz' in trainer. Valid keys: .*max_steps"):

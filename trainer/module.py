@@ -1,6 +1,7 @@
 """The LightningModule every run uses: model + task + plugins, engine-owned optimisation."""
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -101,8 +102,18 @@ class RunModule(pl.LightningModule):
         groups = [g for plugin in self.plugins for g in plugin.param_groups(self.model, self.run)]
         optimizer = build_optimizer(self.optim_cfg, param_groups(self.model, groups))
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_scheduler(self.scheduler_cfg, optimizer, total)
+        scheduler = build_scheduler(self.scheduler_cfg, optimizer, total, self._steps_per_epoch())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> int | None:
+        """Optimiser steps per epoch of the training loader, for ``scheduler.warmup_epochs`` (None: not asked for, or
+        an iterable dataset without a length)."""
+        if self.scheduler_cfg.get("warmup_epochs") is None:
+            return None
+        if self.trainer.train_dataloader is None:  # as estimated_stepping_batches does when it needs the length
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        return math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches) else None
 
     # -- resume: plugin state and RNG streams ride in every checkpoint -----------------------------
     def on_save_checkpoint(self, checkpoint):

@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from blocktrain.trainer.errors import UserError
+from blocktrain.trainer.validation import check_warmup
 
 
 def param_groups(model: torch.nn.Module, groups: list[dict]) -> list[dict]:
@@ -52,8 +53,15 @@ def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
     return factor
 
 
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int,
+                    steps_per_epoch: int | None = None):
+    """The ``scheduler`` preset over ``total_steps``; ``warmup_epochs`` (when set) counts ``steps_per_epoch``."""
     base_lr = optimizer.param_groups[0]["lr"]
     min_ratio = cfg.min_lr / base_lr if base_lr else 0.0
-    schedule = lr_lambda(cfg.kind, cfg.warmup_steps, total_steps, min_ratio)
+    check_warmup(cfg)  # a fit phase's settings may add warmup_steps to the run's warmup_epochs
+    epochs = cfg.get("warmup_epochs")
+    if epochs is not None and steps_per_epoch is None:
+        raise UserError("scheduler.warmup_epochs needs a loop over epochs of data; use scheduler.warmup_steps here")
+    warmup = round(epochs * steps_per_epoch) if epochs is not None else cfg.warmup_steps
+    schedule = lr_lambda(cfg.kind, warmup, total_steps, min_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -155,7 +155,7 @@ def _datamodule(cfg: DictConfig, datasets) -> RunDataModule | None:
         return None
     batch_size = datasets.info.get("batch_size", cfg.data.batch_size)  # a source may lower it (few-shot pools)
     return RunDataModule(datasets, batch_size, cfg.data.get("eval_batch_size"), cfg.data.get("num_workers", 0),
-                         cfg.seed)
+                         cfg.seed, cfg.data.get("repeats", 1))
 
 
 def _interrupt_message(cfg: DictConfig, run_dir: Path) -> str:

@@ -57,7 +57,16 @@ class NoLoggerConfig:
 class SchedulerConfig:
     kind: str = "cosine"
     warmup_steps: int = 0
+    warmup_epochs: Optional[float] = None  # warm-up over epochs of the fit's training data (DeiT: 5), for warmup_steps
     min_lr: float = 0.0
+
+
+def check_warmup(scheduler) -> None:
+    """``warmup_epochs`` replaces ``warmup_steps``: not both, and not negative."""
+    epochs = scheduler.get("warmup_epochs")
+    if epochs is not None and (epochs < 0 or scheduler.warmup_steps):
+        raise UserError(f"scheduler.warmup_epochs={epochs} needs a value >= 0 and scheduler.warmup_steps=0 "
+                        f"(got {scheduler.warmup_steps}): set one of the two")
 
 
 LOGGERS = {"wandb": WandbConfig, "csv": CsvConfig, "none": NoLoggerConfig}
@@ -123,7 +132,7 @@ def validate_config(cfg: DictConfig, allow_missing: bool = False) -> dict[str, D
     validate_node(cfg.logger, kind_schema(cfg.logger, LOGGERS, "logger"), "logger", allow_missing)
     if cfg.scheduler.get("kind") not in SCHEDULERS:
         raise UserError(f"unknown scheduler.kind '{cfg.scheduler.get('kind')}'. Valid kinds: {', '.join(SCHEDULERS)}")
-    validate_node(cfg.scheduler, SchedulerConfig, "scheduler", allow_missing)
+    check_warmup(validate_node(cfg.scheduler, SchedulerConfig, "scheduler", allow_missing))
     if "_target_" not in cfg.optim:
         raise UserError("optim needs a _target_ (an optimizer class path), e.g. optim=adamw")
     if cfg.model is None:

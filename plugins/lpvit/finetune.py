@@ -1,15 +1,14 @@
 """The fit stage's side of LPViT: the Lightning callback that keeps the fixed masks through every optimiser step,
-and the evaluate stage's FLOPs count and block-mask picture."""
+and the evaluate stage's FLOPs count."""
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from blocktrain.trainer.compression.block_sparse import run_block_sparse, run_dense
 from blocktrain.trainer.compression.fixed_masks import mask_optimizer
 
-__all__ = ["FixedMaskCallback", "flops_kept", "mask_picture"]
+__all__ = ["FixedMaskCallback", "flops_kept"]
 
 
 class FixedMaskCallback(pl.Callback):
@@ -47,25 +46,3 @@ def flops_kept(model: torch.nn.Module, positions: dict[str, tuple[int, int]]) ->
         kept += float(weight.count_nonzero()) * pos + bias
         dense += weight.numel() * pos + bias
     return kept / dense
-
-
-@torch.no_grad()
-def mask_picture(model: torch.nn.Module, names: list[str], block: tuple[int, int], layers: int = 8, height: int = 96):
-    """A PIL picture of the kept blocks (white) of up to ``layers`` layers spread over the model, side by side."""
-    from PIL import Image
-
-    picked = [names[round(i * (len(names) - 1) / max(layers - 1, 1))] for i in range(min(layers, len(names)))]
-    tiles = []
-    for name in dict.fromkeys(picked):
-        weight = model.get_submodule(name).weight
-        kept = (weight.reshape(weight.shape[0], -1) != 0).float()
-        grid = F.max_pool2d(kept[None, None], block, stride=block, ceil_mode=True)[0, 0]
-        tile = Image.fromarray((grid.cpu().numpy() * 255).astype("uint8"))
-        scale = height / tile.height
-        tiles.append(tile.resize((max(1, round(tile.width * scale)), height), Image.NEAREST))
-    canvas = Image.new("L", (sum(t.width for t in tiles) + 4 * len(tiles), height), 128)
-    x = 0
-    for tile in tiles:
-        canvas.paste(tile, (x, 0))
-        x += tile.width + 4
-    return canvas.convert("RGB")

@@ -131,6 +131,22 @@ class LPViTPlugin(PruningPlugin):
         attach_masks(model, saved["masks"])
         run.log({"lpvit/flops_kept_planned": self.info["flops"], "lpvit/beta": self.info["beta"],
                  "lpvit/slope_log2": self.info["slope_log2"]})
+        self._log_allocation(saved["masks"], run)
+
+    def _log_allocation(self, masks: dict, run) -> None:
+        """The allocation as media: a table (layer, amount pruned, density, share of the dense FLOPs kept) and the
+        curves of four layers spread over the model with their chosen amounts."""
+        from blocktrain.plugins.lpvit.figures import curves_picture
+        from blocktrain.trainer.media import Table
+
+        info = self.info
+        dense = sum(masks[n].numel() * pos + bias for n, (pos, bias) in info["positions"].items())
+        rows = [[n, round(a, 4), round(float(masks[n].float().mean()), 4),
+                 round((int(masks[n].sum()) * info["positions"][n][0] + info["positions"][n][1]) / dense, 6)]
+                for n, a in info["amounts"].items()]
+        sign = 1.0 if self.config.faithful else -1.0
+        run.log_media({"lpvit/allocation": Table(["layer", "amount", "density", "flops_kept_share"], rows),
+                       "lpvit/curves": curves_picture(info["curves"], info["amounts"], info["beta"], sign)})
 
     def _masks(self, model, batches, state, saved, run) -> dict:
         """The gradient pass (one resumable step per batch), then curves, allocation and masks."""
@@ -160,8 +176,11 @@ class LPViTPlugin(PruningPlugin):
         if abs(info["flops"] - s.flops) > s.tolerance:
             print(f"lpvit: the allocation keeps {info['flops']:.3f} of the FLOPs, not {_WHERE}.flops={s.flops} (within "
                   f"{s.tolerance}): the budget is out of reach of the curves and the min_density cap", file=sys.stderr)
+        from blocktrain.plugins.lpvit.figures import spread
+
         keep = ("amounts", "flops", "beta", "slope_log2", "positions")
-        return {"masks": masks, **{k: info[k] for k in keep}, "curves": dict(list(info["total"].items())[:4])}
+        curves = {n: {k: info[k][n] for k in ("distortion", "power", "total")} for n in spread(list(info["total"]), 4)}
+        return {"masks": masks, **{k: info[k] for k in keep}, "curves": curves}
 
     def callbacks(self, run):
         from blocktrain.plugins.lpvit.finetune import FixedMaskCallback
@@ -200,7 +219,8 @@ class LPViTPlugin(PruningPlugin):
         return written
 
     def evaluate(self, model, run):
-        from blocktrain.plugins.lpvit.finetune import flops_kept, mask_picture
+        from blocktrain.plugins.lpvit.figures import mask_picture
+        from blocktrain.plugins.lpvit.finetune import flops_kept
         from blocktrain.trainer.compression.report import report_sparsity
 
         metrics = report_sparsity(model, self.names, run)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from blocktrain.plugins.lpvit import curves as C
-from blocktrain.trainer.compression.calibration import calibration_forward
+from blocktrain.trainer.compression.calibration import calibration_forward, without_stochastic_depth
 
 __all__ = ["LPViTSettings", "LayerStats", "check_targets", "gradient_statistic", "layer_curves", "allocate",
            "lpvit_prune", "masks_from_gradients", "flops_ratio"]
@@ -97,7 +97,8 @@ def gradient_statistic(model: nn.Module, names: list[str], batches: Iterable, fo
                        on_batch: Callable[[int], None] | None = None, start: int = 0) -> tuple[dict, dict]:
     """Σ over ``batches`` of ∂ mean(f(x)²)/∂W per target layer (the model in ``train()`` mode, no labels), and each
     layer's (positions, input width) from the first batch's forward. Divide the sums by the batch count for the
-    code's mean gradient. ``sums``/``start``/``on_batch`` let a caller resume and report per batch."""
+    code's mean gradient. ``sums``/``start``/``on_batch`` let a caller resume and report per batch. Stochastic depth
+    is off for the pass (the official pruning script builds its model without it; a fine-tune may use it)."""
     modules = {n: model.get_submodule(n) for n in names}
     sums = {} if sums is None else sums
     shapes = {} if shapes is None else shapes
@@ -120,7 +121,8 @@ def gradient_statistic(model: nn.Module, names: list[str], batches: Iterable, fo
         for i, batch in enumerate(batches):
             if i < start:
                 continue
-            loss = _logits(forward(model, batch)).float().pow(2).mean()
+            with without_stochastic_depth(model):
+                loss = _logits(forward(model, batch)).float().pow(2).mean()
             grads = torch.autograd.grad(loss, [m.weight for m in modules.values()], allow_unused=True)
             for hook_handle in hooks:
                 hook_handle.remove()

@@ -87,7 +87,7 @@ def test_resolver_not_ready_yet_is_deferred():
     ({"id": "x"}, "model.kind is not set. Valid kinds: transformers, gguf, timm"),
     ({"kind": "timm", "name": "resnet18", "num_class": 3},
      "unknown key 'model.num_class' for model kind 'timm'. Valid keys: kind, name, pretrained, checkpoint, "
-     "num_classes, kwargs"),
+     "num_classes, drop_path_rate, kwargs"),
     ({"kind": "timm", "name": "resnet18", "pretrained": "yes"}, "model.pretrained must be true or false, got 'yes'"),
     ({"kind": "timm", "name": "resnet18", "num_classes": "ten"},
      "model.num_classes must be an integer or null, got 'ten'"),

@@ -446,4 +446,5 @@ def build_few_shot_data(cfg, tokenizer, seed: int):
             "templates": templates, "train_steps": cfg.steps_per_shot * cfg.shots, "image_size": cfg.image_size,
             "sampling_seed": sampling_seed, "num_test": len(test),
             "batch_size": min(cfg.batch_size, len(train))}  # CLIP-LoRA: a pool smaller than a batch is one batch
-    return Datasets(train=train, val=test, collate_fn=None, info=info)
+    return Datasets(train=train, val=test, collate_fn=None, info=info,
+                    calibration=FewShotImages(train_pool, eval_transform(cfg.image_size)))  # un-augmented shots

@@ -11,7 +11,7 @@ import torch
 from blocktrain.trainer.io import atomic_path, write_json
 from blocktrain.trainer.media import Table
 
-__all__ = ["layer_densities", "density_chart", "report_sparsity"]
+__all__ = ["layer_densities", "density_chart", "curve_chart", "report_sparsity"]
 
 
 @torch.no_grad()
@@ -47,6 +47,39 @@ def density_chart(rows: list[dict], target: float | None = None, height: int = 2
         draw.line([(left, y), (width - 5, y)], fill=(200, 40, 40))
     draw.text((left, 4), f"density per layer ({len(rows)} layers, in model order)", fill="black")
     draw.text((left, height - bottom + 4), "layer", fill="black")
+    return image
+
+
+COLOURS = [(60, 110, 180), (220, 120, 30), (40, 150, 70), (150, 60, 160)]
+
+
+def curve_chart(title: str, x: list[float], series: dict[str, list[float]], mark: float | None = None,
+                size: tuple[int, int] = (360, 220)):
+    """A PIL line chart of ``series`` over ``x``, each scaled to its own range (given in the legend), with a
+    vertical line at ``mark`` (an operating point)."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 8, 8, 20, 16 + 12 * len(series)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    box = (left, top, width - right, height - bottom)
+    draw.rectangle(box, outline=(160, 160, 160))
+    x0, x1 = min(x), max(x)
+
+    def px(v: float) -> float:
+        return box[0] + (box[2] - box[0]) * (v - x0) / ((x1 - x0) or 1)
+
+    for i, (label, ys) in enumerate(series.items()):
+        lo, hi = min(ys), max(ys)
+        points = [(px(a), box[3] - (box[3] - box[1]) * ((y - lo) / (hi - lo) if hi > lo else 0.5)) for a, y in zip(x, ys)]
+        colour = COLOURS[i % len(COLOURS)]
+        draw.line(points, fill=colour, width=2)
+        draw.text((left, box[3] + 4 + 12 * i), f"{label}: {lo:.3g} .. {hi:.3g}", fill=colour)
+    if mark is not None:
+        draw.line([(px(mark), box[1]), (px(mark), box[3])], fill=(200, 40, 40), width=1)
+    draw.text((left, 4), title, fill="black")
+    draw.text((box[2] - 40, box[3] + 4), f"{x0:g}..{x1:g}", fill=(120, 120, 120))
     return image
 
 

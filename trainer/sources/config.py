@@ -86,6 +86,8 @@ class TimmModelConfig:
     pretrained: bool = True  # hub weights (ignored when checkpoint is set)
     checkpoint: Optional[str] = field(default=None, metadata=PATH)  # local .safetensors / .pth / .bin weights
     num_classes: Optional[int] = field(default=None, metadata=NONNEG)  # null = the model's default
+    # stochastic depth (create_model's drop_path_rate, per block rising linearly to it; DeiT: 0.1); null = default
+    drop_path_rate: Optional[float] = field(default=None, metadata=FRACTION)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to create_model (e.g. img_size)
 
 
@@ -103,6 +105,9 @@ class DataConfig:
     batch_size: int = field(default=32, metadata=POSITIVE)
     eval_batch_size: Optional[int] = field(default=None, metadata=POSITIVE)  # null = batch_size
     num_workers: int = field(default=0, metadata=NONNEG)
+    # repeated augmentation (DeiT's RASampler: 3): each sampled training item appears this many times in a row in an
+    # epoch of the same length, every copy augmented anew; for sources that augment at random (images: data.augment)
+    repeats: int = field(default=1, metadata=POSITIVE)
 
 
 @dataclass

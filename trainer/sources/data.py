@@ -22,13 +22,16 @@ from blocktrain.trainer.sources.config import validate_data_config
 
 @dataclass
 class Datasets:
-    """Train and val datasets, the collate function batches need (None = torch's default) and facts
-    about the data (``num_labels``, ``class_names``, ``seq_len``, sizes, ...)."""
+    """Train and val datasets, the collate function batches need (None = torch's default), facts about the
+    data (``num_labels``, ``class_names``, ``seq_len``, sizes, ...) and the calibration view: the training
+    items without random augmentation (the evaluation transform), which post-training methods calibrate on
+    (None = ``train`` itself, a source that does not augment)."""
 
     train: Dataset
     val: Dataset | None
     collate_fn: Callable | None
     info: dict = field(default_factory=dict)
+    calibration: Dataset | None = None
 
 
 def build_datasets(cfg: Any, tokenizer: Any = None, seed: int = 0) -> Datasets:
@@ -318,16 +321,19 @@ class ConvertMode:
 
 
 def image_transform(cfg, train: bool = False):
-    """Channel conversion, resize to ``image_size`` squared, to tensor, normalise by ``mean``/``std``; for the
-    training split with ``augment: deit``, timm's DeiT training pipeline instead (``deit_transform``)."""
+    """Channel conversion, resize to ``image_size`` squared, to tensor, normalise by ``mean``/``std``; with
+    ``augment: deit``, timm's DeiT pipelines instead (``deit_transform``)."""
     from torchvision import transforms
 
     if cfg.channels is not None:
         for key in ("mean", "std"):
             if len(cfg[key]) not in (1, cfg.channels):
                 raise UserError(f"data.{key} has {len(cfg[key])} values but data.channels={cfg.channels}")
-    if train and cfg.augment == "deit":
-        return deit_transform(cfg)
+    if cfg.augment == "deit":
+        return deit_transform(cfg, train)
+    if train and cfg.repeats > 1:
+        raise UserError(f"data.repeats={cfg.repeats} repeats each training image with a fresh random augmentation, "
+                        "and data.augment=none has none: set data.augment=deit or data.repeats=1")
     steps = []
     if cfg.channels is not None:
         steps.append(ConvertMode("RGB" if cfg.channels == 3 else "L"))
@@ -337,9 +343,10 @@ def image_transform(cfg, train: bool = False):
     return transforms.Compose(steps)
 
 
-def deit_transform(cfg):
-    """The DeiT recipe's training augmentation, built by timm: random resized crop (bicubic), horizontal flip,
-    RandAugment ``rand-m9-mstd0.5-inc1``, normalisation, random erasing (p 0.25, per-pixel noise)."""
+def deit_transform(cfg, train: bool):
+    """The DeiT recipe's pipelines, built by timm. Training: random resized crop (bicubic), horizontal flip,
+    RandAugment ``rand-m9-mstd0.5-inc1``, normalisation, random erasing (p 0.25, per-pixel noise). Evaluation (and
+    calibration): resize the short side to ``image_size / 0.875`` (bicubic), centre crop ``image_size``."""
     from timm.data import create_transform
     from torchvision import transforms
 
@@ -347,9 +354,19 @@ def deit_transform(cfg):
         raise UserError(f"data.augment=deit needs RGB images of a fixed size: set data.image_size (got "
                         f"{cfg.image_size}) and data.channels=3 (got {cfg.channels})")
     mean, std = (tuple(v) * (3 if len(v) == 1 else 1) for v in (cfg.mean, cfg.std))
+    if not train:
+        return transforms.Compose([ConvertMode("RGB"), create_transform(
+            cfg.image_size, is_training=False, interpolation="bicubic", crop_pct=0.875, mean=mean, std=std)])
     return transforms.Compose([ConvertMode("RGB"), create_transform(
         cfg.image_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3,
         interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=mean, std=std)])
+
+
+def _hold_out(train, plain, fraction: float, seed: int, what: str):
+    """Split ``fraction`` off the training data: (train, val, calibration view). The held-out part and the
+    calibration view read ``plain``, the same images through the evaluation transform."""
+    tr, va = split_indices(len(train), fraction, seed, what)
+    return Subset(train, tr), (Subset(plain, va) if va else None), Subset(plain, tr)
 
 
 def _probe(dataset, what: str):
@@ -397,16 +414,16 @@ def build_torchvision(cfg, tokenizer, seed) -> Datasets:
             raise UserError(f"cannot open torchvision dataset {cfg.name} split '{split}' at {root}: {e}{hint}") from e
 
     train = make(cfg.train_split, True)
+    plain = make(cfg.train_split, False) if cfg.augment != "none" else train  # the evaluation transform
     if cfg.val_split is not None:
         val = make(cfg.val_split, False)
-    else:  # the held-out part keeps the evaluation transform
-        tr, va = split_indices(len(train), cfg.val_fraction, seed, f"{cfg.name} at {root}")
-        whole = make(cfg.train_split, False) if va and cfg.augment != "none" else train
-        train, val = Subset(train, tr), (Subset(whole, va) if va else None)
+    else:
+        train, val, plain = _hold_out(train, plain, cfg.val_fraction, seed, f"{cfg.name} at {root}")
     _probe(train, cfg.name)
     classes = list(getattr(train.dataset if isinstance(train, Subset) else train, "classes", None) or [])
     info = {"class_names": classes, "num_labels": len(classes)} if classes else {}
-    return Datasets(train=train, val=val, collate_fn=None, info={"image_size": cfg.image_size, **info})
+    return Datasets(train=train, val=val, collate_fn=None, info={"image_size": cfg.image_size, **info},
+                    calibration=plain)
 
 
 def build_image_folder(cfg, tokenizer, seed) -> Datasets:
@@ -420,17 +437,16 @@ def build_image_folder(cfg, tokenizer, seed) -> Datasets:
             raise UserError(f"no images found in {p} (data.{key}; expected {p}/<class>/<image>): {e}") from e
 
     train = open_folder(cfg.path, "path", True)
+    plain = open_folder(cfg.path, "path", False) if cfg.augment != "none" else train  # the evaluation transform
     classes = list(train.classes)
     if cfg.val_path is not None:
         val = open_folder(cfg.val_path, "val_path", False)
         if list(val.classes) != classes:
             raise UserError(f"data.val_path classes {val.classes} differ from data.path classes {classes}")
-    else:  # the held-out part keeps the evaluation transform
-        tr, va = split_indices(len(train), cfg.val_fraction, seed, str(cfg.path))
-        whole = open_folder(cfg.path, "path", False) if va and cfg.augment != "none" else train
-        train, val = Subset(train, tr), (Subset(whole, va) if va else None)
+    else:
+        train, val, plain = _hold_out(train, plain, cfg.val_fraction, seed, str(cfg.path))
     _probe(train, str(cfg.path))
-    return Datasets(train=train, val=val, collate_fn=None,
+    return Datasets(train=train, val=val, collate_fn=None, calibration=plain,
                     info={"class_names": classes, "num_labels": len(classes), "image_size": cfg.image_size})
 
 

@@ -327,8 +327,11 @@ def _load_timm(cfg) -> LoadedModel:
     import timm
 
     kwargs = dict(cfg.kwargs)
-    if cfg.num_classes is not None:
-        kwargs["num_classes"] = cfg.num_classes
+    for key in ("num_classes", "drop_path_rate"):
+        if cfg[key] is not None:
+            if key in kwargs:
+                raise UserError(f"model.{key} and model.kwargs.{key} are both set: keep one")
+            kwargs[key] = cfg[key]
     if not timm.is_model(cfg.name):
         similar = timm.list_models(f"*{cfg.name}*")[:10]
         hint = f" Similar names: {', '.join(similar)}" if similar else " See timm.list_models()."

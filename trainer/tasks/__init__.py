@@ -38,13 +38,18 @@ class MixupConfig:
 @dataclass
 class DistillConfig:
     """Distillation from a frozen teacher: (1 - alpha) * task loss + alpha * tau^2 * KL(teacher || student) at
-    temperature tau (``soft``), or alpha * cross-entropy with the teacher's argmax (``hard``, DeiT's switch)."""
+    temperature tau (``soft``), or alpha * cross-entropy with the teacher's argmax (``hard``, DeiT's switch); with
+    a distillation token the teacher term is on its head."""
 
     teacher: Dict[str, Any] = field(default_factory=lambda: {"kind": MISSING})  # a model config, as `model`
     alpha: float = 0.5
     tau: float = 1.0
     type: str = "soft"  # soft | hard
     reduction: str = "batchmean"  # KL summed per sample, averaged over the batch; numel: DeiT's sum / (N x classes)
+    # the student's distillation token (timm's deit_*_distilled: a second head, head_dist): its output takes the
+    # teacher term and the class head the task loss; evaluation averages the two. null = use it where the student has
+    # one; true = require one; false = distil the single (averaged) output
+    token: Optional[bool] = None
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Classification tasks: transformers sequence classifiers and image classifiers."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +45,27 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, base: torch.
     return (1 - alpha) * base + alpha * term
 
 
+def distillation_head(model):
+    """The module of ``model`` that switches a distillation token's head on in training (timm's
+    ``VisionTransformerDistilled.set_distilled_training``), or None."""
+    return next((m for m in model.modules() if callable(getattr(m, "set_distilled_training", None))), None)
+
+
+@contextmanager
+def both_heads(owner):
+    """``owner``'s training forward returns (class head, distillation head) for the duration (timm averages the
+    two unless told otherwise, and always in eval mode); ``owner`` None: nothing changes."""
+    if owner is None:
+        yield
+        return
+    before = owner.distilled_training
+    owner.set_distilled_training(True)
+    try:
+        yield
+    finally:
+        owner.set_distilled_training(before)
+
+
 def _num_classes(model) -> int | None:
     """A timm model's ``num_classes`` or a transformers model's ``config.num_labels``."""
     n = getattr(model, "num_classes", None)
@@ -52,11 +75,12 @@ def _num_classes(model) -> int | None:
 class ImageClassificationTask(Task):
     """Batches are (images, labels); cross-entropy with optional label smoothing, top-1 accuracy. Options for
     training (evaluation is always plain cross-entropy and accuracy): ``mixup`` (timm's Mixup/CutMix with soft
-    targets and ``SoftTargetCrossEntropy``) and ``distill`` (a frozen teacher, ``distillation_loss``)."""
+    targets and ``SoftTargetCrossEntropy``) and ``distill`` (a frozen teacher, ``distillation_loss``; on a student
+    with a distillation token, the task loss on the class head and the teacher term on the token's head)."""
 
     def __init__(self, config, info: dict):
         super().__init__(config, info)
-        self.mixup = self.teacher = None
+        self.mixup = self.teacher = self.token = None
 
     def setup(self, model, run) -> None:
         classes = self.info.get("num_labels") or _num_classes(model)
@@ -82,6 +106,11 @@ class ImageClassificationTask(Task):
                                 "must be trained on the same labels (a timm teacher takes "
                                 f"task.distill.teacher.num_classes={classes} with its own checkpoint)")
             self.teacher = teacher.eval().requires_grad_(False)
+            token = self.config.distill.token
+            self.token = distillation_head(model) if token is not False else None
+            if token and self.token is None:
+                raise UserError(f"task.distill.token=true but the student ({type(model).__name__}) has no "
+                                "distillation token (timm: a deit_*_distilled_* model); set it to null or false")
 
     def loss(self, model, batch):
         images, labels = batch
@@ -89,7 +118,9 @@ class ImageClassificationTask(Task):
             if len(labels) % 2:  # timm's Mixup pairs samples: an odd last batch loses one
                 images, labels = images[:-1], labels[:-1]
             images, targets = self.mixup(images, labels)
-        logits = _logits(model(images))
+        with both_heads(self.token):
+            output = model(images)
+        logits, distilled = output if isinstance(output, tuple) else (_logits(output),) * 2
         if self.mixup is not None:
             from timm.loss import SoftTargetCrossEntropy
 
@@ -101,7 +132,7 @@ class ImageClassificationTask(Task):
         with torch.no_grad():
             teacher = _logits(self.teacher.to(images.device)(images))
         d = self.config.distill
-        return distillation_loss(logits, teacher, base, d.alpha, d.tau, d.type, d.reduction)
+        return distillation_loss(distilled, teacher, base, d.alpha, d.tau, d.type, d.reduction)
 
     def per_sample_loss(self, model, batch):
         images, labels = batch

@@ -130,6 +130,27 @@ def test_gradient_statistic_is_the_mean_squared_logit_gradient_in_train_mode():
     assert shapes["model.layers.0.mlp.down_proj"] == (16, 64)  # 16 tokens per sample, 64 inputs
 
 
+def test_gradient_statistic_runs_without_stochastic_depth():
+    import timm
+
+    def vit(rate):
+        torch.manual_seed(0)
+        return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=2,
+                                 num_classes=3, drop_path_rate=rate)
+
+    model, reference = vit(0.9), vit(0.0)
+    names = find_weight_layers(model)
+    batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with_rate, _ = gradient_statistic(model, names, batches)
+    without, _ = gradient_statistic(reference, names, batches)
+    for n in names:  # a train-mode pass with 0.9 stochastic depth would drop most residual branches
+        torch.testing.assert_close(with_rate[n], without[n], rtol=1e-5, atol=1e-8)
+    assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.9)  # restored for the fine-tune
+    model.train()
+    assert not torch.allclose(model(batches[0]), model(batches[0]))  # (it is on outside the pass)
+    assert "head_dist" in names and with_rate["head_dist"].abs().sum() > 0  # the averaged output reaches both heads
+
+
 @pytest.fixture(scope="module")
 def pruned():
     model, batches = tiny_llama(), token_batches(2)

@@ -15,7 +15,7 @@ from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.run import RunInterrupted, run
 from blocktrain.trainer.validation import validate_config
 from tests.compression.conftest import llm_args, vit_args
-from tests.helpers import interrupt_at, read_metrics, train
+from tests.helpers import interrupt_at, read_metrics, train, wandb_history
 
 TINY = ["plugin.lpvit.block=[4,4]", "plugin.lpvit.calibration.samples=16", "plugin.lpvit.calibration.batch_size=8"]
 FINETUNE = ["stages=[calibrate,{fit:{name:finetune,max_steps:4}},evaluate,export]", "checkpoint.every_n_steps=1",
@@ -139,40 +139,95 @@ def test_block_sparse_export_reloads_and_matches_the_dense_export(llama_dir, cor
         torch.testing.assert_close(sparse(**batch).logits, dense(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_tiny_timm_vit_end_to_end(vit_checkpoint, images, tmp_path):
+def test_tiny_timm_vit_end_to_end(vit_checkpoint, images, tmp_path, monkeypatch):
+    """The DeiT recipe (augmentation, repeated augmentation, mixup, drop path, warm-up in epochs) with a teacher on a
+    tiny ViT, logged to offline W&B: calibration reads un-augmented images; the figures and tables are logged."""
+    from blocktrain.plugins.lpvit import pruner
+    from blocktrain.trainer.sources.data import build_datasets
+
+    seen = []
+    original = pruner.gradient_statistic
+    monkeypatch.setattr(pruner, "gradient_statistic", lambda model, names, batches, **kw: (
+        seen.extend(batches), original(model, names, batches, **kw))[1])
     run_dir = tmp_path / "run"
-    args = vit_args("lpvit_deit_s", vit_checkpoint, images, run_dir, "plugin.lpvit.calibration.samples=12",
-                    "plugin.lpvit.calibration.batch_size=6", "stages=[calibrate,{fit:{name:finetune,max_steps:2}},evaluate,export]",
-                    "trainer.max_epochs=null", "scheduler.warmup_steps=0",
-                    "task.distill={teacher:{kind:timm,name:vit_tiny_patch16_224,pretrained:false,num_classes:2,"
-                    "kwargs:{img_size:32,depth:1}}}")  # the recipe's DeiT augmentation and mixup, and a teacher
-    run(load_config(args))
+    args = [a for a in vit_args("lpvit_deit_s", vit_checkpoint, images, run_dir, "plugin.lpvit.calibration.samples=12",
+                                "plugin.lpvit.calibration.batch_size=6",
+                                "stages=[calibrate,{fit:{name:finetune,max_steps:2}},evaluate,export]",
+                                "trainer.max_epochs=null", "trainer.log_every_n_steps=1", "scheduler.warmup_epochs=1",
+                                "task.distill={teacher:{kind:timm,name:vit_tiny_patch16_224,pretrained:false,"
+                                "num_classes:2,kwargs:{img_size:32,depth:1}}}") if a != "logger=none"]
+    cfg = load_config(args)
+    assert (cfg.model.drop_path_rate, cfg.data.repeats, cfg.data.augment) == (0.1, 3, "deit")
+    run(cfg)
     metrics = read_metrics(run_dir)["metrics"]
     layers = {k.removeprefix("sparsity/density/") for k in metrics if k.startswith("sparsity/density/")}
     assert {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.1.mlp.fc2", "head"} <= layers
     assert metrics["sparsity/density/patch_embed.proj"] < 1 or metrics["sparsity/density/blocks.0.attn.qkv"] < 1
     assert 0 < metrics["lpvit/flops_kept"] < 1 and "val/acc" in metrics
+    assert metrics["finetune/train/lr"] == pytest.approx(2.5e-4 * 2 / 3)  # step 2 of a 3-step (one epoch) warm-up
     state = load_file(str(next((run_dir / "export").rglob("*.safetensors"))))
     masks = torch.load(run_dir / "state" / "lpvit.pt", weights_only=False)["payload"]["masks"]
     assert masks["patch_embed.proj"].shape == state["patch_embed.proj.weight"].shape == (192, 3, 16, 16)
     for name, keep in masks.items():
         assert (state[f"{name}.weight"][~keep] == 0).all()
 
+    plain = build_datasets(cfg.data, seed=cfg.seed).calibration  # the training images through the eval transform
+    views = torch.stack([plain[i][0] for i in range(len(plain))])
+    calibrated = torch.cat([x for x, _ in seen])
+    assert len(calibrated) == 12 and all((views == x).flatten(1).all(1).any() for x in calibrated)
+
+    media = {p.name.split("_step")[0] for p in (run_dir / "media").iterdir()}
+    assert {"lpvit_curves", "lpvit_allocation", "lpvit_block_masks", "sparsity_layers", "sparsity_density_chart"} <= media
+    curves = next((run_dir / "media").glob("lpvit_curves_step*.png"))
+    from PIL import Image
+
+    assert Image.open(curves).size == (720, 440)  # four layers' charts, two by two
+    picture = Image.open(next((run_dir / "media").glob("lpvit_block_masks_step*.png")))
+    assert picture.size == (6 * 140, 2 * 126)  # all 10 pruned layers, six cells a row
+    table = next((run_dir / "media").glob("lpvit_allocation_step*.csv")).read_text().splitlines()
+    assert table[0] == "layer,amount,density,flops_kept_share" and len(table) == 1 + len(masks)
+    rows = [line.split(",") for line in table[1:]]
+    assert sum(float(r[3]) for r in rows) == pytest.approx(metrics["lpvit/flops_kept_planned"], abs=1e-4)
+    history = wandb_history(run_dir)
+    logged = {k for row in history for k, v in row.items() if k.endswith("/_type") and v in ("image-file", "table-file")}
+    assert {"lpvit/curves/_type", "lpvit/block_masks/_type", "lpvit/allocation/_type"} <= logged
+    assert any("finetune/train/loss" in row for row in history)  # the fine-tune curve
+
+
+def test_deit_finetune_resumes_exactly_mid_epoch(vit_checkpoint, images, tmp_path):
+    """Ctrl-C in the second epoch of a fine-tune with the DeiT pieces (augmentation, repeated augmentation, mixup, drop
+    path): the resumed run's export equals the straight run's (sample order, augmentation and mixup draws)."""
+    def args(run_dir, *extra):
+        return vit_args("lpvit_deit_s", vit_checkpoint, images, run_dir, "plugin.lpvit.calibration.samples=12",
+                        "plugin.lpvit.calibration.batch_size=6", "stages=[calibrate,{fit:{name:finetune,max_steps:5}},export]",
+                        "checkpoint.every_n_steps=1", *extra)  # 18 training images in batches of 6: 3 steps an epoch
+
+    run(load_config(args(tmp_path / "straight")))
+    with pytest.raises(RunInterrupted):
+        run(load_config(args(tmp_path / "resumed")), extra_callbacks=[interrupt_at(4, "finetune/")])
+    run(load_config(args(tmp_path / "resumed", "resume=auto")))
+    straight, resumed = (load_file(str(next((tmp_path / d / "export").rglob("*.safetensors"))))
+                         for d in ("straight", "resumed"))
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
 
 def test_deit_recipe_composes_with_the_cli():
     result = train("recipe=lpvit_deit_s", "data.path=/data/imagenet/train", "--cfg", "job")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "name: deit_small_patch16_224" in result.stdout and "block:\n    - 16\n    - 16" in result.stdout
+    assert "name: deit_small_distilled_patch16_224" in result.stdout and "block:\n    - 16\n    - 16" in result.stdout
     cfg = load_config(["recipe=lpvit_deit_s", "data.path=/data/train"])
     assert validate_config(cfg)["lpvit"].exclude == []
     base = train("recipe=lpvit_deit_b", "data.path=/data/imagenet/train", "--cfg", "job")
     assert base.returncode == 0, base.stderr[-2000:]
-    assert "name: deit_base_patch16_224" in base.stdout and "block:\n    - 32\n    - 32" in base.stdout
+    assert "name: deit_base_distilled_patch16_224" in base.stdout and "block:\n    - 32\n    - 32" in base.stdout
     assert "lr: 0.000125" in base.stdout and "max_epochs: 300" in base.stdout
     for recipe in ("lpvit_deit_s", "lpvit_deit_b"):  # the DeiT augmentation is on; distillation is an option
         cfg = load_config([f"recipe={recipe}", "data.path=/data/train", "task.distill={teacher:{kind:timm,name:regnety_160}}"])
         validate_config(cfg)
         assert (cfg.data.augment, cfg.task.label_smoothing, dict(cfg.task.mixup)) == ("deit", 0.1, {})
+        assert (cfg.data.repeats, cfg.model.drop_path_rate, cfg.scheduler.warmup_epochs, cfg.optim.weight_decay) == (
+            3, 0.1, 5, 0.05)  # DeiT: repeated augmentation, drop path 0.1, 5 warm-up epochs, wd 0.05
         assert cfg.task.distill.teacher.name == "regnety_160"
     bad = load_config(["recipe=lpvit_deit_s", "data.path=/data/train", "task.distill={teacher:{kind:timm,name:x},alpha:2}"])
     with pytest.raises(UserError, match=r"^task.distill.alpha must be in \[0, 1\], got 2"):  # before anything loads
