@@ -20,7 +20,7 @@ total step count of ``--steps``: Fréchet distance and KID in the 128-d feature 
 FLOP counter. Prints one JSON line per arm and seed, then a table; ``--plot`` draws FD, KID and accuracy vs
 GFLOPs/sample (Pillow).
 
-  nice -n 15 python benchmarks/bfm.py --train-steps 600 --frn-steps 300 --seeds 0 1 --plot bfm_fashion.png
+  nice -n 15 python benchmarks/bfm.py --train-steps 300 --frn-steps 150 --seeds 0 1 --plot bfm_fashion.png
 """
 from __future__ import annotations
 
@@ -58,14 +58,12 @@ def fashion(train_images: int | None = None):
     return build_datasets({"kind": "idx_images", "batch_size": 64, "max_train": train_images})
 
 
-def classifier(args):
-    """The small CNN on the first ``--classifier-images`` training images (cached) and its test accuracy."""
-    from blocktrain.trainer.generative.classifier import class_accuracy, load_classifier
+def classifier(args, train=None):
+    """The small CNN trained on ``train`` (the first ``--classifier-images`` training images) once and cached."""
+    from blocktrain.trainer.generative.classifier import load_classifier
 
-    data = fashion(args.classifier_images)
-    net = load_classifier("train", data.train, 1, 10, args.cache, {"data": f"fashion-mnist-train-{args.classifier_images}"},
-                          args.classifier_epochs)
-    return net, class_accuracy(net, *data.val.tensors)
+    key = {"data": f"fashion-mnist-train-{args.classifier_images}"}
+    return load_classifier("train", train, 1, 10, args.cache, key, args.classifier_epochs)
 
 
 def align_targets(args, grid: int = 8):
@@ -130,9 +128,9 @@ def one(arm: str, seed: int, args) -> list[dict]:
     stage1 = [p for n, p in model.named_parameters() if not n.startswith("frn_")]
     record.update(train_steps(model, data.train, args.train_steps, args.batch, seed, step, stage1))
 
-    cnn, _ = classifier(args)
-    test = fashion().val.tensors[0][:args.real]
-    real = torch.cat([cnn.features(x) for x in test.split(500)])
+    cnn = classifier(args)
+    with torch.no_grad():
+        real = torch.cat([cnn.features(x) for x in data.val.tensors[0][:args.real].split(500)])
 
     def measure(record: dict, frn: bool) -> dict:
         for steps in args.steps:
@@ -159,7 +157,10 @@ def one(arm: str, seed: int, args) -> list[dict]:
 
 def prepare(args) -> None:
     """The classifier and (for bfm_align) the alignment targets, computed once before the arms run."""
-    _, acc = classifier(args)
+    from blocktrain.trainer.generative.classifier import class_accuracy
+
+    test = fashion(64).val.tensors
+    acc = class_accuracy(classifier(args, fashion(args.classifier_images).train), *test)
     print(json.dumps({"classifier_test_acc": acc}), flush=True)
     if "bfm_align" in args.arms:
         cache, path = align_targets(args)
@@ -173,12 +174,12 @@ def prepare(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-steps", type=int, default=600, help="optimiser steps per arm and seed")
-    p.add_argument("--frn-steps", type=int, default=300, help="FRN-only steps after each arm of --frn-arms")
+    p.add_argument("--train-steps", type=int, default=300, help="optimiser steps per arm and seed")
+    p.add_argument("--frn-steps", type=int, default=150, help="FRN-only steps after each arm of --frn-arms")
     p.add_argument("--frn-arms", nargs="*", default=["bfm"], choices=ARMS[1:])
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=64, help="width of every arm (null: the recipes' 96)")
-    p.add_argument("--train-images", type=int, default=8000, help="train on the first N training images")
+    p.add_argument("--hidden", type=int, default=48, help="width of every arm (0: the recipes' 96)")
+    p.add_argument("--train-images", type=int, default=6000, help="train on the first N training images")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32], help="total sampler steps (multiples of 4)")
