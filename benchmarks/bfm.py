@@ -226,7 +226,7 @@ def table(records: list[dict], steps: list[int]) -> dict[str, list[dict]]:
     def stat(values):
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    print("| arm | steps | NFE | GFLOPs/sample | FD (mean ± sd) | KID ×1e3 (mean ± sd) | sample acc (mean ± sd) | "
+    print("| arm | steps | NFE | GFLOPs/sample | FD (mean ± sd) | KID (mean ± sd) | sample acc (mean ± sd) | "
           "training steps | train s | train images/s | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
     rows: dict[str, list[dict]] = {}
@@ -247,7 +247,7 @@ def table(records: list[dict], steps: list[int]) -> dict[str, list[dict]]:
             else:
                 extra = " | | | |"
             print(f"| {arm} | {s} | {rs[0][f'steps{s}']['nfe']} | {point['gflops']:.4f} | "
-                  f"{point['fd']:.2f} ± {point['fd_sd']:.2f} | {1e3 * point['kid']:.2f} ± {1e3 * point['kid_sd']:.2f} | "
+                  f"{point['fd']:.2f} ± {point['fd_sd']:.2f} | {point['kid']:.1f} ± {point['kid_sd']:.1f} | "
                   f"{point['acc']:.3f} ± {point['acc_sd']:.3f} | " + extra)
     return rows
 
