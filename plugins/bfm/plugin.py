@@ -32,6 +32,9 @@ class BFMConfig(FlowMatchingConfig):
     lambda_proj: float = 0.05  # weight of the alignment loss (REPA uses 0.5; BFM's released config 0.05)
     encoder: Optional[EncoderConfig] = field(default_factory=EncoderConfig)  # alignment target; null = no alignment
     frn_phase: str = "frn"  # the fit phase (stage name) that trains the FRN with everything else frozen
+    # memoise the encoder's target tokens by image content (exact: the encoder is frozen and a changed or augmented
+    # image is a miss); costs grid² × align_dim × 4 bytes per distinct training image
+    align_cache: bool = False
 
     _name = "bfm"
 
@@ -147,7 +150,8 @@ class FlowMatchingPlugin(Plugin):
                 f"{tag}/gflops_per_sample": out.flops_per_sample / 1e9}
 
     def evaluate(self, model, run):
-        """Fréchet distance and KID vs the real val images, for each ``eval.steps`` (quality vs NFE and FLOPs)."""
+        """Fréchet distance, KID and class accuracy (``eval.classifier``) of samples vs the real val images, for
+        each ``eval.steps`` (quality vs NFE and FLOPs); ``acc/real`` is the classifier's accuracy on those images."""
         if self.config.eval.num_samples == 0 or run.data is None:
             return {}
         import torch
@@ -164,16 +168,27 @@ class FlowMatchingPlugin(Plugin):
         real_images = torch.stack([split[i][0] for i in range(n_real)])
         key = {"data": repr(run.cfg.data), "features": repr(ev.features), "n": n_real}
         real = real_features(lambda x: features(x.to(device)), real_images, ev.cache_dir, key)
+        classifier, results = None, {}
+        if ev.classifier is not None:
+            from blocktrain.trainer.generative.classifier import class_accuracy, load_classifier
+
+            classifier = load_classifier(ev.classifier, run.data.train, real_images.shape[1], model.num_classes,
+                                         ev.cache_dir, {"data": repr(run.cfg.data)}, ev.classifier_epochs, device)
+            real_labels = torch.as_tensor([int(split[i][1]) for i in range(n_real)])
+            results["acc/real"] = class_accuracy(classifier, real_images, real_labels, device)
         base = self.sampler_settings(run)
-        results, rows = {}, []
+        rows = []
         for steps in ev.steps:
             out = self.generate(model, dataclasses.replace(base, steps=steps), ev.num_samples, device)
             scores = fd_and_kid(lambda x: features(x.to(device)), real, out.images, ev.kid_subset_size)
+            if classifier is not None:
+                scores["acc"] = class_accuracy(classifier, out.images, out.labels, device)
             gflops = out.flops_per_sample / 1e9
-            results.update({f"fd/steps{steps}": scores["fd"], f"kid/steps{steps}": scores["kid"],
-                            f"nfe/steps{steps}": out.nfe, f"gflops/steps{steps}": gflops})
-            rows.append([steps, out.nfe, gflops, scores["fd"], scores["kid"]])
-        run.log_media({f"{self.name}/quality_vs_nfe": Table(["steps", "nfe", "gflops_per_sample", "fd", "kid"], rows)})
+            results.update({f"{name}/steps{steps}": value for name, value in scores.items()})
+            results.update({f"nfe/steps{steps}": out.nfe, f"gflops/steps{steps}": gflops})
+            rows.append([steps, out.nfe, gflops, scores["fd"], scores["kid"], scores.get("acc", float("nan"))])
+        columns = ["steps", "nfe", "gflops_per_sample", "fd", "kid", "acc"]
+        run.log_media({f"{self.name}/quality_vs_nfe": Table(columns, rows)})
         return results
 
 
@@ -183,6 +198,7 @@ class BFMPlugin(FlowMatchingPlugin):
     config_class = BFMConfig
 
     encoder = None
+    targets = None  # the encoder's tokens on the trunk's grid: a function of the images (a TokenCache with align_cache)
     train_frn = False  # set per fit phase
 
     def apply(self, model, run):
@@ -206,7 +222,17 @@ class BFMPlugin(FlowMatchingPlugin):
                 with torch.no_grad():
                     feature_tokens(self.encoder(image), model.grid, f"encoder ({self.config.encoder.kind}, "
                                    f"input_size {self.config.encoder.input_size})")
+            self.targets = self.encoder_tokens(model.grid)
         return model
+
+    def encoder_tokens(self, grid: int):
+        from blocktrain.trainer.generative.encoders import TokenCache, feature_tokens
+
+        def tokens(images):
+            self.encoder.to(images.device)
+            return feature_tokens(self.encoder(images), grid)
+
+        return TokenCache(tokens) if self.config.align_cache else tokens
 
     def segments(self, model) -> int:
         return model.segments
@@ -228,22 +254,19 @@ class BFMPlugin(FlowMatchingPlugin):
         eps, u = torch.randn_like(x), torch.rand(x.shape[0], device=x.device)
         if self.train_frn:
             return {"frn": frn_loss(model, x, y, eps, u)}
-        terms = bfm_loss(model, x, y, eps, u, self.alignment_target(batch[0], model))
+        terms = bfm_loss(model, x, y, eps, u, self.alignment_target(batch[0]))
         if "align" in terms:
             terms["align"] = self.config.lambda_proj * terms["align"]
         return terms
 
-    def alignment_target(self, images, model):
+    def alignment_target(self, images):
         """The frozen encoder's feature tokens on the trunk's grid, or None without alignment."""
-        if self.encoder is None:
+        if self.targets is None:
             return None
         import torch
 
-        from blocktrain.trainer.generative.encoders import feature_tokens
-
-        self.encoder.to(images.device)
         with torch.no_grad():
-            return feature_tokens(self.encoder(images), model.grid)
+            return self.targets(images)
 
     def val_loss(self, model, x, y, eps, u):
         from .core import bfm_loss

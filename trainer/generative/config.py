@@ -135,6 +135,10 @@ class EvalConfig:
     features: EncoderConfig = field(default_factory=lambda: EncoderConfig(input_size=224))  # pooled features
     kid_subset_size: int = 100
     cache_dir: str = "~/.cache/blocktrain/fd"
+    # class accuracy of the samples: "train" = a small CNN trained once on the train split (cached in cache_dir),
+    # or a TorchScript classifier file (images in [-1, 1] -> logits); null = off
+    classifier: Optional[str] = "train"
+    classifier_epochs: int = field(default=1, metadata=POSITIVE)
 
 
 def check_sampler(s, prefix: str) -> None:

@@ -117,3 +117,42 @@ def feature_tokens(features: torch.Tensor, grid: int, what: str = "encoder") -> 
                         f"{grid}x{grid} token grid: choose the encoder's input_size/block so its grid is a multiple "
                         f"of {grid}")
     return F.avg_pool2d(features, side // grid).flatten(2).transpose(1, 2)
+
+
+class TokenCache:
+    """An encoder's feature tokens memoised by image content: each image is keyed by a hash of its bytes, hits are
+    read back and misses computed (``compute(images)``) and kept. Exact whatever the data pipeline does: an
+    augmented image has other bytes and is a miss. ``save``/``load`` keep it across runs (e.g. precomputed)."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.store: dict[bytes, torch.Tensor] = {}
+
+    @staticmethod
+    def key(image: torch.Tensor) -> bytes:
+        import hashlib
+
+        return hashlib.blake2b(image.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        keys = [self.key(x) for x in images]
+        miss = [i for i, k in enumerate(keys) if k not in self.store]
+        if miss:
+            with torch.no_grad():
+                fresh = self.compute(images[miss]).cpu()
+            self.store.update(zip((keys[i] for i in miss), fresh))
+        return torch.stack([self.store[k] for k in keys]).to(images.device)
+
+    def save(self, path) -> None:
+        from blocktrain.trainer.io import atomic_path
+
+        keys = torch.tensor([list(k) for k in self.store], dtype=torch.uint8)
+        with atomic_path(path) as tmp:
+            torch.save({"keys": keys, "tokens": torch.stack(list(self.store.values()))}, tmp)
+
+    def load(self, path) -> None:
+        state = torch.load(path, weights_only=True)
+        self.store.update(zip((bytes(k.tolist()) for k in state["keys"]), state["tokens"]))

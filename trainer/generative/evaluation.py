@@ -17,6 +17,7 @@ from blocktrain.trainer.generative.metrics import cached_real_features, extract,
 @dataclass
 class Generated:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1], on the CPU
+    labels: torch.Tensor  # (N,) the classes they were generated for
     nfe: int
     flops_per_sample: float
 
@@ -67,7 +68,7 @@ def generate(velocity_for: Callable[[], Velocity], shape: tuple[int, ...], num_c
         x = decode(result.x) if decode is not None else result.x
         images.append(x.float().clamp(-1, 1).cpu())
         nfe = result.nfe
-    return Generated(torch.cat(images), nfe, flops)
+    return Generated(torch.cat(images), torch.arange(n) % num_classes, nfe, flops)
 
 
 def gen_device(gen: torch.Generator, device) -> torch.Generator:

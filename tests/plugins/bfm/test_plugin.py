@@ -77,6 +77,8 @@ def test_recipe_end_to_end_from_the_cli(recipe, plugin, idx_root, tmp_path):
     v = m["metrics"]
     assert v[f"{plugin}/sample/nfe"] == steps and v["val/fm_loss"] > 0
     assert v["fd/steps4"] > 0 and "kid/steps4" in v and v["nfe/steps4"] == 4 and v["gflops/steps4"] > 0
+    assert 0 <= v["acc/steps4"] <= 1 and 0 <= v["acc/real"] <= 1  # the small CNN, trained once and cached
+    assert len(list((tmp_path / "cache").glob("classifier_*.pt"))) == 1
     media = {p.name for p in (run_dir / "media").iterdir()}
     assert f"{plugin}_sample_samples_step2.png" in media and any(n.startswith(f"{plugin}_quality_vs_nfe") for n in media)
     assert list(run_dir.glob("wandb/offline-run-*"))  # logged to W&B (offline) as well
