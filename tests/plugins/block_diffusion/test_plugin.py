@@ -200,3 +200,47 @@ def test_clip_search_moves_training_to_the_least_variance_interval():
     again = BlockDiffusionPlugin(BlockDiffusionConfig(block_size=4, clip_search=True))
     again.load_state_dict(plugin.state_dict())
     assert again.eps == (0.5, 1.0)
+
+
+def test_sample_stage_reads_prompts_from_a_file(tmp_path):
+    """``sampler.prompts``: a JSON-lines file of prompts of two lengths, encoded by the source's alphabet. Rows
+    come back in file order, each prompt is kept and continued (a 6-token prompt ends mid-block, so its first
+    generated block has 2 tokens fewer), and the 4-token pair equals a direct batched sampler call."""
+    from blocktrain.plugins.block_diffusion.sampler import sample_blocks
+    from blocktrain.trainer.sources.scratch import MarkovChain, MarkovTexts
+
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789ABCD"
+    file = tmp_path / "prompts.jsonl"
+    file.write_text('"abcd"\n\n{"prompt": "efghij"}\n"klmn"\n')
+    config = BlockDiffusionConfig(block_size=4, sampler=SamplerConfig(
+        strategy="low_confidence_static", steps=2, num_blocks=2, prompts=str(file)))
+    plugin = BlockDiffusionPlugin(config)
+    model = plugin.apply(tiny_llama(attn="sdpa"), run_ctx(16))
+    chain = MarkovChain(40, 0.5, 0)
+    val = MarkovTexts(chain.sample(4, 16, torch.Generator().manual_seed(0)), chain)
+    run = SimpleNamespace(data=SimpleNamespace(val=val, train=val, info={"seq_len": 16, "alphabet": alphabet}),
+                          tokenizer=None)
+    rows = plugin.sample(model, run)["block_diffusion/samples"].rows
+    assert [r[0] for r in rows] == ["abcd", "efghij", "klmn"]
+    assert [len(r[1]) for r in rows] == [8, 6, 8]
+    direct, _ = sample_blocks(model, torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]]), num_blocks=2, block_size=4,
+                              mask_id=plugin.mask_id, strategy="low_confidence_static", steps=2)
+    assert [rows[0][1], rows[2][1]] == ["".join(alphabet[i] for i in row[4:]) for row in direct.tolist()]
+
+
+@pytest.mark.parametrize("text,name,match", [
+    (None, "missing.txt", "no such file"),
+    (" \n\n", "empty.txt", "the file holds no prompts"),
+    ('"ok"\n{"prompt": \n', "bad.jsonl", "line 2 is not JSON"),
+    ('{"text": "x"}\n', "field.jsonl", r'line 1 must be a non-empty string or an object with a "prompt"'),
+])
+def test_prompt_file_errors(tmp_path, text, name, match):
+    from blocktrain.plugins.block_diffusion.plugin import read_prompts
+
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UserError, match=match):
+        SamplerConfig(prompts=str(path))
+    (tmp_path / "plain.txt").write_text("Once upon\n\n a time \n")
+    assert read_prompts(str(tmp_path / "plain.txt")) == ["Once upon", " a time "]
