@@ -15,8 +15,9 @@ and √c‖x‖ is clamped below 1 before artanh, so points on or outside the bo
 
 The reference computes in float32 or wider (float64 stays float64). ``block_mobius_matvec`` is one
 ``torch.library`` op (``blocktrain::block_mobius_matvec``): the Triton kernel fuses the block matvec, both
-norms, tanh/artanh and the projection, one program per row; its backward is the reference's autograd
-(recomputed), so both backends share one gradient.
+norms, tanh/artanh and the projection, one program per row; its backward kernel recomputes the row and gives
+the gradients with respect to Mx and through ‖x‖ (the two block products after it are batched matmuls). The
+reference backend's backward is the reference's autograd (recomputed).
 """
 
 from __future__ import annotations
@@ -196,13 +197,16 @@ def _(blocks, x, c, eps, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    blocks, x, c, eps, _ = inputs
+    blocks, x, c, eps, backend = inputs
     ctx.save_for_backward(blocks, x)
-    ctx.args = (c, eps)
+    ctx.args, ctx.backend = (c, eps), backend
 
 
 def _backward(ctx, grad):
     blocks, x = ctx.saved_tensors
+    if ctx.backend == "triton":
+        gb, gx = _triton().block_mobius_matvec_backward(blocks, x, grad, *ctx.args)
+        return gb, gx, None, None, None
     with torch.enable_grad():
         b, xx = blocks.detach().requires_grad_(), x.detach().requires_grad_()
         y = _block_reference(b, xx, *ctx.args)
