@@ -58,3 +58,58 @@ def block_mobius_matvec(blocks: torch.Tensor, x: torch.Tensor, c: float, eps: fl
         _kernel[(rows,)](x, blocks, y, width, k, c ** 0.5, 1 - 1e-6, eps,
                          BLOCK_D=triton.next_power_of_2(width), BLOCK_K=triton.next_power_of_2(k))
     return y
+
+
+@triton.jit
+def _backward_kernel(x_ptr, m_ptr, gy_ptr, gu_ptr, gx_ptr, D, K, sqrt_c, limit, eps,
+                     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs_o = tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_K)
+    ok_o = offs_o < D
+    x = tl.load(x_ptr + row * D + offs_o, mask=ok_o, other=0.0).to(tl.float32)
+    gy = tl.load(gy_ptr + row * D + offs_o, mask=ok_o, other=0.0).to(tl.float32)
+    ok = ok_o[:, None] & (offs_j[None, :] < K)
+    xin = tl.load(x_ptr + row * D + (offs_o // K)[:, None] * K + offs_j[None, :], mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs_o[:, None] * K + offs_j[None, :], mask=ok, other=0.0).to(tl.float32)
+    mx = tl.sum(m * xin, axis=1)
+
+    tiny = 1.1754943508222875e-38
+    xs = tl.maximum(tl.max(tl.abs(x), axis=0), tiny)
+    s = tl.maximum(tl.sqrt(tl.sum((x / xs) * (x / xs), axis=0)) * xs, tiny)
+    ms = tl.maximum(tl.max(tl.abs(mx), axis=0), tiny)
+    a = tl.sqrt(tl.sum((mx / ms) * (mx / ms), axis=0)) * ms
+    sa = tl.maximum(a, tiny)
+    z = s * sqrt_c
+    at = _atanh(tl.minimum(z, limit))
+    at_s = tl.where(z > limit, 0.0, sqrt_c / (1.0 - z * z))  # d artanh(√c s)/ds, 0 where clamped
+    w = a / s * at
+    tw = _tanh(w)
+    t = tl.minimum(tw, 1.0 - eps)
+    t_w = tl.where(tw > 1.0 - eps, 0.0, 1.0 - tw * tw)  # dt/dw, 0 where projected
+    f = t / (sa * sqrt_c)  # y = f · mx
+    f_a = (t_w * at / s) / (sa * sqrt_c) - t / (sa * sa * sqrt_c)
+    f_s = t_w * a * (at_s * s - at) / (s * s) / (sa * sqrt_c)
+    dot = tl.sum(gy * mx, axis=0)
+    live = a > 0
+    gu = tl.where(live, f * gy + dot * f_a * mx / sa, 0.0)
+    gx = tl.where(live, dot * f_s * x / s, 0.0)
+    tl.store(gu_ptr + row * D + offs_o, gu, mask=ok_o)
+    tl.store(gx_ptr + row * D + offs_o, gx, mask=ok_o)
+
+
+def block_mobius_matvec_backward(blocks: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, c: float,
+                                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d blocks, d x) of ``block_mobius_matvec`` for the upstream ``grad`` (R, G·k). The kernel gives, per row,
+    the gradient with respect to u = Mx and the direct term through ‖x‖ (fp32); the two block products
+    gx += Mᵀ·gu and gM = Σ_rows gu·xᵀ are batched matmuls."""
+    rows, width = x.shape
+    g, k, _ = blocks.shape
+    gu = dispatch.empty((rows, width), torch.float32, x.device)
+    gx = dispatch.empty((rows, width), torch.float32, x.device)
+    if rows:
+        _backward_kernel[(rows,)](x, blocks, grad.contiguous(), gu, gx, width, k, c ** 0.5, 1 - 1e-6, eps,
+                                  BLOCK_D=triton.next_power_of_2(width), BLOCK_K=triton.next_power_of_2(k))
+    gu3, x3 = gu.view(rows, g, k), x.float().view(rows, g, k)
+    gx = gx + torch.einsum("rgi,gij->rgj", gu3, blocks.float()).reshape(rows, width)
+    return torch.einsum("rgi,rgj->gij", gu3, x3).to(blocks.dtype), gx.to(x.dtype)

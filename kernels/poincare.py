@@ -3,7 +3,8 @@
     expmap0(u)  = tanh(√c‖u‖) · u / (√c‖u‖)
     logmap0(x)  = artanh(√c‖x‖) · x / (√c‖x‖)
     dist(x, y)  = (2/√c) · artanh(√c‖(−x) ⊕_c y‖)         (the distance itself, not its square)
-    √c‖(−x) ⊕_c y‖ = √c‖x − y‖ / √(c‖x − y‖² + (1 − c‖x‖²)(1 − c‖y‖²))   (``pairwise_dist``: all pairs)
+    √c‖(−x) ⊕_c y‖ = √c‖x − y‖ / √(c‖x − y‖² + (1 − c‖x‖²)(1 − c‖y‖²)), so
+    dist(x, y)  = (2/√c) · asinh(√c‖x − y‖ / √((1 − c‖x‖²)(1 − c‖y‖²)))   (``pairwise_dist``: all pairs)
     radius(x)   = dist(0, x) = (2/√c) · artanh(√c‖x‖)
     M ⊗_c x     = (1/√c) · tanh((‖Mx‖/‖x‖) · artanh(√c‖x‖)) · Mx/‖Mx‖,  0 where Mx = 0
 
@@ -14,8 +15,9 @@ and √c‖x‖ is clamped below 1 before artanh, so points on or outside the bo
 
 The reference computes in float32 or wider (float64 stays float64). ``block_mobius_matvec`` is one
 ``torch.library`` op (``blocktrain::block_mobius_matvec``): the Triton kernel fuses the block matvec, both
-norms, tanh/artanh and the projection, one program per row; its backward is the reference's autograd
-(recomputed), so both backends share one gradient.
+norms, tanh/artanh and the projection, one program per row; its backward kernel recomputes the row and gives
+the gradients with respect to Mx and through ‖x‖ (the two block products after it are batched matmuls). The
+reference backend's backward is the reference's autograd (recomputed).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from blocktrain.kernels import dispatch
 
-__all__ = ["BALL_EPS", "block_diag_dense", "block_mobius_matvec", "dist", "expmap0", "logmap0", "mobius_add",
+__all__ = ["BALL_EPS", "FP32_SAFE_NORM", "block_diag_dense", "block_mobius_matvec", "dist", "expmap0", "logmap0", "mobius_add",
            "mobius_matvec", "pairwise_dist", "project", "radius"]
 
 BALL_EPS = 1e-3  # outputs keep ‖x‖ <= (1 - BALL_EPS)/√c
@@ -112,24 +114,40 @@ def dist(x: Tensor, y: Tensor, c: float = 1.0) -> Tensor:
     return radius(mobius_add(-_wide(x), y, c), c)
 
 
-def pairwise_dist(x: Tensor, y: Tensor, c: float = 1.0) -> Tensor:
+FP32_SAFE_NORM = 0.95  # √c‖·‖ up to which pairwise_dist's float32 path is within 2e-5 of float64 (tests)
+
+
+def pairwise_dist(x: Tensor, y: Tensor, c: float = 1.0, precision: str = "auto") -> Tensor:
     """d_c(x_i, y_j) for all pairs: x (..., N, D), y (..., M, D) -> (..., N, M), not squared.
 
-    Equals ``dist(x.unsqueeze(-2), y.unsqueeze(-3), c)`` without its (N, M, D) intermediate: the norm of
-    (−x) ⊕_c y depends only on ‖x − y‖, ‖x‖² and ‖y‖² (formula in the module docstring). ‖x − y‖ comes from
-    ``torch.cdist`` computing differences directly, not from ‖x‖² + ‖y‖² − 2⟨x, y⟩: that form cancels for
-    near pairs, and 1/(1 − c‖x‖²) amplifies the error near the boundary (1.5e-5 in d at coincident points
-    with ‖x‖ = 0.999/√c, in float64). Computed in float64, returned in x's (≥ fp32) dtype; the factors
-    1 − c‖·‖² are clamped at 0 (points on or beyond the boundary) and √c‖·‖ below 1 before artanh.
+    Equals ``dist(x.unsqueeze(-2), y.unsqueeze(-3), c)`` without its (N, M, D) intermediate, in the form
+    d = (2/√c)·asinh(√c‖x − y‖ / √((1 − c‖x‖²)(1 − c‖y‖²))) (the module docstring's artanh form rewritten:
+    artanh(a/√(a² + b²)) = asinh(a/b), which needs no 1 − s near s → 1). ‖x − y‖ comes from ``torch.cdist``
+    computing differences directly, not from ‖x‖² + ‖y‖² − 2⟨x, y⟩: that form cancels for near pairs, and
+    1/(1 − c‖x‖²) amplifies the error near the boundary (1.5e-5 in d at coincident points with
+    ‖x‖ = 0.999/√c, in float64). The factors 1 − c‖·‖² are clamped at 0 and the asinh argument at the value
+    float64 artanh's clamp gives (points on or beyond the boundary stay finite). Returned in x's (≥ fp32) dtype.
+
+    ``precision``: ``auto`` computes in float32 when both inputs are float32 or narrower and every point has
+    √c‖·‖ <= ``FP32_SAFE_NORM`` (one host sync for that check), else in float64 — the error of the float32
+    path grows as 1/(1 − c‖x‖²): ~1e-5 at √c‖x‖ = 0.99, ~1e-4 at 0.999 (GPUs with slow float64 gain most);
+    ``float64`` always float64; ``float32`` always float32, unchecked (for code that cannot sync).
     """
     c = _check_c(c)
     out = torch.promote_types(_wide(x).dtype, y.dtype)
-    x, y = x.to(torch.float64), y.to(torch.float64)
+    if precision not in ("auto", "float32", "float64"):
+        raise ValueError(f"pairwise_dist: precision must be auto, float32 or float64, got {precision!r}")
+    if precision == "auto":
+        safe = out == torch.float32 and bool(
+            max(x.detach().pow(2).sum(-1).amax(), y.detach().pow(2).sum(-1).amax()) * c <= FP32_SAFE_NORM ** 2)
+        precision = "float32" if safe else "float64"
+    dtype = torch.float32 if precision == "float32" else torch.float64
+    x, y = x.to(dtype), y.to(dtype)
     diff = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")  # ‖x_i − y_j‖
     inner = (1 - c * x.pow(2).sum(-1)).clamp_min(0).unsqueeze(-1) * (1 - c * y.pow(2).sum(-1)).clamp_min(0).unsqueeze(-2)
-    tiny = torch.finfo(torch.float64).tiny
-    sc_norm = c ** 0.5 * diff / (c * diff.pow(2) + inner).sqrt().clamp_min(tiny)  # √c‖(−x) ⊕_c y‖
-    return ((2 / c ** 0.5) * torch.atanh(sc_norm.clamp_max(_atanh_limit(torch.float64)))).to(out)
+    limit = _atanh_limit(torch.float64)  # both paths clip d at the same value (≈ 28.3/√c)
+    z = c ** 0.5 * diff / inner.clamp_min(torch.finfo(dtype).tiny).sqrt()
+    return ((2 / c ** 0.5) * torch.asinh(z.clamp_max(limit / (1 - limit ** 2) ** 0.5))).to(out)
 
 
 def _scale_direction(mx: Tensor, x: Tensor, c: float, eps: float) -> Tensor:
@@ -179,13 +197,16 @@ def _(blocks, x, c, eps, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    blocks, x, c, eps, _ = inputs
+    blocks, x, c, eps, backend = inputs
     ctx.save_for_backward(blocks, x)
-    ctx.args = (c, eps)
+    ctx.args, ctx.backend = (c, eps), backend
 
 
 def _backward(ctx, grad):
     blocks, x = ctx.saved_tensors
+    if ctx.backend == "triton":
+        gb, gx = _triton().block_mobius_matvec_backward(blocks, x, grad, *ctx.args)
+        return gb, gx, None, None, None
     with torch.enable_grad():
         b, xx = blocks.detach().requires_grad_(), x.detach().requires_grad_()
         y = _block_reference(b, xx, *ctx.args)

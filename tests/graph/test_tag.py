@@ -145,6 +145,8 @@ def test_debian_builder_on_a_fixture_index(tmp_path):
                      ("sndplay", "paintit")}
     assert "ignored" not in source.ids + target.ids and "coolgame" not in target.texts[0]
     assert set(target.label_texts) == {"games", "graphics", "sound"} and abs(target.homophily() - 2 / 8) < 1e-6
+    whole, _ = debian_tags(records, ["*"], [["games", "graphics", "sound"]], ["Depends"])  # every other section
+    assert set(whole.label_texts) == {"python", "libs", "editors"} and "ignored" in whole.ids
     with pytest.raises(UserError, match="listed twice"):
         debian_tags(records, ["python", "games"], [["games", "sound"]], ["Depends"])
     with pytest.raises(UserError, match="no label text; add it to data.debian_label_texts"):

@@ -7,7 +7,7 @@ import geoopt
 import pytest
 import torch
 
-from blocktrain.kernels.poincare import (BALL_EPS, block_diag_dense, block_mobius_matvec, dist, expmap0, logmap0,
+from blocktrain.kernels.poincare import (BALL_EPS, FP32_SAFE_NORM, block_diag_dense, block_mobius_matvec, dist, expmap0, logmap0,
                                          mobius_add, mobius_matvec, pairwise_dist, project, radius)
 
 F64 = torch.float64
@@ -167,3 +167,56 @@ def test_block_op_backward_passes_gradcheck_in_float64(c):
     blocks = (0.5 * torch.eye(3) + 0.2 * torch.randn(2, 3, 3, generator=g)).double().requires_grad_()
     x = (0.3 / c ** 0.5 * torch.randn(4, 6, generator=g)).double().requires_grad_()
     assert torch.autograd.gradcheck(lambda b, v: block_mobius_matvec(b, v, c), (blocks, x))
+
+
+def _shell(n, d, c, norm, seed):
+    """n float64 points with √c‖x‖ = norm exactly (spread directions), plus copies and near copies of the first."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=F64), dim=-1) * norm / c ** 0.5
+    return torch.cat([x, x[:4], x[:4] + 1e-4 * torch.randn(4, d, generator=g, dtype=F64) / c ** 0.5])
+
+
+def _spy_cdist(monkeypatch):
+    seen, cdist = [], torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda a, b, **kw: seen.append(a.dtype) or cdist(a, b, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_pairwise_dist_float32_path_agrees_with_float64_inside_the_safe_radius(c, monkeypatch):
+    """float32 inputs with √c‖·‖ <= FP32_SAFE_NORM (0.95) take the float32 path, within 2e-5 (abs) of float64."""
+    seen = _spy_cdist(monkeypatch)
+    for norm in (0.3, 0.8, FP32_SAFE_NORM - 1e-3):  # the last just inside (rounding, near copies)
+        x, y = _shell(40, 384, c, norm, 1).float(), _shell(30, 384, c, norm * 0.9, 2).float()
+        y[:4] = x[:4]  # coincident pairs
+        fast = pairwise_dist(x, y, c)
+        assert seen[-1] == torch.float32 and fast.dtype == torch.float32
+        exact = pairwise_dist(x, y, c, precision="float64")
+        assert seen[-1] == F64
+        assert torch.allclose(fast.double(), exact.double(), atol=2e-5, rtol=0), (fast.double() - exact).abs().max()
+        assert fast.diagonal()[:4].abs().max() < 1e-6  # coincident points at distance 0
+    x, y = (_shell(6, 16, c, 0.7, s).float().requires_grad_() for s in (3, 4))
+    w = torch.randn(14, 14, generator=torch.Generator().manual_seed(5))
+    grads = [torch.autograd.grad((pairwise_dist(x, y, c, precision=p) * w).sum(), (x, y)) for p in ("auto", "float64")]
+    assert seen[-2] == torch.float32
+    for fast, exact in zip(*grads):
+        assert torch.isfinite(fast).all() and torch.allclose(fast, exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+def test_pairwise_dist_near_the_boundary_keeps_the_float64_path(c, monkeypatch):
+    """One point beyond the safe radius sends the whole call to float64: there float32 would be off by > 2e-5."""
+    seen = _spy_cdist(monkeypatch)
+    x, y = _shell(40, 64, c, 0.9999, 6).float(), _shell(30, 64, c, 0.9999, 7).float()
+    exact = pairwise_dist(x.double(), y.double(), c)
+    auto = pairwise_dist(x, y, c)
+    assert seen[-1] == F64 and torch.allclose(auto.double(), exact, atol=1e-5, rtol=1e-6)
+    forced = pairwise_dist(x, y, c, precision="float32")  # what the check protects against
+    assert seen[-1] == torch.float32 and (forced.double() - exact).abs().max() > 2e-5
+    inner = _shell(40, 64, c, 0.5, 8).float()
+    pairwise_dist(torch.cat([inner, x[:1]]), inner, c)  # a single boundary point decides
+    assert seen[-1] == F64
+    pairwise_dist(inner.double(), inner.double(), c)  # float64 inputs are never narrowed
+    assert seen[-1] == F64
+    with pytest.raises(ValueError, match="precision must be"):
+        pairwise_dist(x, y, c, precision="half")

@@ -25,11 +25,12 @@ class GraphDataConfig(DataConfig):
     """A source TAG (alignment) and target TAGs (zero-shot); see trainer/graph/tag.py for the on-disk format.
 
     Items are (graph, node) pairs; a batch is a list of torch-geometric ``Data`` subgraphs, one per graph,
-    sampled around the batch's seed nodes (the first ``batch_size`` nodes of each) with NeighborLoader."""
+    sampled around the batch's seed nodes (the first ``batch_size`` nodes of each) by ``data.sample_nodes``
+    (GraphSAGE-style; torch-geometric's NeighborLoader needs pyg-lib or torch-sparse, which PyPI lacks for this torch)."""
 
     kind: str = "graph"
     batch_size: int = field(default=64, metadata=POSITIVE)
-    builder: str = field(default="synthetic", metadata=choices("synthetic", "debian", "files"))
+    builder: str = field(default="synthetic", metadata=choices("synthetic", "debian", "raw_text", "files"))
     path: Optional[str] = None  # files: a collection folder; synthetic/debian: where the built collection is saved
     graph_seed: int = 0  # the graphs' own seed (synthetic draws, Debian subsampling), fixed across run seeds
     num_neighbors: List[int] = field(default_factory=lambda: [10, 10], metadata=_HOPS)
@@ -44,11 +45,16 @@ class GraphDataConfig(DataConfig):
     target_homophily: List[float] = field(default_factory=lambda: [0.1, 0.2, 0.8], metadata=_UNIT_LIST)
     debian_packages: Optional[str] = field(default=None, metadata=PATH)  # `apt-cache dumpavail` output; null = run it
     debian_translations: Optional[str] = field(default=None, metadata=PATH)  # a Translation-en file (long texts)
-    debian_source_sections: List[str] = field(default_factory=lambda: list(DEBIAN_SOURCE))
+    debian_source_sections: List[str] = field(default_factory=lambda: list(DEBIAN_SOURCE))  # ["*"]: all the rest
     debian_target_sections: List[str] = field(default_factory=lambda: list(DEBIAN_TARGETS))  # one graph per entry
     debian_edge_fields: List[str] = field(default_factory=lambda: ["Depends", "Pre-Depends", "Recommends"])
     debian_label_texts: Dict[str, str] = field(default_factory=dict)  # extra or replaced section texts
     debian_max_nodes: Optional[int] = field(default=None, metadata=POSITIVE)  # per graph, seeded subsample
+    raw_dir: str = "~/.cache/blocktrain/raw_tags"  # raw_text: where <name>.npz / <name>.pt are (trainer/graph/rawtext.py)
+    raw_source: str = "pubmed"
+    raw_targets: List[str] = field(default_factory=lambda: ["cora", "citeseer", "cornell", "texas", "wisconsin"])
+    raw_urls: Dict[str, str] = field(default_factory=dict)  # graph name -> a URL to fetch its file from when absent
+    raw_label_texts: Dict[str, str] = field(default_factory=dict)  # class name -> label text (default: the name)
 
 
 @dataclass

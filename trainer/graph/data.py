@@ -1,6 +1,7 @@
 """Data kind ``graph``: a source TAG and target TAGs as (graph, node) items, batched into sampled subgraphs."""
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from torch.utils.data import Dataset
 from blocktrain.trainer.errors import UserError
 from blocktrain.trainer.graph.tag import Tag, check_disjoint, edge_homophily, load_collection, save_collection
 from blocktrain.trainer.sources.data import Datasets
+
+log = logging.getLogger(__name__)
 
 
 class GraphNodes(Dataset):
@@ -111,6 +114,11 @@ def build_tags(cfg) -> tuple[Tag, list[Tag]]:
         source, targets = synthetic_tags(cfg.source_homophily, list(cfg.target_homophily), cfg.synthetic_nodes,
                                          cfg.synthetic_classes, cfg.synthetic_vocab, cfg.synthetic_words,
                                          cfg.synthetic_topic_fraction, cfg.synthetic_degree, cfg.graph_seed)
+    elif cfg.builder == "raw_text":
+        from blocktrain.trainer.graph.rawtext import raw_text_tags
+
+        source, targets = raw_text_tags(cfg.raw_source, list(cfg.raw_targets), cfg.raw_dir, dict(cfg.raw_urls),
+                                        dict(cfg.raw_label_texts))
     else:
         from blocktrain.trainer.graph.debian import debian_tags, read_packages
 
@@ -134,6 +142,9 @@ def build_graph_data(cfg, tokenizer=None, seed: int = 0) -> Datasets:
     source, targets = build_tags(cfg)
     graphs = [t.to_data() for t in (source, *targets)]
     homophily = {g.name: edge_homophily(g) for g in graphs}
+    for g in graphs:
+        log.info("graph %s (%s): %d nodes, %d edges, %d classes, edge homophily %.3f", g.name, g.role, g.num_nodes,
+                 g.edge_index.shape[1] // 2, len(g.label_texts), homophily[g.name])
     hetero = [g.name for g in graphs[1:] if homophily[g.name] < cfg.heterophily_threshold]
     collate = SubgraphCollate(graphs, cfg.num_neighbors)
     info = {"graphs": [g.name for g in graphs], "source_graph": source.name,

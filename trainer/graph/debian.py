@@ -121,6 +121,11 @@ def strip_name(text: str, name: str) -> str:
     return re.sub(r"\s+", " ", re.sub(rf"(?<![\w.+-]){re.escape(name)}(?![\w+-])", " ", text, flags=re.I)).strip()
 
 
+def section_of(record: dict[str, str]) -> str:
+    """The record's section without a component prefix (``contrib/net`` -> ``net``)."""
+    return record.get("Section", "").rsplit("/", 1)[-1]
+
+
 def read_packages(packages: str | None, translations: str | None = None) -> list[dict[str, str]]:
     """Records of a dumpavail file (``None``: ``apt-cache dumpavail``), long descriptions merged in."""
     if packages is None:
@@ -143,8 +148,12 @@ def read_packages(packages: str | None, translations: str | None = None) -> list
 
 def debian_tags(records: list[dict[str, str]], source_sections: list[str], target_sections: list[list[str]],
                 edge_fields: list[str], label_texts: dict[str, str] | None = None) -> tuple[Tag, list[Tag]]:
-    """(source, targets) from package records: one target graph per list in ``target_sections``."""
+    """(source, targets) from package records: one target graph per list in ``target_sections``.
+    ``source_sections == ["*"]`` takes every section of the records that no target lists (the whole index)."""
     texts_of = {**SECTION_TEXTS, **(label_texts or {})}
+    if list(source_sections) == ["*"]:
+        taken = {s for g in target_sections for s in g}
+        source_sections = sorted({section_of(r) for r in records} - taken - {""})
     groups = [source_sections, *target_sections]
     used = [s for g in groups for s in g]
     if len(set(used)) != len(used):
@@ -156,7 +165,7 @@ def debian_tags(records: list[dict[str, str]], source_sections: list[str], targe
     group_of = {s: i for i, g in enumerate(groups) for s in g}
     nodes: dict[str, dict] = {}
     for r in records:
-        section = r.get("Section", "").rsplit("/", 1)[-1]
+        section = section_of(r)
         text = strip_name(r.get("Description", ""), r["Package"])
         if section in group_of and text and r["Package"] not in nodes:
             nodes[r["Package"]] = {"section": section, "text": text, "record": r}

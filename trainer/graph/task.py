@@ -39,7 +39,8 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def featurize(model, graphs: list, prompt: str, batch_size: int, cache: str | None = None) -> None:
     """Set ``x`` (node texts) and ``label_x`` (prompted label texts) of every graph with the model's text encoder;
-    with ``cache`` (a folder) features are kept there, keyed by the encoder's identity and the texts."""
+    with ``cache`` (a folder) features are kept there, keyed by the encoder's identity and the texts. Texts are
+    encoded in batches of similar length (fewer pad tokens) and returned in their own order."""
     def encode(texts):
         key = None
         if cache is not None:
@@ -49,8 +50,9 @@ def featurize(model, graphs: list, prompt: str, batch_size: int, cache: str | No
             key = Path(cache).expanduser() / f"{digest[:32]}.pt"
             if key.is_file():
                 return torch.load(key)
-        out = torch.cat([model.encode_texts(texts[i:i + batch_size]).float().cpu()
-                         for i in range(0, len(texts), batch_size)])
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
+        out = torch.cat([model.encode_texts([texts[j] for j in order[i:i + batch_size]]).float().cpu()
+                         for i in range(0, len(texts), batch_size)])[torch.argsort(torch.tensor(order))]
         if key is not None:
             key.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(key) as tmp:

@@ -171,6 +171,22 @@ def test_text_features_are_cached_by_encoder_and_texts(tiny_bert, tmp_path):
     assert len(list(tmp_path.glob("*.pt"))) == 4
 
 
+def test_text_features_come_back_in_text_order_from_length_sorted_batches(tiny_bert):
+    data = _data()
+    model = _model(tiny_bert)
+    graph = data.train.graphs[0]
+    texts = list(graph.texts)
+    texts[0] = texts[0] + " " + texts[0]  # a long one first, so sorting moves it
+    graph.texts = texts
+    batches, encode = [], model.encode_texts
+    model.encode_texts = lambda t: batches.append(list(t)) or encode(t)
+    featurize(model, [graph], "{}", 32, None)
+    one_by_one = torch.cat([encode([t]) for t in texts])  # no padding at all
+    assert torch.allclose(graph.x, one_by_one, atol=1e-5)
+    assert all(len(a) <= len(b) for batch in batches[:-1] for a, b in zip(batch, batch[1:]))
+    assert batches[-2][-1] == texts[0]  # the longest node text is encoded last (the label texts follow)
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(UserError, match=r"plugin.h4g.c must be > 0"):
         H4GConfig(c=0.0)
