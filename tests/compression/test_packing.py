@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from blocktrain.kernels import use_backend
 from blocktrain.trainer.compression.packing import (PackedLinear, export_quantized, pack_model, read_compressed,
                                                     save_compressed, save_dequantized)
 from blocktrain.trainer.compression.quant import ActQuantSpec, QuantLinear, QuantSpec, minmax_qparams
@@ -177,9 +178,27 @@ def test_packed_inference_path_equals_the_quant_linears(bits, symmetric, group):
     model = quantized(QuantSpec(bits, symmetric, group))
     want = logits(model)
     pack_model(model)
-    assert type(model.model.layers[0].mlp.up_proj) is PackedLinear
-    assert model.model.layers[0].mlp.up_proj.packed.dtype == torch.int32
-    assert torch.equal(logits(model), want)
+    up = model.model.layers[0].mlp.up_proj
+    assert type(up) is PackedLinear and up.packed.dtype == torch.int32
+    with use_backend("reference"):
+        assert torch.equal(logits(model), want)
+    # the default CPU path: torch's int4 kernel where it applies (W4, g32), equal up to float rounding
+    assert (up.cpu_packed() is not None) == (bits == 4)
+    torch.testing.assert_close(logits(model), want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_linear_reconverts_its_cpu_layout_when_its_buffers_change():
+    model = pack_model(quantized(QuantSpec(4, False, 32)))
+    up = model.model.layers[0].mlp.up_proj
+    first = up.cpu_packed()
+    assert up.cpu_packed() is first  # converted once
+    other = pack_model(quantized(QuantSpec(4, True, 32)))
+    up.load_state_dict(other.model.layers[0].mlp.up_proj.state_dict())
+    x = torch.randn(3, up.in_features)
+    assert up.cpu_packed() is not first
+    with use_backend("reference"):
+        want = up(x)
+    torch.testing.assert_close(up(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_settings_fail_clearly(tmp_path):
