@@ -18,26 +18,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
+import runpy
 import statistics
 import struct
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 # This folder holds a file named like the PyPI package `kernels`, which bitsandbytes tries to import.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 HERE = Path(__file__).resolve().parent
 
 
-def _quantization_benchmark():
+def _quantization_benchmark() -> SimpleNamespace:
     """benchmarks/quantization.py: its model source, setting parser and RTN arm (and through it the assets)."""
-    spec = importlib.util.spec_from_file_location("quantization_benchmark", HERE / "quantization.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return SimpleNamespace(**runpy.run_path(str(HERE / "quantization.py"), run_name="quantization_benchmark"))
 
 
 def safetensors_bytes(folder: Path) -> dict[str, int]:
