@@ -1,13 +1,13 @@
 """Time ``quant_matmul`` (packed low-bit weight) against a dense matmul with the same, dequantized, weight.
 
-    python benchmarks/quant_matmul.py [--repeats N] [--bits 4 2] [--group 32]
+    python benchmarks/quant_matmul.py [--repeats N] [--bits 4 2] [--group 32] [--tokens 1 16 256] [--dtype bfloat16]
 
 Shapes: SmolLM2-135M's MLP (576→1536, 1536→576) and Llama-7B's up projection (4096→11008), at 1, 16 and 256
-tokens. On CPU (fp32) two paths of the op: the reference (unpack, dequantize, ``F.linear``) and, for W4 with a
-group size torch's int4 kernel takes, that kernel on the weight converted once by ``pack_for_cpu`` (the
-conversion's time is printed per shape). On CUDA it runs the Triton kernel (bf16) and the dense side is cuBLAS
-in bf16. Each time is the median of ``--repeats`` calls, with the 25th–75th percentile spread; all sides take
-turns so load changes hit them alike.
+tokens. On CPU (fp32, or --dtype bfloat16) the reference path (unpack, dequantize, ``F.linear``) and, with bf16
+activations and W4 at a group size torch's int4 kernel takes, that kernel on the weight converted once by
+``pack_for_cpu`` (the conversion's time is printed per shape); the dense side runs in the same dtype. On CUDA it
+runs the Triton kernel (bf16) and the dense side is cuBLAS in bf16. Each time is the median of ``--repeats``
+calls, with the 25th–75th percentile spread; all sides take turns so load changes hit them alike.
 """
 
 from __future__ import annotations
@@ -51,9 +51,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     parser.add_argument("--group", type=int, default=32, help="input columns per scale/zero (0: per channel)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="activations and dense weight (default: bfloat16 on CUDA, float32 on CPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     path = dispatch.select(device, dtype)
     print(f"machine: {describe_machine(device)}; torch {torch.__version__}; {dtype}; quant_matmul path: {path}; "
           f"group {args.group or 'per channel'}; median [p25–p75] of {args.repeats} calls, ms; ratio = op / dense")
@@ -70,12 +73,12 @@ def main() -> None:
             packed_mb = (packed.numel() * 4 + scale.numel() * scale.element_size() * 2) / 2**20
             start = time.perf_counter()
             cpu = pack_for_cpu(packed, scale, zero, bits, width)
-            if cpu is not None:
+            if cpu is not None and dtype == torch.bfloat16:
                 print(f"  ({name}, W{bits}: pack_for_cpu took {(time.perf_counter() - start) * 1e3:.1f} ms once)")
-            for tokens in TOKENS:
+            for tokens in args.tokens:
                 x = torch.randn(tokens, width, generator=gen).to(device, dtype)
                 fns = {"dense": lambda: F.linear(x, weight), "quant": lambda: quant_matmul(x, packed, scale, zero, bits)}
-                if cpu is not None:
+                if cpu is not None and dtype == torch.bfloat16:
                     fns["int4"] = lambda: quant_matmul(x, packed, scale, zero, bits, cpu_packed=cpu)
                 with torch.no_grad():  # on CPU the dispatch picks the int4 kernel only given cpu_packed
                     t = timed(fns, device, args.repeats)

@@ -6,11 +6,12 @@ dimension, 32/b per int32 word, code j of a row at bits b·(j mod 32/b) of word 
 ``pack-quantized`` layout for b ∈ {2, 4, 8}, with codes offset to be unsigned (theirs are signed, u = q + 2^(b−1)).
 
 The Triton kernel dequantizes tiles of the weight in registers and never writes ŵ to memory; the reference
-unpacks the whole weight, dequantizes it and calls ``F.linear``. On the CPU, a 4-bit weight with groups of 32, 64,
-128 or 256 inputs and a multiple of 16 outputs can also run torch's own int4 kernel
-(``aten._weight_int4pack_mm_for_cpu``, the ``compiled`` backend): :func:`pack_for_cpu` converts it once into that
-kernel's layout (ŵ = s·(u − 8) + m with m = s·(8 − z), equal to s·(u − z) up to float rounding) and
-``quant_matmul(..., cpu_packed=...)`` uses it; without it the CPU runs the reference. One ``torch.library`` op
+unpacks the whole weight, dequantizes it and calls ``F.linear``. On the CPU, bf16 activations times a 4-bit weight
+with groups of 32, 64, 128 or 256 inputs and a multiple of 16 outputs can also run torch's own int4 kernel
+(``aten._weight_int4pack_mm_for_cpu``, the ``compiled`` backend): :func:`pack_for_cpu` converts the weight once into
+that kernel's layout (ŵ = s·(u − 8) + m with m = s·(8 − z), equal to s·(u − z) up to float rounding) and
+``quant_matmul(..., cpu_packed=...)`` uses it; otherwise the CPU runs the reference. fp32 activations stay on the
+reference: torch's kernel is not vectorised for them (measured 10–70× slower than the reference, RESULTS.md). One ``torch.library`` op
 (``blocktrain::quant_matmul``) with a fake and a gradient for x (the codes are frozen), so ``torch.compile``
 sees one node and adapters can train in front of a packed layer.
 """
@@ -28,6 +29,7 @@ __all__ = ["BITS", "dequantize_packed", "pack_codes", "pack_for_cpu", "quant_mat
 
 BITS = (2, 4, 8)
 CPU_INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
+CPU_INT4_DTYPE = torch.bfloat16  # the activations it is fast for here (fp32: a scalar loop)
 
 
 def _triton():
@@ -171,11 +173,11 @@ def quant_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bits: i
     """y = x·ŵᵀ + b with ŵ = s·(u − z) from packed codes (see the module docstring).
 
     x: (..., in); packed: int32 (out, ⌈in·bits/32⌉) from :func:`pack_codes`; scale, zero: (out, n_groups);
-    bias: (out,) or None; bits ∈ {2, 4, 8}; cpu_packed: :func:`pack_for_cpu` of the same weight, or None (then
-    the CPU runs the reference). Returns (..., out) in x's dtype; differentiable in x and bias.
+    bias: (out,) or None; bits ∈ {2, 4, 8}; cpu_packed: :func:`pack_for_cpu` of the same weight, or None (the
+    CPU runs torch's int4 kernel for bf16 x given it, else the reference). Returns (..., out) in x's dtype; differentiable in x and bias.
     """
     _validate(x, packed, scale, zero, bits, bias, cpu_packed)
-    usable = cpu_packed is not None and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    usable = cpu_packed is not None and x.dtype == CPU_INT4_DTYPE
     backend = dispatch.select(x.device, x.dtype, compiled=(lambda: True) if usable else None)
     dispatch.announce("quant_matmul", backend)
     codes, scale_zero = cpu_packed if backend == "compiled" else (None, None)

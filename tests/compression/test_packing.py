@@ -180,11 +180,8 @@ def test_packed_inference_path_equals_the_quant_linears(bits, symmetric, group):
     pack_model(model)
     up = model.model.layers[0].mlp.up_proj
     assert type(up) is PackedLinear and up.packed.dtype == torch.int32
-    with use_backend("reference"):
-        assert torch.equal(logits(model), want)
-    # the default CPU path: torch's int4 kernel where it applies (W4, g32), equal up to float rounding
-    assert (up.cpu_packed() is not None) == (bits == 4)
-    torch.testing.assert_close(logits(model), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits(model), want)  # fp32: the reference path
+    assert (up.cpu_packed() is not None) == (bits == 4)  # W4 g32: ready for torch's int4 kernel (bf16 inputs)
 
 
 def test_packed_linear_reconverts_its_cpu_layout_when_its_buffers_change():
@@ -194,11 +191,11 @@ def test_packed_linear_reconverts_its_cpu_layout_when_its_buffers_change():
     assert up.cpu_packed() is first  # converted once
     other = pack_model(quantized(QuantSpec(4, True, 32)))
     up.load_state_dict(other.model.layers[0].mlp.up_proj.state_dict())
-    x = torch.randn(3, up.in_features)
+    x = torch.randn(3, up.in_features).bfloat16()
     assert up.cpu_packed() is not first
     with use_backend("reference"):
         want = up(x)
-    torch.testing.assert_close(up(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(up(x), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
 def test_unsupported_settings_fail_clearly(tmp_path):
