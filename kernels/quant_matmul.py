@@ -11,7 +11,7 @@ with groups of 32, 64, 128 or 256 inputs and a multiple of 16 outputs can also r
 (``aten._weight_int4pack_mm_for_cpu``, the ``compiled`` backend): :func:`pack_for_cpu` converts the weight once into
 that kernel's layout (ŵ = s·(u − 8) + m with m = s·(8 − z), equal to s·(u − z) up to float rounding) and
 ``quant_matmul(..., cpu_packed=...)`` uses it; otherwise the CPU runs the reference. fp32 activations stay on the
-reference: torch's kernel is not vectorised for them (measured 10–70× slower than the reference, RESULTS.md). One ``torch.library`` op
+reference: torch's kernel is not vectorised for them (up to 50× slower than the reference here, RESULTS.md). One ``torch.library`` op
 (``blocktrain::quant_matmul``) with a fake and a gradient for x (the codes are frozen), so ``torch.compile``
 sees one node and adapters can train in front of a packed layer.
 """
@@ -29,7 +29,7 @@ __all__ = ["BITS", "dequantize_packed", "pack_codes", "pack_for_cpu", "quant_mat
 
 BITS = (2, 4, 8)
 CPU_INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
-CPU_INT4_DTYPE = torch.bfloat16  # the activations it is fast for here (fp32: a scalar loop)
+CPU_INT4_DTYPE = torch.bfloat16  # the activations it is fast for (its fp32 path is far slower: RESULTS.md)
 
 
 def _triton():
