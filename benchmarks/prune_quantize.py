@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32, help="Wanda's calibration windows")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Wanda's windows drawn with each")
+    parser.add_argument("--no-baselines", action="store_true", help="only the Wanda arms (dense and RTN need no seed)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     if args.quick:
@@ -140,8 +141,9 @@ def run(args, quant, bench) -> dict:
 
     print("| arm | seed | perplexity | zero fraction of Linear weights | prune+quantize s | safetensors MB | "
           "of which Linears MB | rest MB |\n|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    arm("dense (fp32)", None, False, False)
-    arm(f"RTN {args.setting}", None, False, True)
+    if not args.no_baselines:
+        arm("dense (fp32)", None, False, False)
+        arm(f"RTN {args.setting}", None, False, True)
     for seed in args.seeds:
         arm("Wanda 50%", seed, True, False)
         arm(f"Wanda 50% + RTN {args.setting}", seed, True, True)
