@@ -6,7 +6,12 @@ dimension, 32/b per int32 word, code j of a row at bits b·(j mod 32/b) of word 
 ``pack-quantized`` layout for b ∈ {2, 4, 8}, with codes offset to be unsigned (theirs are signed, u = q + 2^(b−1)).
 
 The Triton kernel dequantizes tiles of the weight in registers and never writes ŵ to memory; the reference
-(the CPU path) unpacks the whole weight, dequantizes it and calls ``F.linear``. One ``torch.library`` op
+unpacks the whole weight, dequantizes it and calls ``F.linear``. On the CPU, bf16 activations times a 4-bit weight
+with groups of 32, 64, 128 or 256 inputs and a multiple of 16 outputs can also run torch's own int4 kernel
+(``aten._weight_int4pack_mm_for_cpu``, the ``compiled`` backend): :func:`pack_for_cpu` converts the weight once into
+that kernel's layout (ŵ = s·(u − 8) + m with m = s·(8 − z), equal to s·(u − z) up to float rounding) and
+``quant_matmul(..., cpu_packed=...)`` uses it; otherwise the CPU runs the reference. fp32 activations stay on the
+reference: torch's kernel is not vectorised for them (up to 50× slower than the reference here, RESULTS.md). One ``torch.library`` op
 (``blocktrain::quant_matmul``) with a fake and a gradient for x (the codes are frozen), so ``torch.compile``
 sees one node and adapters can train in front of a packed layer.
 """
@@ -19,9 +24,12 @@ from torch import Tensor
 
 from blocktrain.kernels import dispatch
 
-__all__ = ["BITS", "dequantize_packed", "pack_codes", "quant_matmul", "quant_matmul_reference", "unpack_codes"]
+__all__ = ["BITS", "dequantize_packed", "pack_codes", "pack_for_cpu", "quant_matmul", "quant_matmul_reference",
+           "unpack_codes"]
 
 BITS = (2, 4, 8)
+CPU_INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
+CPU_INT4_DTYPE = torch.bfloat16  # the activations it is fast for (its fp32 path is far slower: RESULTS.md)
 
 
 def _triton():
@@ -72,30 +80,52 @@ def quant_matmul_reference(x: Tensor, packed: Tensor, scale: Tensor, zero: Tenso
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+def pack_for_cpu(packed: Tensor, scale: Tensor, zero: Tensor, bits: int,
+                 in_features: int) -> tuple[Tensor, Tensor] | None:
+    """The weight in the layout of torch's CPU int4 kernel: (uint8 codes (out, in/2) in its blocked order, fp32
+    [n_groups, out, 2] of (s, s·(8 − z))); None where that kernel does not apply (bits ≠ 4, group size not one of
+    32/64/128/256, out not a multiple of 16). A one-off conversion: keep the result beside the packed weight."""
+    out, n_groups = scale.shape
+    if (bits != 4 or packed.device.type != "cpu" or out % 16 or in_features % n_groups
+            or in_features // n_groups not in CPU_INT4_GROUPS):
+        return None
+    codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_codes(packed, bits, in_features), 1)
+    scale = scale.float()
+    return codes, torch.stack([scale, scale * (8 - zero.float())], -1).transpose(0, 1).contiguous()
+
+
+def _cpu_int4(x: Tensor, codes: Tensor, scale_zero: Tensor, bias: Tensor | None) -> Tensor:
+    group = x.shape[-1] // scale_zero.shape[0]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, codes, group, scale_zero.to(x.dtype))
+    return y if bias is None else y.add_(bias.to(x.dtype))
+
+
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 
 
 @torch.library.custom_op("blocktrain::quant_matmul", mutates_args=())
 def _quant_matmul_op(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, bits: int,
-                     backend: str) -> Tensor:
+                     backend: str, cpu_codes: Tensor | None, cpu_scale_zero: Tensor | None) -> Tensor:
     lead, width = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, width)
     with torch.autocast(x.device.type, enabled=False):
         if backend == "triton":
             y = _triton().quant_matmul(x2.contiguous(), packed, scale, zero, bias, bits)
+        elif backend == "compiled":
+            y = _cpu_int4(x2.contiguous(), cpu_codes, cpu_scale_zero, bias)
         else:
             y = quant_matmul_reference(x2, packed, scale, zero, bits, bias)
     return y.view(*lead, packed.shape[0])
 
 
 @_quant_matmul_op.register_fake
-def _(x, packed, scale, zero, bias, bits, backend):
+def _(x, packed, scale, zero, bias, bits, backend, cpu_codes, cpu_scale_zero):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, packed, scale, zero, bias, bits, _ = inputs
+    x, packed, scale, zero, bias, bits, *_ = inputs
     ctx.save_for_backward(packed, scale, zero)
     ctx.bits, ctx.width, ctx.dtype = bits, x.shape[-1], x.dtype
 
@@ -107,7 +137,7 @@ def _backward(ctx, grad_y):
         grad_x = grad_y @ dequantize_packed(packed, scale, zero, ctx.bits, ctx.width).to(grad_y.dtype)
     if ctx.needs_input_grad[4]:
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    return grad_x, None, None, None, grad_bias, None, None
+    return grad_x, None, None, None, grad_bias, None, None, None, None
 
 
 _quant_matmul_op.register_autograd(_backward, setup_context=_setup_context)
@@ -117,7 +147,8 @@ _quant_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 # public entry point
 
 
-def _validate(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bits: int, bias: Tensor | None) -> None:
+def _validate(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bits: int, bias: Tensor | None,
+              cpu_packed: tuple[Tensor, Tensor] | None) -> None:
     _check_bits(bits)
     width, out = x.shape[-1], packed.shape[0]
     words = -(-width * bits // 32)
@@ -131,16 +162,23 @@ def _validate(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bits: int,
         raise ValueError(f"quant_matmul: {scale.shape[1]} groups do not divide the input width {width}")
     if bias is not None and tuple(bias.shape) != (out,):
         raise ValueError(f"quant_matmul: bias must be ({out},), got {tuple(bias.shape)}")
+    if cpu_packed is not None and (tuple(cpu_packed[0].shape) != (out, width // 2)
+                                   or tuple(cpu_packed[1].shape) != (scale.shape[1], out, 2)):
+        raise ValueError("quant_matmul: cpu_packed is not pack_for_cpu of this weight "
+                         f"({tuple(cpu_packed[0].shape)}, {tuple(cpu_packed[1].shape)})")
 
 
 def quant_matmul(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bits: int,
-                 bias: Tensor | None = None) -> Tensor:
+                 bias: Tensor | None = None, cpu_packed: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """y = x·ŵᵀ + b with ŵ = s·(u − z) from packed codes (see the module docstring).
 
     x: (..., in); packed: int32 (out, ⌈in·bits/32⌉) from :func:`pack_codes`; scale, zero: (out, n_groups);
-    bias: (out,) or None; bits ∈ {2, 4, 8}. Returns (..., out) in x's dtype; differentiable in x and bias.
+    bias: (out,) or None; bits ∈ {2, 4, 8}; cpu_packed: :func:`pack_for_cpu` of the same weight, or None (the
+    CPU runs torch's int4 kernel for bf16 x given it, else the reference). Returns (..., out) in x's dtype; differentiable in x and bias.
     """
-    _validate(x, packed, scale, zero, bits, bias)
-    backend = dispatch.select(x.device, x.dtype)
+    _validate(x, packed, scale, zero, bits, bias, cpu_packed)
+    usable = cpu_packed is not None and x.dtype == CPU_INT4_DTYPE
+    backend = dispatch.select(x.device, x.dtype, compiled=(lambda: True) if usable else None)
     dispatch.announce("quant_matmul", backend)
-    return torch.ops.blocktrain.quant_matmul(x, packed, scale, zero, bias, int(bits), backend)
+    codes, scale_zero = cpu_packed if backend == "compiled" else (None, None)
+    return torch.ops.blocktrain.quant_matmul(x, packed, scale, zero, bias, int(bits), backend, codes, scale_zero)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from blocktrain.kernels import use_backend
 from blocktrain.trainer.compression.packing import (PackedLinear, export_quantized, pack_model, read_compressed,
                                                     save_compressed, save_dequantized)
 from blocktrain.trainer.compression.quant import ActQuantSpec, QuantLinear, QuantSpec, minmax_qparams
@@ -177,9 +178,24 @@ def test_packed_inference_path_equals_the_quant_linears(bits, symmetric, group):
     model = quantized(QuantSpec(bits, symmetric, group))
     want = logits(model)
     pack_model(model)
-    assert type(model.model.layers[0].mlp.up_proj) is PackedLinear
-    assert model.model.layers[0].mlp.up_proj.packed.dtype == torch.int32
-    assert torch.equal(logits(model), want)
+    up = model.model.layers[0].mlp.up_proj
+    assert type(up) is PackedLinear and up.packed.dtype == torch.int32
+    assert torch.equal(logits(model), want)  # fp32: the reference path
+    assert (up.cpu_packed() is not None) == (bits == 4)  # W4 g32: ready for torch's int4 kernel (bf16 inputs)
+
+
+def test_packed_linear_reconverts_its_cpu_layout_when_its_buffers_change():
+    model = pack_model(quantized(QuantSpec(4, False, 32)))
+    up = model.model.layers[0].mlp.up_proj
+    first = up.cpu_packed()
+    assert up.cpu_packed() is first  # converted once
+    other = pack_model(quantized(QuantSpec(4, True, 32)))
+    up.load_state_dict(other.model.layers[0].mlp.up_proj.state_dict())
+    x = torch.randn(3, up.in_features).bfloat16()
+    assert up.cpu_packed() is not first
+    with use_backend("reference"):
+        want = up(x)
+    torch.testing.assert_close(up(x), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
 def test_unsupported_settings_fail_clearly(tmp_path):

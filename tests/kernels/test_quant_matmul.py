@@ -1,4 +1,5 @@
-"""quant_matmul's reference path (the CPU path): packing layout, exactness against QuantLinear, gradients."""
+"""quant_matmul on the CPU: packing layout, exactness of the reference against QuantLinear, gradients, and torch's
+CPU int4 kernel (the ``compiled`` backend, given ``pack_for_cpu``) against the reference."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blocktrain.kernels import quant_matmul
-from blocktrain.kernels.quant_matmul import pack_codes, unpack_codes
+from blocktrain.kernels import quant_matmul, use_backend
+from blocktrain.kernels.quant_matmul import pack_codes, pack_for_cpu, quant_matmul_reference, unpack_codes
 from blocktrain.trainer.compression.packing import pack_quant_linear
 from blocktrain.trainer.compression.quant import QuantLinear, QuantSpec, minmax_qparams
 
@@ -77,3 +78,55 @@ def test_bad_inputs_fail_clearly():
         quant_matmul(torch.randn(2, 32), packed, torch.ones(8, 3), torch.ones(8, 3), 4)
     with pytest.raises(ValueError, match="codes must lie"):
         pack_codes(torch.full((2, 8), 4), 2)
+
+
+def _int4_weight(out: int, width: int, group: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    packed = pack_codes(torch.randint(0, 16, (out, width), generator=gen), 4)
+    scale = (torch.rand(out, width // group, generator=gen) + 0.5) / width**0.5
+    return packed, scale, torch.randint(0, 16, (out, width // group), generator=gen).float()
+
+
+@pytest.mark.parametrize("lead,width,out,group", [((1,), 64, 32, 32), ((16,), 256, 48, 64), ((2, 5), 128, 16, 128),
+                                                  ((3,), 256, 64, 256)])
+def test_cpu_int4_kernel_matches_the_reference_in_bf16(lead, width, out, group):
+    packed, scale, zero = _int4_weight(out, width, group)
+    cpu = pack_for_cpu(packed, scale, zero, 4, width)
+    x = torch.randn(*lead, width, generator=torch.Generator().manual_seed(1)).bfloat16()
+    bias = torch.randn(out)
+    want = quant_matmul_reference(x.reshape(-1, width), packed, scale, zero, 4, bias).view(*lead, out)
+    with use_backend("reference"):
+        assert torch.equal(quant_matmul(x, packed, scale, zero, 4, bias, cpu), want)  # forced: cpu_packed unused
+    got = quant_matmul(x, packed, scale, zero, 4, bias, cpu)
+    atol = 2e-2 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=atol)
+    other = pack_for_cpu(packed, scale, zero + 1, 4, width)  # the kernel reads cpu_packed, not packed/scale/zero
+    shifted = want.float() - x.float() @ scale.repeat_interleave(group, 1).t()
+    torch.testing.assert_close(quant_matmul(x, packed, scale, zero, 4, bias, other).float(), shifted, rtol=2e-2,
+                               atol=atol)
+
+
+def test_fp32_activations_stay_on_the_reference():
+    packed, scale, zero = _int4_weight(32, 64, 32)
+    x = torch.randn(4, 64)
+    other = pack_for_cpu(packed, scale, zero + 1, 4, 64)
+    assert torch.equal(quant_matmul(x, packed, scale, zero, 4, cpu_packed=other),
+                       quant_matmul_reference(x, packed, scale, zero, 4))
+
+
+def test_cpu_int4_kernel_gradient_is_the_reference_one():
+    packed, scale, zero = _int4_weight(32, 64, 32)
+    x = torch.randn(4, 64).bfloat16().requires_grad_()
+    g = torch.randn(4, 32).bfloat16()
+    cpu = pack_for_cpu(packed, scale, zero, 4, 64)
+    (got,) = torch.autograd.grad(quant_matmul(x, packed, scale, zero, 4, cpu_packed=cpu), x, g)
+    (want,) = torch.autograd.grad(quant_matmul_reference(x, packed, scale, zero, 4), x, g)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits,width,out,group", [(2, 64, 32, 32), (8, 64, 32, 32), (4, 64, 24, 32), (4, 96, 32, 48),
+                                                  (4, 576, 32, 576)])
+def test_cpu_int4_kernel_is_used_only_where_it_applies(bits, width, out, group):
+    packed = pack_codes(torch.randint(0, 2**bits, (out, width)), bits)
+    scale = torch.rand(out, width // group) + 0.1
+    assert pack_for_cpu(packed, scale, torch.zeros_like(scale), bits, width) is None

@@ -99,12 +99,24 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("scale", scale.clone())
         self.register_buffer("zero", zero)
         self.bias = q.bias
+        self._cpu_key, self._cpu_packed = None, None
+
+    def cpu_packed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight in torch's CPU int4 layout (``pack_for_cpu``), converted on first use and again whenever the
+        buffers change (not saved: the state dict keeps one layout); None off the CPU or where it does not apply."""
+        from blocktrain.kernels.quant_matmul import pack_for_cpu
+
+        buffers = (self.packed, self.scale, self.zero)
+        key = tuple((t.device, t.data_ptr(), t._version) for t in buffers)
+        if key != self._cpu_key:
+            self._cpu_key, self._cpu_packed = key, pack_for_cpu(*buffers, self.bits, self.in_features)
+        return self._cpu_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from blocktrain.kernels import quant_matmul
 
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return quant_matmul(x, self.packed, self.scale, self.zero, self.bits, bias)
+        return quant_matmul(x, self.packed, self.scale, self.zero, self.bits, bias, self.cpu_packed())
 
 
 def pack_model(model: torch.nn.Module) -> torch.nn.Module:
