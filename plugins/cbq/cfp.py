@@ -7,7 +7,10 @@ and move activation-outlier channels into the preceding norm and the consuming l
   largest; the top part are the true outliers. Paper reading: intra = var(top) + var(bottom), the bottom
   part including the largest non-candidate, so that every candidate may be an outlier. msmodelslim:
   intra = var(bottom), the split within the candidates only, λ2 = 1.
-- **weights**: per weight matrix, |w| above the fine threshold is clipped to the largest non-outlier |w|;
+- **weights**: per weight matrix, |w| above the fine threshold is clipped to the largest non-outlier |w| t; the
+  clip is the quantizer's range (its min-max step from the weight clamped to ±t, ``CBQLinear(clip=t)``), not a
+  change of the model, so the full-precision targets stay the model's own; with ``clip_check`` (our reading) a
+  matrix is clipped only where that lowers its own quantization error on the target grid;
 - **activations**: per channel c of a norm's output (its largest |x| over the calibration tokens; msmodelslim:
   the max and the min separately, the larger scale kept), an outlier channel gets s_c = (m_c / t)^α (t: the
   largest non-outlier value, α = ``exponent``), other channels 1; the norm's weight (and bias) is divided by s
@@ -21,9 +24,10 @@ import torch
 from torch import nn
 
 from blocktrain.plugins.cbq.settings import CFPSettings
+from blocktrain.trainer.compression.quant import QuantSpec, fake_quantize, minmax_qparams
 from blocktrain.trainer.compression.replay import forward_with_hooks, probe_layers
 
-__all__ = ["outlier_mask", "clip_weight_outliers", "norm_linear_groups", "channel_scales", "fold_scales",
+__all__ = ["outlier_mask", "weight_clip", "clip_lowers_error", "norm_linear_groups", "channel_scales", "fold_scales",
            "cfp_preprocess"]
 
 
@@ -64,15 +68,21 @@ def outlier_mask(values: torch.Tensor, s: CFPSettings) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_weight_outliers(weight: torch.Tensor, s: CFPSettings) -> int:
-    """Clip the outliers of |w| (one matrix) to the largest non-outlier |w|, in place; returns how many."""
+def weight_clip(weight: torch.Tensor, s: CFPSettings) -> tuple[float, int] | None:
+    """The largest non-outlier |w| of one matrix and how many |w| lie above it (None: no outliers)."""
     a = weight.abs()
     mask = outlier_mask(a.float(), s)
     n = int(mask.sum())
-    if n and n < a.numel():
-        t = a[~mask].max()
-        weight.copy_(weight.clamp(-t, t))
-    return n
+    return (float(a[~mask].max()), n) if n and n < a.numel() else None
+
+
+@torch.no_grad()
+def clip_lowers_error(weight: torch.Tensor, clip: float, spec: QuantSpec) -> bool:
+    """Whether round-to-nearest of ``weight`` on the grid of its range clamped to ±``clip`` (outliers saturate)
+    has a smaller squared error than on the grid of its full range."""
+    w = weight.float()
+    clipped = fake_quantize(w, *minmax_qparams(w.clamp(-clip, clip), spec), spec)
+    return bool((w - clipped).pow(2).sum() < (w - fake_quantize(w, *minmax_qparams(w, spec), spec)).pow(2).sum())
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -135,10 +145,10 @@ def fold_scales(model: nn.Module, norm: str, linears: list[str], scale: torch.Te
 
 @torch.no_grad()
 def cfp_preprocess(model: nn.Module, scope: nn.Module, names: list[str], batches: list, forward: Callable,
-                   s: CFPSettings) -> dict[str, float]:
-    """CFP on ``model`` in place: clip the weight outliers of ``names``, then fold the activation-outlier scales
-    of every norm → linears group inside ``scope``; returns counts for the log."""
-    clipped = sum(clip_weight_outliers(model.get_submodule(n).weight, s) for n in names) if s.clip_weights else 0
+                   s: CFPSettings, spec: QuantSpec) -> tuple[dict[str, float], dict[str, float]]:
+    """CFP on ``model`` in place: fold the activation-outlier scales of every norm → linears group inside
+    ``scope`` (the same function), then find the weight outliers of ``names``. Returns counts for the log and the
+    clip threshold per clipped weight (for its quantizer on ``spec``; the weights themselves are not changed)."""
     scaled = 0
     if s.scale_activations:  # None was resolved by the caller
         groups = norm_linear_groups(model, scope, batches[0], forward, names)
@@ -146,4 +156,16 @@ def cfp_preprocess(model: nn.Module, scope: nn.Module, names: list[str], batches
         for norm, linears in groups:
             fold_scales(model, norm, linears, scales[norm])
             scaled += int((scales[norm] > 1).sum())
-    return {"clipped_weights": float(clipped), "scaled_channels": float(scaled)}
+    clips, clipped, refused = {}, 0, 0
+    for name in names if s.clip_weights else ():
+        weight = model.get_submodule(name).weight
+        found = weight_clip(weight, s)
+        if found is None:
+            continue
+        if s.clip_check and not clip_lowers_error(weight, found[0], spec):
+            refused += 1
+            continue
+        clips[name] = found[0]
+        clipped += found[1]
+    return ({"clipped_weights": float(clipped), "clipped_matrices": float(len(clips)),
+             "unclipped_matrices": float(refused), "scaled_channels": float(scaled)}, clips)
