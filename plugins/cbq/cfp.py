@@ -8,8 +8,8 @@ and move activation-outlier channels into the preceding norm and the consuming l
   part including the largest non-candidate, so that every candidate may be an outlier. msmodelslim:
   intra = var(bottom), the split within the candidates only, λ2 = 1.
 - **weights**: per weight matrix, |w| above the fine threshold is clipped to the largest non-outlier |w| t; the
-  clip is the quantizer's range (its min-max step from the weight clamped to ±t, ``CBQLinear(clip=t)``), not a
-  change of the model, so the full-precision targets stay the model's own; with ``clip_check`` (our reading) a
+  clip is the quantizer's range (its min-max step from the weight clamped to ±t, ``CBQLinear(clip=t)``; t times
+  the column's scale where activation scales were folded in afterwards), not a change of the model, so the full-precision targets stay the model's own; with ``clip_check`` (our reading) a
   matrix is clipped only where that lowers its own quantization error on the target grid;
 - **activations**: per channel c of a norm's output (its largest |x| over the calibration tokens; msmodelslim:
   the max and the min separately, the larger scale kept), an outlier channel gets s_c = (m_c / t)^α (t: the
@@ -77,9 +77,9 @@ def weight_clip(weight: torch.Tensor, s: CFPSettings) -> tuple[float, int] | Non
 
 
 @torch.no_grad()
-def clip_lowers_error(weight: torch.Tensor, clip: float, spec: QuantSpec) -> bool:
-    """Whether round-to-nearest of ``weight`` on the grid of its range clamped to ±``clip`` (outliers saturate)
-    has a smaller squared error than on the grid of its full range."""
+def clip_lowers_error(weight: torch.Tensor, clip: float | torch.Tensor, spec: QuantSpec) -> bool:
+    """Whether round-to-nearest of ``weight`` on the grid of its range clamped to ±``clip`` (a number, or one per
+    input column; outliers saturate) has a smaller squared error than on the grid of its full range."""
     w = weight.float()
     clipped = fake_quantize(w, *minmax_qparams(w.clamp(-clip, clip), spec), spec)
     return bool((w - clipped).pow(2).sum() < (w - fake_quantize(w, *minmax_qparams(w, spec), spec)).pow(2).sum())
@@ -145,10 +145,13 @@ def fold_scales(model: nn.Module, norm: str, linears: list[str], scale: torch.Te
 
 @torch.no_grad()
 def cfp_preprocess(model: nn.Module, scope: nn.Module, names: list[str], batches: list, forward: Callable,
-                   s: CFPSettings, spec: QuantSpec) -> tuple[dict[str, float], dict[str, float]]:
-    """CFP on ``model`` in place: fold the activation-outlier scales of every norm → linears group inside
-    ``scope`` (the same function), then find the weight outliers of ``names``. Returns counts for the log and the
-    clip threshold per clipped weight (for its quantizer on ``spec``; the weights themselves are not changed)."""
+                   s: CFPSettings, spec: QuantSpec) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """CFP on ``model`` in place: find the weight outliers of ``names``, then fold the activation-outlier scales
+    of every norm → linears group inside ``scope`` (the same function). Returns counts for the log and, per
+    clipped weight, its clip bound for the quantizer on ``spec`` (the threshold times each input column's folded
+    scale, so a scaled column is not clipped back; the weights themselves are not clipped)."""
+    found = {n: weight_clip(model.get_submodule(n).weight, s) for n in names} if s.clip_weights else {}
+    column_scale: dict[str, torch.Tensor] = {}
     scaled = 0
     if s.scale_activations:  # None was resolved by the caller
         groups = norm_linear_groups(model, scope, batches[0], forward, names)
@@ -156,16 +159,17 @@ def cfp_preprocess(model: nn.Module, scope: nn.Module, names: list[str], batches
         for norm, linears in groups:
             fold_scales(model, norm, linears, scales[norm])
             scaled += int((scales[norm] > 1).sum())
+            column_scale.update({n: scales[norm] for n in linears})
     clips, clipped, refused = {}, 0, 0
-    for name in names if s.clip_weights else ():
-        weight = model.get_submodule(name).weight
-        found = weight_clip(weight, s)
-        if found is None:
+    for name, hit in found.items():
+        if hit is None:
             continue
-        if s.clip_check and not clip_lowers_error(weight, found[0], spec):
+        weight = model.get_submodule(name).weight
+        bound = hit[0] * column_scale.get(name, torch.ones(())).to(weight.device)
+        if s.clip_check and not clip_lowers_error(weight, bound, spec):
             refused += 1
             continue
-        clips[name] = found[0]
-        clipped += found[1]
+        clips[name] = bound
+        clipped += hit[1]
     return ({"clipped_weights": float(clipped), "clipped_matrices": float(len(clips)),
              "unclipped_matrices": float(refused), "scaled_channels": float(scaled)}, clips)
