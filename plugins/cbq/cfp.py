@@ -10,7 +10,8 @@ and move activation-outlier channels into the preceding norm and the consuming l
 - **weights**: per weight matrix, |w| above the fine threshold is clipped to the largest non-outlier |w| t; the
   clip is the quantizer's range (its min-max step from the weight clamped to ±t, ``CBQLinear(clip=t)``; t times
   the column's scale where activation scales were folded in afterwards), not a change of the model, so the full-precision targets stay the model's own; with ``clip_check`` (our reading) a
-  matrix is clipped only where that lowers its own quantization error on the target grid;
+  matrix is clipped only where that lowers its own quantization error on the target grid, each input column's
+  squared error weighted by its inputs' mean square (the layer-output error proxy);
 - **activations**: per channel c of a norm's output (its largest |x| over the calibration tokens; msmodelslim:
   the max and the min separately, the larger scale kept), an outlier channel gets s_c = (m_c / t)^α (t: the
   largest non-outlier value, α = ``exponent``), other channels 1; the norm's weight (and bias) is divided by s
@@ -27,8 +28,8 @@ from blocktrain.plugins.cbq.settings import CFPSettings
 from blocktrain.trainer.compression.quant import QuantSpec, fake_quantize, minmax_qparams
 from blocktrain.trainer.compression.replay import forward_with_hooks, probe_layers
 
-__all__ = ["outlier_mask", "weight_clip", "clip_lowers_error", "norm_linear_groups", "channel_scales", "fold_scales",
-           "cfp_preprocess"]
+__all__ = ["outlier_mask", "weight_clip", "clip_lowers_error", "input_mean_squares", "norm_linear_groups",
+           "channel_scales", "fold_scales", "cfp_preprocess"]
 
 
 def _fine_split(cands: torch.Tensor, rest_max: torch.Tensor | None, lambda2: float, paper: bool) -> int:
@@ -77,12 +78,32 @@ def weight_clip(weight: torch.Tensor, s: CFPSettings) -> tuple[float, int] | Non
 
 
 @torch.no_grad()
-def clip_lowers_error(weight: torch.Tensor, clip: float | torch.Tensor, spec: QuantSpec) -> bool:
+def clip_lowers_error(weight: torch.Tensor, clip: float | torch.Tensor, spec: QuantSpec,
+                      column_weight: torch.Tensor | None = None) -> bool:
     """Whether round-to-nearest of ``weight`` on the grid of its range clamped to ±``clip`` (a number, or one per
-    input column; outliers saturate) has a smaller squared error than on the grid of its full range."""
+    input column; outliers saturate) has a smaller error than on the grid of its full range: Σ (w − ŵ)², each
+    input column weighted by ``column_weight`` (its inputs' mean square: the layer-output error proxy)."""
     w = weight.float()
+    cw = torch.ones(()) if column_weight is None else column_weight.float().to(w.device)
     clipped = fake_quantize(w, *minmax_qparams(w.clamp(-clip, clip), spec), spec)
-    return bool((w - clipped).pow(2).sum() < (w - fake_quantize(w, *minmax_qparams(w, spec), spec)).pow(2).sum())
+    full = fake_quantize(w, *minmax_qparams(w, spec), spec)
+    return bool(((w - clipped).pow(2) * cw).sum() < ((w - full).pow(2) * cw).sum())
+
+
+@torch.no_grad()
+def input_mean_squares(model: nn.Module, names: list[str], batches: Iterable, forward: Callable) -> dict[str, torch.Tensor]:
+    """Per Linear of ``names``: the mean square of each input column over the calibration tokens."""
+    sums: dict[str, list] = {}
+
+    def hook(name):
+        def fn(m, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            old = sums.setdefault(name, [0.0, 0])
+            old[0], old[1] = old[0] + x.pow(2).sum(0), old[1] + x.shape[0]
+        return fn
+
+    forward_with_hooks(model, batches, forward, [model.get_submodule(n).register_forward_hook(hook(n)) for n in names])
+    return {n: total / count for n, (total, count) in sums.items()}
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -161,12 +182,13 @@ def cfp_preprocess(model: nn.Module, scope: nn.Module, names: list[str], batches
             scaled += int((scales[norm] > 1).sum())
             column_scale.update({n: scales[norm] for n in linears})
     clips, clipped, refused = {}, 0, 0
+    mean_squares = input_mean_squares(model, [n for n, h in found.items() if h], batches, forward) if s.clip_check else {}
     for name, hit in found.items():
         if hit is None:
             continue
         weight = model.get_submodule(name).weight
         bound = hit[0] * column_scale.get(name, torch.ones(())).to(weight.device)
-        if s.clip_check and not clip_lowers_error(weight, bound, spec):
+        if s.clip_check and not clip_lowers_error(weight, bound, spec, mean_squares[name]):
             refused += 1
             continue
         clips[name] = bound

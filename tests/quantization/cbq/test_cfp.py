@@ -39,6 +39,9 @@ def test_weight_outliers_are_clipped_to_the_largest_other_value_where_that_lower
     assert n == 2 and clip == pytest.approx(float(w.abs().flatten().sort().values[-3]))
     assert clip_lowers_error(w, clip, QuantSpec(2))  # coarse grid: the finer step pays for two saturated weights
     assert not clip_lowers_error(w, clip, QuantSpec(8))  # fine grid: saturating them costs more than it saves
+    loud = torch.ones(32)
+    loud[[4, 0]] = 1e3  # the outliers' input columns carry large activations: saturating them costs the output
+    assert not clip_lowers_error(w, clip, QuantSpec(2), loud)
     assert weight_clip(torch.rand(16, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1, CFPSettings()) is None
 
 
