@@ -14,7 +14,7 @@ _EXPORTS = {
     "Window": "windows", "window_schedule": "windows",
     "distance": "loss", "homologous_loss": "loss",
     "CFPSettings": "settings",
-    **{n: "cfp" for n in ("outlier_mask", "clip_weight_outliers", "norm_linear_groups", "channel_scales",
+    **{n: "cfp" for n in ("outlier_mask", "weight_clip", "clip_lowers_error", "input_mean_squares", "norm_linear_groups", "channel_scales",
                           "fold_scales", "cfp_preprocess")},
     "CBQConfig": "plugin", "CBQPlugin": "plugin",
 }

@@ -1,7 +1,8 @@
 """CBQ's functional core: ``cbq_quantize(model, batches, spec, act, settings)`` quantizes every target Linear of a
 model's block stack by cross-block reconstruction, without the engine.
 
-1. CFP (``cfp.py``) on the full-precision model: weight-outlier clipping, activation-outlier scales folded.
+1. CFP (``cfp.py``) on the full-precision model: activation-outlier scales folded (the same function), weight-outlier
+   clip thresholds for the quantizers' ranges (the full-precision weights, hence the targets, are kept).
 2. The inputs of the first block are recorded once per calibration batch (X_fp = X_q), kept on ``storage``
    (the CPU by default): only the batch of the current step is on the model's device.
 3. For each sliding window (``windows.py``): its Linears become ``CBQLinear`` (a block shared with the previous
@@ -103,9 +104,9 @@ _OPEN_KEYS = ("weight", "bias", "keep", "scale0", "zero")  # rebuilt from the mo
 class _Session:
     """One ``cbq_quantize`` call's state: the blocks, the cached inputs, the layers wrapped so far."""
 
-    def __init__(self, model, blocks, names, spec, act, settings, keep_zeros, storage):
+    def __init__(self, model, blocks, names, spec, act, settings, keep_zeros, storage, clips):
         self.model, self.blocks, self.spec, self.act, self.s = model, blocks, spec, act, settings
-        self.keep_zeros, self.storage = keep_zeros, storage
+        self.keep_zeros, self.storage, self.clips = keep_zeros, storage, clips
         self.device = next(model.parameters()).device
         self.by_block: dict[int, list[str]] = {}
         prefix = find_blocks(model, names)[0]
@@ -124,7 +125,7 @@ class _Session:
             if name not in self.layers:
                 gen = torch.Generator().manual_seed(self.s.seed * 100003 + block * 1009 + i)
                 layer = CBQLinear(self.model.get_submodule(name), self.spec, self.act, self.s.rank, self.s.init,
-                                  self.keep_zeros, gen, self.s.frozen_base)
+                                  self.keep_zeros, gen, self.s.frozen_base, self.clips.get(name))
                 self._set(name, layer)
                 self.layers[name] = layer
                 new.append(layer)
@@ -191,11 +192,13 @@ def cbq_quantize(model: nn.Module, batches: list, spec: QuantSpec = QuantSpec(4)
             config.use_cache = False
         for p in flags:
             p.requires_grad_(False)
+        clips = {}
         if s.cfp.enabled:
             cfp = s.cfp if s.cfp.scale_activations is not None else replace(s.cfp, scale_activations=act is not None)
-            log({f"cbq/cfp/{k}": v for k, v in cfp_preprocess(model, blocks, names, batches, forward, cfp).items()})
-        return _reconstruct(_Session(model, blocks, names, spec, act, s, keep_zeros, storage), batches, forward, learn,
-                            log, on_window, resume)
+            counts, clips = cfp_preprocess(model, blocks, names, batches, forward, cfp, spec)
+            log({f"cbq/cfp/{k}": v for k, v in counts.items()})
+        return _reconstruct(_Session(model, blocks, names, spec, act, s, keep_zeros, storage, clips), batches, forward,
+                            learn, log, on_window, resume)
     finally:
         if use_cache:
             config.use_cache = use_cache

@@ -7,7 +7,11 @@ and move activation-outlier channels into the preceding norm and the consuming l
   largest; the top part are the true outliers. Paper reading: intra = var(top) + var(bottom), the bottom
   part including the largest non-candidate, so that every candidate may be an outlier. msmodelslim:
   intra = var(bottom), the split within the candidates only, λ2 = 1.
-- **weights**: per weight matrix, |w| above the fine threshold is clipped to the largest non-outlier |w|;
+- **weights**: per weight matrix, |w| above the fine threshold is clipped to the largest non-outlier |w| t; the
+  clip is the quantizer's range (its min-max step from the weight clamped to ±t, ``CBQLinear(clip=t)``; t times
+  the column's scale where activation scales were folded in afterwards), not a change of the model, so the full-precision targets stay the model's own; with ``clip_check`` (our reading) a
+  matrix is clipped only where that lowers its own quantization error on the target grid, each input column's
+  squared error weighted by its inputs' mean square (the layer-output error proxy);
 - **activations**: per channel c of a norm's output (its largest |x| over the calibration tokens; msmodelslim:
   the max and the min separately, the larger scale kept), an outlier channel gets s_c = (m_c / t)^α (t: the
   largest non-outlier value, α = ``exponent``), other channels 1; the norm's weight (and bias) is divided by s
@@ -21,10 +25,11 @@ import torch
 from torch import nn
 
 from blocktrain.plugins.cbq.settings import CFPSettings
+from blocktrain.trainer.compression.quant import QuantSpec, fake_quantize, minmax_qparams
 from blocktrain.trainer.compression.replay import forward_with_hooks, probe_layers
 
-__all__ = ["outlier_mask", "clip_weight_outliers", "norm_linear_groups", "channel_scales", "fold_scales",
-           "cfp_preprocess"]
+__all__ = ["outlier_mask", "weight_clip", "clip_lowers_error", "input_mean_squares", "norm_linear_groups",
+           "channel_scales", "fold_scales", "cfp_preprocess"]
 
 
 def _fine_split(cands: torch.Tensor, rest_max: torch.Tensor | None, lambda2: float, paper: bool) -> int:
@@ -64,15 +69,41 @@ def outlier_mask(values: torch.Tensor, s: CFPSettings) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_weight_outliers(weight: torch.Tensor, s: CFPSettings) -> int:
-    """Clip the outliers of |w| (one matrix) to the largest non-outlier |w|, in place; returns how many."""
+def weight_clip(weight: torch.Tensor, s: CFPSettings) -> tuple[float, int] | None:
+    """The largest non-outlier |w| of one matrix and how many |w| lie above it (None: no outliers)."""
     a = weight.abs()
     mask = outlier_mask(a.float(), s)
     n = int(mask.sum())
-    if n and n < a.numel():
-        t = a[~mask].max()
-        weight.copy_(weight.clamp(-t, t))
-    return n
+    return (float(a[~mask].max()), n) if n and n < a.numel() else None
+
+
+@torch.no_grad()
+def clip_lowers_error(weight: torch.Tensor, clip: float | torch.Tensor, spec: QuantSpec,
+                      column_weight: torch.Tensor | None = None) -> bool:
+    """Whether round-to-nearest of ``weight`` on the grid of its range clamped to ±``clip`` (a number, or one per
+    input column; outliers saturate) has a smaller error than on the grid of its full range: Σ (w − ŵ)², each
+    input column weighted by ``column_weight`` (its inputs' mean square: the layer-output error proxy)."""
+    w = weight.float()
+    cw = torch.ones(()) if column_weight is None else column_weight.float().to(w.device)
+    clipped = fake_quantize(w, *minmax_qparams(w.clamp(-clip, clip), spec), spec)
+    full = fake_quantize(w, *minmax_qparams(w, spec), spec)
+    return bool(((w - clipped).pow(2) * cw).sum() < ((w - full).pow(2) * cw).sum())
+
+
+@torch.no_grad()
+def input_mean_squares(model: nn.Module, names: list[str], batches: Iterable, forward: Callable) -> dict[str, torch.Tensor]:
+    """Per Linear of ``names``: the mean square of each input column over the calibration tokens."""
+    sums: dict[str, list] = {}
+
+    def hook(name):
+        def fn(m, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            old = sums.setdefault(name, [0.0, 0])
+            old[0], old[1] = old[0] + x.pow(2).sum(0), old[1] + x.shape[0]
+        return fn
+
+    forward_with_hooks(model, batches, forward, [model.get_submodule(n).register_forward_hook(hook(n)) for n in names])
+    return {n: total / count for n, (total, count) in sums.items()}
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -135,10 +166,13 @@ def fold_scales(model: nn.Module, norm: str, linears: list[str], scale: torch.Te
 
 @torch.no_grad()
 def cfp_preprocess(model: nn.Module, scope: nn.Module, names: list[str], batches: list, forward: Callable,
-                   s: CFPSettings) -> dict[str, float]:
-    """CFP on ``model`` in place: clip the weight outliers of ``names``, then fold the activation-outlier scales
-    of every norm → linears group inside ``scope``; returns counts for the log."""
-    clipped = sum(clip_weight_outliers(model.get_submodule(n).weight, s) for n in names) if s.clip_weights else 0
+                   s: CFPSettings, spec: QuantSpec) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """CFP on ``model`` in place: find the weight outliers of ``names``, then fold the activation-outlier scales
+    of every norm → linears group inside ``scope`` (the same function). Returns counts for the log and, per
+    clipped weight, its clip bound for the quantizer on ``spec`` (the threshold times each input column's folded
+    scale, so a scaled column is not clipped back; the weights themselves are not clipped)."""
+    found = {n: weight_clip(model.get_submodule(n).weight, s) for n in names} if s.clip_weights else {}
+    column_scale: dict[str, torch.Tensor] = {}
     scaled = 0
     if s.scale_activations:  # None was resolved by the caller
         groups = norm_linear_groups(model, scope, batches[0], forward, names)
@@ -146,4 +180,18 @@ def cfp_preprocess(model: nn.Module, scope: nn.Module, names: list[str], batches
         for norm, linears in groups:
             fold_scales(model, norm, linears, scales[norm])
             scaled += int((scales[norm] > 1).sum())
-    return {"clipped_weights": float(clipped), "scaled_channels": float(scaled)}
+            column_scale.update({n: scales[norm] for n in linears})
+    clips, clipped, refused = {}, 0, 0
+    mean_squares = input_mean_squares(model, [n for n, h in found.items() if h], batches, forward) if s.clip_check else {}
+    for name, hit in found.items():
+        if hit is None:
+            continue
+        weight = model.get_submodule(name).weight
+        bound = hit[0] * column_scale.get(name, torch.ones(())).to(weight.device)
+        if s.clip_check and not clip_lowers_error(weight, bound, spec, mean_squares[name]):
+            refused += 1
+            continue
+        clips[name] = bound
+        clipped += hit[1]
+    return ({"clipped_weights": float(clipped), "clipped_matrices": float(len(clips)),
+             "unclipped_matrices": float(refused), "scaled_channels": float(scaled)}, clips)

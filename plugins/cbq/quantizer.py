@@ -3,7 +3,8 @@
 Weights: per output channel or group, asymmetric (or symmetric) on the shared grid, with a learnable step size
 S^W = s0·exp(θ) (θ starts at 0, so weight decay pulls towards the min-max start) and LoRA-Rounding's soft
 rounding; activations: per-token dynamic fake quantization (the default) or one learnable static step
-S^X = s0·exp(θ_X) from the calibration range. ``mode``: ``"fp"`` (the full-precision layer, T_fp),
+S^X = s0·exp(θ_X) from the calibration range. ``clip`` (CFP's weight-outlier bound, a number or one per input
+column): the start step s0 comes from the weight clamped to ±clip, so the outliers saturate on the grid while ``fp`` mode keeps them. ``mode``: ``"fp"`` (the full-precision layer, T_fp),
 ``"soft"`` (soft rounding, what is trained) or ``"hard"`` (rounding hardened, 1[V ≥ 0]). ``entry()`` is what the final
 ``QuantLinear`` holds.
 """
@@ -27,12 +28,13 @@ class CBQLinear(nn.Module):
     """``linear`` (whose weight is kept, not copied) with learnable weight/activation quantizers."""
 
     def __init__(self, linear: nn.Linear, spec: QuantSpec, act: ActQuantSpec | None, rank: int, init: str = "svd",
-                 keep_zeros: bool = False, generator: torch.Generator | None = None, frozen_base: bool = True):
+                 keep_zeros: bool = False, generator: torch.Generator | None = None, frozen_base: bool = True,
+                 clip: float | torch.Tensor | None = None):
         super().__init__()
         self.spec, self.act = spec, act
         self.register_buffer("weight", linear.weight.detach())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        scale, zero = minmax_qparams(self.weight, spec)
+        scale, zero = minmax_qparams(self.weight if clip is None else self.weight.clamp(-clip, clip), spec)
         self.register_buffer("scale0", scale)
         self.register_buffer("zero", zero)
         self.register_buffer("keep", (self.weight != 0) if keep_zeros else None)

@@ -17,7 +17,8 @@ class CFPSettings:
     variant: str = "paper"  # paper (quartiles 25/75, λ2·(var top + var bottom)) | msmodelslim (20/80 percentiles, var bottom, λ2 = 1, ± sides)
     lambda1: float = 1.5  # IQR fence: candidates above Q_hi + λ1·(Q_hi − Q_lo)
     lambda2: float = 1.0  # weight of the intra-set variance in the fine split (paper variant)
-    clip_weights: bool = True  # clip each target weight's outliers to its largest non-outlier |w|
+    clip_weights: bool = True  # clip each target weight's outliers to its largest non-outlier |w| (its quantizer's range)
+    clip_check: bool = True  # clip a weight only where that lowers its input-weighted quantization error on the target grid; false: always
     scale_activations: Optional[bool] = None  # fold activation-outlier channel scales into norm + linears; null = only when activations are quantized
     exponent: float = 0.7  # an outlier channel's scale (max_c / max_non-outlier)^exponent
 

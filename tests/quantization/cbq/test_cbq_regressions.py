@@ -95,9 +95,36 @@ def test_cfp_activation_scaling_alone_leaves_the_model_unchanged():
     batches = token_batches(2)
     with torch.no_grad():
         before = [model(**b).logits for b in batches]
-    report = cfp_preprocess(model, model.model.layers, find_linear_names(model, exclude=("lm_head",)), batches,
-                            calibration_forward, CFPSettings(clip_weights=False, scale_activations=True))
-    assert report["scaled_channels"] >= 2 and report["clipped_weights"] == 0
+    report, clips = cfp_preprocess(model, model.model.layers, find_linear_names(model, exclude=("lm_head",)),
+                                   batches, calibration_forward, CFPSettings(clip_weights=False, scale_activations=True),
+                                   QuantSpec(4))
+    assert report["scaled_channels"] >= 2 and report["clipped_weights"] == 0 and clips == {}
     with torch.no_grad():
         for b, ref in zip(batches, before):
             torch.testing.assert_close(model(**b).logits, ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
+
+
+def test_cfp_weight_clipping_keeps_the_targets_and_never_starts_worse_than_rtn_at_fine_grids():
+    """SmolLM2 at W6A6: CFP clipped every matrix's outlier weights in the model itself (perplexity 74 → 125 before
+    any reconstruction, the targets clipped too). Now the clip is the quantizer's range, applied only where it
+    lowers that weight's quantization error, and the full-precision targets keep the outliers."""
+    dense, batches = tiny_llama(), token_batches(2)
+    with torch.no_grad():
+        dense.model.layers[0].mlp.down_proj.weight[4, 9] = 1.0  # a weight outlier (the rest |w| < 0.1)
+    names = find_linear_names(dense, exclude=("lm_head",))
+    reference = _block_outputs(dense, batches)
+    spec = QuantSpec(6)
+    rtn = rtn_quantize(copy.deepcopy(dense), spec, names)
+    cbq, logs = copy.deepcopy(dense), []
+    cbq_quantize(cbq, batches, spec, settings=CBQSettings(epochs=0), names=names, log=logs.append)
+    assert any(row.get("cbq/cfp/unclipped_matrices", 0) >= 1 for row in logs)
+    rtn_err, cbq_err = _errors(rtn, reference, batches), _errors(cbq, reference, batches)
+    assert all(c <= r * (1 + 1e-3) for c, r in zip(cbq_err, rtn_err)), (cbq_err, rtn_err)
+    forced = copy.deepcopy(dense)
+    linear = forced.model.layers[0].mlp.down_proj
+    layer = CBQLinear(linear, spec, None, rank=2, clip=0.1)
+    x = torch.randn(3, linear.in_features)
+    layer.mode = "fp"
+    torch.testing.assert_close(layer(x), linear(x))  # the target keeps the outlier
+    assert int(layer.codes()[4, 9]) == 2 ** 6 - 1  # the quantizer saturates it
+

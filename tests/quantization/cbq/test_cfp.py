@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocktrain.plugins.cbq.cfp import (cfp_preprocess, channel_scales, clip_weight_outliers, fold_scales,
-                                         norm_linear_groups, outlier_mask)
+from blocktrain.plugins.cbq.cfp import (cfp_preprocess, channel_scales, clip_lowers_error, fold_scales,
+                                         norm_linear_groups, outlier_mask, weight_clip)
 from blocktrain.plugins.cbq.settings import CFPSettings
 from blocktrain.trainer.compression.calibration import calibration_forward
 from blocktrain.trainer.compression.masks import find_linear_names
+from blocktrain.trainer.compression.quant import QuantSpec
 from tests.pruning.conftest import tiny_llama, token_batches
 
 
@@ -31,16 +32,17 @@ def test_the_fine_split_keeps_candidates_that_are_no_real_outliers():
     assert mask.nonzero().flatten().tolist() == [2]
 
 
-def test_weight_outliers_are_clipped_to_the_largest_other_value():
+def test_weight_outliers_are_clipped_to_the_largest_other_value_where_that_lowers_the_error():
     w = torch.randn(16, 32, generator=torch.Generator().manual_seed(2)) * 0.02
-    w[3, 4], w[10, 0] = 1.0, -1.2
-    keep = w.clone()
-    assert clip_weight_outliers(w, CFPSettings()) == 2
-    rest = keep.abs().flatten().sort().values[-3]
-    assert float(w[3, 4]) == pytest.approx(float(rest)) and float(w[10, 0]) == pytest.approx(-float(rest))
-    other = torch.ones_like(w, dtype=torch.bool)
-    other[3, 4] = other[10, 0] = False
-    assert torch.equal(w[other], keep[other])
+    w[3, 4], w[10, 0] = 0.12, -0.15
+    clip, n = weight_clip(w, CFPSettings())
+    assert n == 2 and clip == pytest.approx(float(w.abs().flatten().sort().values[-3]))
+    assert clip_lowers_error(w, clip, QuantSpec(2))  # coarse grid: the finer step pays for two saturated weights
+    assert not clip_lowers_error(w, clip, QuantSpec(8))  # fine grid: saturating them costs more than it saves
+    loud = torch.ones(32)
+    loud[[4, 0]] = 1e3  # the outliers' input columns carry large activations: saturating them costs the output
+    assert not clip_lowers_error(w, clip, QuantSpec(2), loud)
+    assert weight_clip(torch.rand(16, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1, CFPSettings()) is None
 
 
 def _llama_with_outlier_channels():
@@ -86,6 +88,12 @@ def test_cfp_preprocess_reports_what_it_did_and_a16_scales_nothing_by_default():
     model = _llama_with_outlier_channels()
     batches = token_batches(2)
     names = find_linear_names(model, exclude=("lm_head",))
-    report = cfp_preprocess(model, model.model.layers, names, batches, calibration_forward,
-                            CFPSettings(scale_activations=True))
-    assert report["scaled_channels"] == 6 and report["clipped_weights"] >= 0
+    weights = {n: model.get_submodule(n).weight.clone() for n in names}
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[2, 7] = 0.1  # one weight outlier (the rest |w| < 0.07)
+    report, clips = cfp_preprocess(model, model.model.layers, names, batches, calibration_forward,
+                                   CFPSettings(scale_activations=True), QuantSpec(2))
+    assert report["scaled_channels"] == 6 and report["clipped_weights"] >= 1
+    assert "model.layers.1.mlp.down_proj" in clips and clips["model.layers.1.mlp.down_proj"] < 0.07
+    assert float(model.model.layers[1].mlp.down_proj.weight[2, 7]) == pytest.approx(0.1)  # a quantizer range, not a model change
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, weights["model.layers.0.self_attn.o_proj"])
