@@ -26,9 +26,12 @@ def _tanh(z):
     return tl.where(z < 0, -t, t)
 
 
+_TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32: norms are floored here
+
+
 @triton.jit
-def _kernel(x_ptr, m_ptr, y_ptr, D, K, sqrt_c, limit, eps, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _row(x_ptr, m_ptr, row, D, K, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row's offsets, mask, x, u = Mx (block-diagonal M), ‖x‖ (floored) and ‖u‖, the norms overflow-safe."""
     offs_o = tl.arange(0, BLOCK_D)
     offs_j = tl.arange(0, BLOCK_K)
     ok_o = offs_o < D
@@ -37,15 +40,20 @@ def _kernel(x_ptr, m_ptr, y_ptr, D, K, sqrt_c, limit, eps, BLOCK_D: tl.constexpr
     xin = tl.load(x_ptr + row * D + (offs_o // K)[:, None] * K + offs_j[None, :], mask=ok, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs_o[:, None] * K + offs_j[None, :], mask=ok, other=0.0).to(tl.float32)
     mx = tl.sum(m * xin, axis=1)
-
-    tiny = 1.1754943508222875e-38
-    xs = tl.maximum(tl.max(tl.abs(x), axis=0), tiny)
-    xn = tl.maximum(tl.sqrt(tl.sum((x / xs) * (x / xs), axis=0)) * xs, tiny)
-    ms = tl.maximum(tl.max(tl.abs(mx), axis=0), tiny)
+    xs = tl.maximum(tl.max(tl.abs(x), axis=0), _TINY)
+    xn = tl.maximum(tl.sqrt(tl.sum((x / xs) * (x / xs), axis=0)) * xs, _TINY)
+    ms = tl.maximum(tl.max(tl.abs(mx), axis=0), _TINY)
     mxn = tl.sqrt(tl.sum((mx / ms) * (mx / ms), axis=0)) * ms
+    return offs_o, ok_o, x, mx, xn, mxn
+
+
+@triton.jit
+def _kernel(x_ptr, m_ptr, y_ptr, D, K, sqrt_c, limit, eps, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs_o, ok_o, x, mx, xn, mxn = _row(x_ptr, m_ptr, row, D, K, BLOCK_D, BLOCK_K)
     at = _atanh(tl.minimum(xn * sqrt_c, limit))
     t = tl.minimum(_tanh(mxn / xn * at), 1.0 - eps)
-    factor = tl.where(mxn > 0, t / (tl.maximum(mxn, tiny) * sqrt_c), 0.0)
+    factor = tl.where(mxn > 0, t / (tl.maximum(mxn, _TINY) * sqrt_c), 0.0)
     tl.store(y_ptr + row * D + offs_o, (mx * factor).to(y_ptr.dtype.element_ty), mask=ok_o)
 
 
@@ -64,22 +72,9 @@ def block_mobius_matvec(blocks: torch.Tensor, x: torch.Tensor, c: float, eps: fl
 def _backward_kernel(x_ptr, m_ptr, gy_ptr, gu_ptr, gx_ptr, D, K, sqrt_c, limit, eps,
                      BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    offs_o = tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK_K)
-    ok_o = offs_o < D
-    x = tl.load(x_ptr + row * D + offs_o, mask=ok_o, other=0.0).to(tl.float32)
+    offs_o, ok_o, x, mx, s, a = _row(x_ptr, m_ptr, row, D, K, BLOCK_D, BLOCK_K)
     gy = tl.load(gy_ptr + row * D + offs_o, mask=ok_o, other=0.0).to(tl.float32)
-    ok = ok_o[:, None] & (offs_j[None, :] < K)
-    xin = tl.load(x_ptr + row * D + (offs_o // K)[:, None] * K + offs_j[None, :], mask=ok, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs_o[:, None] * K + offs_j[None, :], mask=ok, other=0.0).to(tl.float32)
-    mx = tl.sum(m * xin, axis=1)
-
-    tiny = 1.1754943508222875e-38
-    xs = tl.maximum(tl.max(tl.abs(x), axis=0), tiny)
-    s = tl.maximum(tl.sqrt(tl.sum((x / xs) * (x / xs), axis=0)) * xs, tiny)
-    ms = tl.maximum(tl.max(tl.abs(mx), axis=0), tiny)
-    a = tl.sqrt(tl.sum((mx / ms) * (mx / ms), axis=0)) * ms
-    sa = tl.maximum(a, tiny)
+    sa = tl.maximum(a, _TINY)
     z = s * sqrt_c
     at = _atanh(tl.minimum(z, limit))
     at_s = tl.where(z > limit, 0.0, sqrt_c / (1.0 - z * z))  # d artanh(√c s)/ds, 0 where clamped
