@@ -37,6 +37,20 @@ typedef float v16 __attribute__((vector_size(64)));
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
+/* acc[i][v] += a[i] * b[16 v ..]: one rank-1 update of an MR x 16 NV register tile. */
+template <int MR, int NV>
+static inline __attribute__((always_inline)) void rank1(v16 (&acc)[MR][NV], const float *a, const float *b) {
+    v16 w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = ld(b + 16 * v);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+        v16 s = a[i] - (v16){};
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] += s * w[v];
+    }
+}
+
 /* y rows [0, rows) of one micro tile, output columns [o0, o0 + 16 NV) of block row j0..j1:
    acc[i] = bias + sum_j sum_k xp[(idx[j] kb + k) MR + i] * p[(blk[j] kb + k) ro + o0 ..] (blk null: j). */
 template <int MR, int NV>
@@ -52,17 +66,7 @@ static void micro_mm(const float *__restrict xp, const float *__restrict p, int6
     for (int64_t j = j0; j < j1; ++j) {
         const float *a = xp + idx[j] * kb * MR;
         const float *b = p + (blk ? blk[j] : j) * kb * ro + o0;
-        for (int64_t k = 0; k < kb; ++k, a += MR, b += ro) {
-            v16 w[NV];
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) w[v] = ld(b + 16 * v);
-#pragma GCC unroll 32
-            for (int i = 0; i < MR; ++i) {
-                v16 s = a[i] - (v16){};
-#pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) acc[i][v] += s * w[v];
-            }
-        }
+        for (int64_t k = 0; k < kb; ++k, a += MR, b += ro) rank1<MR, NV>(acc, a, b);
     }
     for (int i = 0; i < MR && i < rows; ++i)
         for (int v = 0; v < NV; ++v) st(y + i * ldy + o0 + 16 * v, acc[i][v]);
@@ -158,17 +162,7 @@ static void micro_grad(const float *__restrict g, int64_t ldg, const float *__re
     v16 acc[MR][NV];
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = ld(out + i * ldo + 16 * v);
-    for (int64_t t = 0; t < n; ++t, g += ldg, x += ldx) {
-        v16 w[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) w[v] = ld(x + 16 * v);
-#pragma GCC unroll 32
-        for (int i = 0; i < MR; ++i) {
-            v16 s = g[i] - (v16){};
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[i][v] += s * w[v];
-        }
-    }
+    for (int64_t t = 0; t < n; ++t, g += ldg, x += ldx) rank1<MR, NV>(acc, g, x);
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) st(out + i * ldo + 16 * v, acc[i][v]);
 }
