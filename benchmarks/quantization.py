@@ -12,7 +12,8 @@ tokens. Perplexity is exp(mean token NLL) over the first --eval-windows held-out
 Each row: perplexity, bits/weight of the quantized Linears (codes + fp16 scales + zero points), wall-clock and
 peak memory of the quantization (CUDA: peak allocated; CPU: peak RSS of the process, sampled).
 
-Groups of 64, not 128: the model's hidden width 576 is no multiple of 128 (the shared grid has equal groups).
+Groups of 64 by default: the model's hidden width 576 is no multiple of 128; ``--group-remainder ragged`` runs
+g = 128 with a narrower last group (576 = 4·128 + 64) on the layers whose input is the hidden width.
 The model's weights already sit on a 4-bit grid with groups of 32 along the input (GGUF Q4_1), so W4 with
 groups of 32 is nearly free here: judge on the other settings, and say "Q4_1-dequantized" wherever these go.
 
@@ -94,6 +95,9 @@ def llmcompressor_gptq_arm(model, batches, spec, act, args) -> None:
         raise SystemExit("the llmcompressor_gptq arm needs --peer-python: an interpreter with llm-compressor installed")
     if act is not None or spec.symmetric or args.act_order:
         raise SystemExit("the llmcompressor_gptq arm compares weight-only asymmetric GPTQ without act-order")
+    if spec.ragged:
+        raise SystemExit("the llmcompressor_gptq arm cannot run --group-remainder ragged: compressed-tensors refuses "
+                         "a group size that does not divide a layer's width")
     with tempfile.TemporaryDirectory() as tmp:
         dense, out, ids = Path(tmp) / "dense", Path(tmp) / "out", Path(tmp) / "ids.pt"
         gguf_to_clean_model(model).save_pretrained(dense)
@@ -137,6 +141,8 @@ def main() -> None:
     parser.add_argument("--cbq-epochs", type=int, default=10, help="CBQ: passes over the calibration batches per window")
     parser.add_argument("--cbq-rank", type=int, default=5, help="CBQ: LoRA-Rounding rank (0 = full AdaRound V)")
     parser.add_argument("--cbq-lr", type=float, default=1e-2, help="CBQ: Adam learning rate of its quantizer parameters")
+    parser.add_argument("--group-remainder", choices=("error", "ragged"), default="error",
+                        help="a width the group size does not divide: error, or ragged (a narrower last group)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -176,7 +182,7 @@ def run_benchmark(args, bench) -> dict:
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {machine}, load {load:.2f}, torch {torch.__version__}\n"
           f"SmolLM2-135M-Instruct (Q4_1-dequantized GGUF), seq_len {args.seq_len}, {args.calib} calibration windows "
           f"(shared by the arms), {args.eval_windows} held-out windows; GPTQ act_order={args.act_order}; "
-          f"seeds {args.seeds}\n", flush=True)
+          f"group_remainder={args.group_remainder}; seeds {args.seeds}\n", flush=True)
     loaded = load_model(gguf_source())
     dense, tokenizer = loaded.model.eval(), loaded.tokenizer
     novels = ("northangerabbey", "persuasion") if args.quick else bench.NOVELS
@@ -199,7 +205,7 @@ def run_benchmark(args, bench) -> dict:
         batches = calibration_batches(data, args.calib, 8, seed=seed, device=device)
         for setting in args.settings:
             bits, act_bits, group = parse_setting(setting)
-            spec = QuantSpec(bits, False, group)
+            spec = QuantSpec(bits, False, group, args.group_remainder == "ragged")
             act = None if act_bits == 16 else ActQuantSpec(act_bits, False, True)
             for arm in args.arms:
                 model = copy.deepcopy(dense).to(device)

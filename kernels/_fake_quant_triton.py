@@ -1,7 +1,8 @@
 """Triton kernels of ``fake_quant`` (imported lazily: only when the Triton backend runs).
 
 One program per BLOCK elements of the row-major (R, C) input; element (r, c) reads the scale and zero of
-group c // (C / G) of row r through their strides (a shared row has stride 0). Division is IEEE
+group c // g of row r (g the group size; a narrower last group needs nothing else) through their strides (a
+shared row has stride 0). Division is IEEE
 (``div_rn``) and rounding half to even, as torch's, so both backends pick the same codes.
 """
 
@@ -81,29 +82,29 @@ def _check_device(*tensors: torch.Tensor) -> None:
                            "first used) and cannot take CPU tensors; set TRITON_INTERPRET=1 before importing")
 
 
-def _launch(x, scale, zero):
+def _launch(x, scale, zero, group_size):
     rows, cols = x.shape
-    return ((triton.cdiv(x.numel(), BLOCK),), (x.numel(), cols, cols // scale.shape[1], scale.stride(0),
-                                               scale.stride(1), zero.stride(0), zero.stride(1)))
+    return ((triton.cdiv(x.numel(), BLOCK),), (x.numel(), cols, group_size, scale.stride(0), scale.stride(1),
+                                               zero.stride(0), zero.stride(1)))
 
 
-def forward(x, scale, zero, v, lo, hi, zeta, gamma):
+def forward(x, scale, zero, v, group_size, lo, hi, zeta, gamma):
     """The fake-quantized x (rows, cols), in x's dtype; x and v contiguous."""
     _check_device(x, scale, zero)
     y = dispatch.empty(x.shape, x.dtype, x.device)
-    grid, dims = _launch(x, scale, zero)
+    grid, dims = _launch(x, scale, zero, group_size)
     _forward_kernel[grid](x, scale, zero, x if v is None else v, y, *dims, float(lo), float(hi), zeta, gamma,
                           HAS_V=v is not None, BLOCK=BLOCK)
     return y
 
 
-def backward(g, x, scale, zero, v, lo, hi, zeta, gamma):
+def backward(g, x, scale, zero, v, group_size, lo, hi, zeta, gamma):
     """(grad_x in x's dtype, per-element grad_scale terms in fp32, grad_v in v's dtype or None)."""
     _check_device(g, x, scale, zero)
     gx = dispatch.empty(x.shape, x.dtype, x.device)
     gs = dispatch.empty(x.shape, torch.float32, x.device)
     gv = None if v is None else dispatch.empty(v.shape, v.dtype, v.device)
-    grid, dims = _launch(x, scale, zero)
+    grid, dims = _launch(x, scale, zero, group_size)
     _backward_kernel[grid](g, x, scale, zero, x if v is None else v, gx, gs, gs if gv is None else gv, *dims,
                            float(lo), float(hi), zeta, gamma, HAS_V=v is not None, BLOCK=BLOCK)
     return gx, gs, gv

@@ -13,8 +13,9 @@ In both, the gradient of the step size is the exact derivative of ŷ with the ro
 (round(x/s) − x/s, or ⌊x/s⌋ − x/s) held constant: what the straight-through estimator assumes.
 
 x is (rows, cols); ``scale`` and ``zero`` are (rows, n_groups) — one per output channel (n_groups = 1) or per
-group of cols/n_groups consecutive columns — or (1, n_groups), shared by every row (a static activation
-scale); per-token activations are rows = tokens, n_groups = 1. The zero point takes no gradient. One
+group of ``group_size`` consecutive columns, the last one narrower when it does not divide cols (the grid's
+convention, ``trainer/compression/quant.py``; ``group_size=None``: cols/n_groups) — or (1, n_groups), shared by
+every row (a static activation scale); per-token activations are rows = tokens, n_groups = 1. The zero point takes no gradient. One
 ``torch.library`` op (``blocktrain::fake_quant``) with a fake and an autograd formula; the backward runs on
 the backend that ran the forward.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from blocktrain.kernels import dispatch
+from blocktrain.trainer.compression.quant import expand_groups, group_width, split_groups
 
 __all__ = ["ZETA", "GAMMA", "fake_quant", "rectified_sigmoid"]
 
@@ -43,37 +45,33 @@ def rectified_sigmoid(v: Tensor, zeta: float = ZETA, gamma: float = GAMMA) -> Te
 
 
 # --------------------------------------------------------------------------------------------
-# the reference: x (R, C), scale/zero (R, G), v (R, C) or None
+# the reference: x (R, C), scale/zero (R, G) over groups of g columns, v (R, C) or None
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _expanded(t: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
-    return t.to(dtype).repeat_interleave(cols // t.shape[1], dim=1)
-
-
-def _codes(x, scale, zero, v, lo, hi, zeta, gamma):
+def _codes(x, scale, zero, v, g, lo, hi, zeta, gamma):
     """(t = x/s, pre-clamp code u, clamped code q, s, z), all in the compute dtype, expanded to x's shape."""
     dt = _compute_dtype(x)
-    s, z = _expanded(scale, x.shape[1], dt), _expanded(zero, x.shape[1], dt)
+    s, z = expand_groups(scale.to(dt), x.shape[1], g), expand_groups(zero.to(dt), x.shape[1], g)
     t = x.to(dt) / s
     u = (torch.floor(t) + rectified_sigmoid(v.to(dt), zeta, gamma) if v is not None else torch.round(t)) + z
     return t, u, u.clamp(lo, hi), s, z
 
 
-def _forward_reference(x, scale, zero, v, lo, hi, zeta, gamma):
-    _, _, q, s, z = _codes(x, scale, zero, v, lo, hi, zeta, gamma)
+def _forward_reference(x, scale, zero, v, g, lo, hi, zeta, gamma):
+    _, _, q, s, z = _codes(x, scale, zero, v, g, lo, hi, zeta, gamma)
     return (s * (q - z)).to(x.dtype)
 
 
-def _backward_reference(g, x, scale, zero, v, lo, hi, zeta, gamma):
-    t, u, q, s, z = _codes(x, scale, zero, v, lo, hi, zeta, gamma)
+def _backward_reference(grad, x, scale, zero, v, g, lo, hi, zeta, gamma):
+    t, u, q, s, z = _codes(x, scale, zero, v, g, lo, hi, zeta, gamma)
     inside = ((u if v is not None else t + z) >= lo) & ((u if v is not None else t + z) <= hi)
-    g = g.to(t.dtype)
-    gx = torch.where(inside, g, 0)
-    gs = g * (q - z - torch.where(inside, t, 0))
+    grad = grad.to(t.dtype)
+    gx = torch.where(inside, grad, 0)
+    gs = grad * (q - z - torch.where(inside, t, 0))
     gv = None
     if v is not None:
         sig = torch.sigmoid(v.to(t.dtype))
@@ -83,12 +81,12 @@ def _backward_reference(g, x, scale, zero, v, lo, hi, zeta, gamma):
     return gx.to(x.dtype), gs, gv
 
 
-def _forward_triton(x, scale, zero, v, lo, hi, zeta, gamma):
-    return _triton().forward(x, scale, zero, v, lo, hi, zeta, gamma)
+def _forward_triton(x, scale, zero, v, g, lo, hi, zeta, gamma):
+    return _triton().forward(x, scale, zero, v, g, lo, hi, zeta, gamma)
 
 
-def _backward_triton(g, x, scale, zero, v, lo, hi, zeta, gamma):
-    return _triton().backward(g, x, scale, zero, v, lo, hi, zeta, gamma)
+def _backward_triton(grad, x, scale, zero, v, g, lo, hi, zeta, gamma):
+    return _triton().backward(grad, x, scale, zero, v, g, lo, hi, zeta, gamma)
 
 
 _FORWARD = {"reference": _forward_reference, "triton": _forward_triton}
@@ -100,43 +98,43 @@ _BACKWARD = {"reference": _backward_reference, "triton": _backward_triton}
 
 
 @torch.library.custom_op("blocktrain::fake_quant", mutates_args=())
-def _fake_quant_op(x: Tensor, scale: Tensor, zero: Tensor, v: Tensor | None, lo: int, hi: int, zeta: float,
-                   gamma: float, backend: str) -> Tensor:
+def _fake_quant_op(x: Tensor, scale: Tensor, zero: Tensor, v: Tensor | None, group_size: int, lo: int, hi: int,
+                   zeta: float, gamma: float, backend: str) -> Tensor:
     with torch.autocast(x.device.type, enabled=False):
-        return _FORWARD[backend](x, scale, zero, v, lo, hi, zeta, gamma)
+        return _FORWARD[backend](x, scale, zero, v, group_size, lo, hi, zeta, gamma)
 
 
 @_fake_quant_op.register_fake
-def _(x, scale, zero, v, lo, hi, zeta, gamma, backend):
+def _(x, scale, zero, v, group_size, lo, hi, zeta, gamma, backend):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("blocktrain::fake_quant_backward", mutates_args=())
-def _fake_quant_backward_op(grad: Tensor, x: Tensor, scale: Tensor, zero: Tensor, v: Tensor | None, lo: int, hi: int,
-                            zeta: float, gamma: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _fake_quant_backward_op(grad: Tensor, x: Tensor, scale: Tensor, zero: Tensor, v: Tensor | None, group_size: int,
+                            lo: int, hi: int, zeta: float, gamma: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, the per-element terms of grad_scale (fp32 or fp64, x's shape), grad_v (empty without v))."""
     with torch.autocast(x.device.type, enabled=False):
-        gx, gs, gv = _BACKWARD[backend](grad.contiguous(), x, scale, zero, v, lo, hi, zeta, gamma)
+        gx, gs, gv = _BACKWARD[backend](grad.contiguous(), x, scale, zero, v, group_size, lo, hi, zeta, gamma)
     return gx, gs, x.new_empty(0) if gv is None else gv
 
 
 @_fake_quant_backward_op.register_fake
-def _(grad, x, scale, zero, v, lo, hi, zeta, gamma, backend):
+def _(grad, x, scale, zero, v, group_size, lo, hi, zeta, gamma, backend):
     gv = x.new_empty(0) if v is None else torch.empty_like(v)
     return torch.empty_like(x), torch.empty_like(x, dtype=_compute_dtype(x)), gv
 
 
 def _setup_context(ctx, inputs, output):
-    x, scale, zero, v, lo, hi, zeta, gamma, backend = inputs
+    x, scale, zero, v, group_size, lo, hi, zeta, gamma, backend = inputs
     ctx.save_for_backward(x, scale, zero, v)
-    ctx.args = (lo, hi, zeta, gamma, backend)
+    ctx.args = (group_size, lo, hi, zeta, gamma, backend)
 
 
 def _backward(ctx, grad):
     x, scale, zero, v = ctx.saved_tensors
     gx, gs, gv = torch.ops.blocktrain.fake_quant_backward(grad, x, scale, zero, v, *ctx.args)
-    gs = gs.view(scale.shape[0], scale.shape[1], -1).sum(-1)
-    return (gx, gs.to(scale.dtype), None, gv if v is not None else None, None, None, None, None, None)
+    gs = split_groups(gs, ctx.args[0]).sum(-1)
+    return (gx, gs.to(scale.dtype), None, gv if v is not None else None, None, None, None, None, None, None)
 
 
 _fake_quant_op.register_autograd(_backward, setup_context=_setup_context)
@@ -146,19 +144,26 @@ _fake_quant_op.register_autograd(_backward, setup_context=_setup_context)
 # public entry point
 
 
-def _validate(x: Tensor, scale: Tensor, zero: Tensor, v: Tensor | None, lo: int, hi: int) -> None:
+def _validate(x: Tensor, scale: Tensor, zero: Tensor, v: Tensor | None, lo: int, hi: int,
+              group_size: int | None) -> int:
+    """Checks the arguments; returns the group width."""
     if x.dim() != 2:
         raise ValueError(f"fake_quant: x must be (rows, cols), got {tuple(x.shape)}")
     rows, cols = x.shape
-    if scale.dim() != 2 or scale.shape[0] not in (1, rows) or cols % scale.shape[1]:
-        raise ValueError(f"fake_quant: scale must be ({rows} or 1, n_groups) with n_groups dividing {cols}, "
-                         f"got {tuple(scale.shape)}")
+    if scale.dim() != 2 or scale.shape[0] not in (1, rows) or (group_size is None and cols % scale.shape[1]):
+        raise ValueError(f"fake_quant: scale must be ({rows} or 1, n_groups) with n_groups dividing {cols} (or "
+                         f"n_groups = ⌈{cols}/group_size⌉ given group_size), got {tuple(scale.shape)}")
+    try:
+        g = group_width(cols, scale.shape[1], group_size)
+    except ValueError as exc:
+        raise ValueError(f"fake_quant: {exc}") from None
     if zero.shape != scale.shape:
         raise ValueError(f"fake_quant: zero must have scale's shape {tuple(scale.shape)}, got {tuple(zero.shape)}")
     if v is not None and v.shape != x.shape:
         raise ValueError(f"fake_quant: v must have x's shape {tuple(x.shape)}, got {tuple(v.shape)}")
     if lo >= hi:
         raise ValueError(f"fake_quant: need lo < hi, got {lo}, {hi}")
+    return g
 
 
 class _GradScale(torch.autograd.Function):
@@ -175,13 +180,15 @@ class _GradScale(torch.autograd.Function):
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero: Tensor, lo: int, hi: int, v: Tensor | None = None,
-               grad_scale: float = 1.0, zeta: float = ZETA, gamma: float = GAMMA) -> Tensor:
+               grad_scale: float = 1.0, zeta: float = ZETA, gamma: float = GAMMA,
+               group_size: int | None = None) -> Tensor:
     """Fake-quantize ``x`` (rows, cols) on the grid ``scale``/``zero`` ((rows or 1), n_groups) with codes in
     [lo, hi]: round to nearest with LSQ's straight-through gradients, or AdaRound's soft rounding h(``v``).
+    ``group_size``: columns per group (n_groups = ⌈cols/g⌉); None: cols/n_groups, equal groups.
 
     Gradients flow to ``x``, ``scale`` (times ``grad_scale``) and ``v``; not to ``zero``.
     """
-    _validate(x, scale, zero, v, lo, hi)
+    g = _validate(x, scale, zero, v, lo, hi, group_size)
     backend = dispatch.select(x.device, x.dtype)
     dispatch.announce("fake_quant", backend)
     if grad_scale != 1.0:
@@ -189,8 +196,8 @@ def fake_quant(x: Tensor, scale: Tensor, zero: Tensor, lo: int, hi: int, v: Tens
     zero = zero.detach().to(scale.dtype)
     x = x.contiguous()
     v = None if v is None else v.contiguous()
-    return torch.ops.blocktrain.fake_quant(x, _rows(scale, x.shape[0]), _rows(zero, x.shape[0]), v, int(lo), int(hi),
-                                           float(zeta), float(gamma), backend)
+    return torch.ops.blocktrain.fake_quant(x, _rows(scale, x.shape[0]), _rows(zero, x.shape[0]), v, g, int(lo),
+                                           int(hi), float(zeta), float(gamma), backend)
 
 
 def _rows(t: Tensor, rows: int) -> Tensor:

@@ -39,7 +39,7 @@ class CBQLinear(nn.Module):
         self.register_buffer("zero", zero)
         self.register_buffer("keep", (self.weight != 0) if keep_zeros else None)
         self.log_gain = nn.Parameter(torch.zeros_like(scale))
-        self.rounding = LoraRounding(adaround_v0(self.weight, scale), rank, init, generator, frozen_base)
+        self.rounding = LoraRounding(adaround_v0(self.weight, scale, group_size=spec.group_size), rank, init, generator, frozen_base)
         self.act_log_gain = None
         if act is not None and not act.dynamic:
             self.register_buffer("act_scale0", torch.ones(1, 1, device=scale.device))
@@ -55,17 +55,20 @@ class CBQLinear(nn.Module):
     def act_scale(self) -> torch.Tensor:
         return (self.act_scale0 * self.act_log_gain.exp()).clamp_min(_MIN_SCALE)
 
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        """[out, n_groups] → [out, in] on the spec's groups."""
+        return expand_groups(t, self.weight.shape[1], self.spec.group_size)
+
     def quantized_weight(self) -> torch.Tensor:
         lo, hi = qrange(self.spec)
         if self.mode == "hard":
             with torch.no_grad():
                 codes = self.codes()
-            s = expand_groups(self.scale(), self.weight.shape[1])
-            w = s * (codes - expand_groups(self.zero, self.weight.shape[1]))  # the learnable step still trains
+            w = self._expand(self.scale()) * (codes - self._expand(self.zero))  # the learnable step still trains
         else:  # ŵ = s·(clamp(⌊w/s0⌋ + h(V) + z) − z): w·s/s0 keeps the floor on the start grid, gradients exact
             s = self.scale()
-            w = fake_quant(self.weight.float() * expand_groups(s / self.scale0, self.weight.shape[1]), s, self.zero,
-                           lo, hi, v=self.rounding())
+            w = fake_quant(self.weight.float() * self._expand(s / self.scale0), s, self.zero, lo, hi,
+                           v=self.rounding(), group_size=self.spec.group_size)
             if self.keep is not None:
                 w = w * self.keep
         return w
@@ -73,9 +76,9 @@ class CBQLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         """The hard-rounded integer codes ⌊w/s0⌋ + 1[V ≥ 0] (pruned zeros at the zero point)."""
         lo, hi = qrange(self.spec)
-        codes = hard_codes(self.weight, self.scale0, self.zero, self.rounding(), lo, hi)
+        codes = hard_codes(self.weight, self.scale0, self.zero, self.rounding(), lo, hi, self.spec.group_size)
         if self.keep is not None:
-            codes = torch.where(self.keep, codes, expand_groups(self.zero, codes.shape[1]).to(codes.dtype))
+            codes = torch.where(self.keep, codes, self._expand(self.zero).to(codes.dtype))
         return codes
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,11 @@ from blocktrain.trainer.compression.quant import expand_groups
 __all__ = ["adaround_v0", "LoraRounding", "rounding_regularizer", "BetaSchedule", "hard_codes"]
 
 
-def adaround_v0(weight: torch.Tensor, scale: torch.Tensor, zeta: float = ZETA, gamma: float = GAMMA) -> torch.Tensor:
-    """AdaRound's initial V: h(V0) = frac(w/s) (BRECQ's ``init_alpha``), with ``scale`` [out, n_groups]."""
-    t = weight.float() / expand_groups(scale.float(), weight.shape[1])
+def adaround_v0(weight: torch.Tensor, scale: torch.Tensor, zeta: float = ZETA, gamma: float = GAMMA,
+                group_size: int | None = None) -> torch.Tensor:
+    """AdaRound's initial V: h(V0) = frac(w/s) (BRECQ's ``init_alpha``), with ``scale`` [out, n_groups] over
+    groups of ``group_size`` columns (``compression.quant.expand_groups``)."""
+    t = weight.float() / expand_groups(scale.float(), weight.shape[1], group_size)
     frac = t - torch.floor(t)
     return -torch.log((zeta - gamma) / (frac - gamma) - 1)
 
@@ -93,9 +95,9 @@ class BetaSchedule:
 
 
 def hard_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, v: torch.Tensor, lo: int,
-               hi: int) -> torch.Tensor:
+               hi: int, group_size: int | None = None) -> torch.Tensor:
     """Integer codes with the rounding hardened: clamp(⌊w/s⌋ + 1[V ≥ 0] + z, lo, hi), as int32."""
     cols = weight.shape[1]
-    t = weight.float() / expand_groups(scale.float(), cols)
-    q = torch.floor(t) + (v >= 0).float() + expand_groups(zero.float(), cols)
+    t = weight.float() / expand_groups(scale.float(), cols, group_size)
+    q = torch.floor(t) + (v >= 0).float() + expand_groups(zero.float(), cols, group_size)
     return q.clamp(lo, hi).to(torch.int32)

@@ -143,7 +143,7 @@ def gptq_quantize(model: nn.Module, batches: Iterable, spec: QuantSpec, forward:
         codes, scale, zero = gptq_layer(module.weight, stats.H, spec, blocksize, damp, act_order, static_groups,
                                         factor=factors(stats))
         with torch.no_grad():
-            module.weight.copy_(dequantize(codes, scale, zero, module.weight.dtype))
+            module.weight.copy_(dequantize(codes, scale, zero, module.weight.dtype, spec.group_size))
         entries[name] = {"codes": codes, "scale": scale, "zero": zero}
 
     names = find_linear_names(model) if names is None else names

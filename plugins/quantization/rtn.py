@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from blocktrain.trainer.compression.masks import find_linear_names
-from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec, fake_quantize, minmax_qparams, quantize
+from blocktrain.trainer.compression.quant import (ActQuantSpec, QuantSpec, fake_quantize, minmax_qparams, quantize,
+                                                  split_groups)
 from blocktrain.trainer.compression.quantizing import replace_with_quant_linears
 
 __all__ = ["CLIP_CANDIDATES", "search_clip", "rtn_layer", "rtn_quantize"]
@@ -24,7 +25,7 @@ def search_clip(weight: torch.Tensor, spec: QuantSpec, candidates=CLIP_CANDIDATE
     best = torch.ones_like(best_err)
     for clip in candidates:
         scale, zero = minmax_qparams(w, spec, clip)
-        err = (fake_quantize(w, scale, zero, spec) - w).pow(2).reshape(out, best.shape[1], -1).sum(2)
+        err = split_groups((fake_quantize(w, scale, zero, spec) - w).pow(2), spec.group_size).sum(2)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, clip, best)
     return best

@@ -69,7 +69,7 @@ def _dense_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         linear = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=dtype,
                                  device=q.codes.device)
         with torch.no_grad():
-            linear.weight.copy_(dequantize(q.codes, q.scale, q.zero, dtype))
+            linear.weight.copy_(dequantize(q.codes, q.scale, q.zero, dtype, q.spec.group_size))
             if q.bias is not None:
                 linear.bias.copy_(q.bias)
         parent, _, child = name.rpartition(".")

@@ -4,6 +4,12 @@ One convention, used everywhere:
 
 - a weight [out, in] is quantized per output channel (``group_size=None``) or per group of ``group_size``
   consecutive input columns; its ``scale`` and ``zero`` have shape [out, n_groups] (n_groups = 1 or in/g);
+- groups: column c belongs to group c // g (g = ``group_size``, or ``in`` per channel), so n_groups = ⌈in/g⌉.
+  A width g does not divide is an error unless the spec is ``ragged`` (config ``group_remainder: ragged``): then
+  the last group covers the remaining in − (n_groups − 1)·g columns and gets its own scale and zero point from
+  their range alone. Since ⌈in/g⌉ does not determine g, the group size travels explicitly to every function that
+  maps groups to columns (``group_size=None`` there means in/n_groups, equal groups); ``expand_groups`` (group →
+  columns) and ``split_groups`` (columns → groups, the last one zero-padded) are the only places that do it;
 - integer codes ``q`` lie on 2^bits consecutive integers: asymmetric ``[0, 2^b − 1]`` with an integer zero
   point, symmetric ``[−2^(b−1), 2^(b−1) − 1]`` with zero point 0;
 - ``q = clamp(round(w / s) + z)`` and ``ŵ = s · (q − z)``, so 0 is always exactly representable (min/max
@@ -16,19 +22,21 @@ from typing import Optional
 
 import torch
 
-__all__ = ["QuantSpec", "ActQuantSpec", "QuantLinear", "qrange", "expand_groups", "minmax_qparams", "quantize", "dequantize",
-           "fake_quantize", "fake_quantize_tokens"]
+__all__ = ["QuantSpec", "ActQuantSpec", "QuantLinear", "qrange", "expand_groups", "group_width", "split_groups",
+           "minmax_qparams", "quantize", "dequantize", "fake_quantize", "fake_quantize_tokens"]
 
 SUPPORTED_BITS = tuple(range(2, 9))
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How a weight is quantized: bits, symmetric or asymmetric, per channel (None) or per group of columns."""
+    """How a weight is quantized: bits, symmetric or asymmetric, per channel (None) or per group of columns;
+    ``ragged``: a width the group size does not divide gets a narrower last group (else it is an error)."""
 
     bits: int = 4
     symmetric: bool = False
     group_size: Optional[int] = None
+    ragged: bool = False
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -37,11 +45,13 @@ class QuantSpec:
             raise ValueError(f"group_size must be >= 1 or None (per channel), got {self.group_size}")
 
     def n_groups(self, in_features: int) -> int:
+        """⌈in/g⌉ (1 per channel); a width g does not divide raises unless ``ragged``."""
         if self.group_size is None:
             return 1
-        if in_features % self.group_size:
-            raise ValueError(f"group_size {self.group_size} does not divide the input width {in_features}")
-        return in_features // self.group_size
+        if in_features % self.group_size and not self.ragged:
+            raise ValueError(f"group_size {self.group_size} does not divide the input width {in_features} "
+                             "(group_remainder: ragged gives the last group the remaining columns)")
+        return -(-in_features // self.group_size)
 
 
 def qrange(spec: QuantSpec) -> tuple[int, int]:
@@ -51,14 +61,35 @@ def qrange(spec: QuantSpec) -> tuple[int, int]:
     return 0, 2 ** spec.bits - 1
 
 
-def expand_groups(t: torch.Tensor, in_features: int) -> torch.Tensor:
-    """[out, n_groups] → [out, in]: each group's value repeated over its columns."""
-    return t.repeat_interleave(in_features // t.shape[1], dim=1)
+def group_width(in_features: int, n_groups: int, group_size: int | None = None) -> int:
+    """Columns per group (the last one may be narrower): ``group_size``, or in/n_groups when None (equal groups);
+    checks that ``n_groups`` = ⌈in/g⌉."""
+    g = in_features // n_groups if group_size is None else group_size
+    if (group_size is None and in_features % n_groups) or g < 1 or -(-in_features // g) != n_groups:
+        raise ValueError(f"{n_groups} groups do not fit {in_features} columns with group size {group_size} "
+                         "(without a group size the groups must be equal)")
+    return g
+
+
+def expand_groups(t: torch.Tensor, in_features: int, group_size: int | None = None) -> torch.Tensor:
+    """[out, n_groups] → [out, in]: group k's value over columns [k·g, min((k+1)·g, in))."""
+    g = group_width(in_features, t.shape[1], group_size)
+    e = t.repeat_interleave(g, dim=1)
+    return e if e.shape[1] == in_features else e[:, :in_features]
+
+
+def split_groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[out, in] → [out, n_groups, g] (``group_size`` None: one group of all columns), a narrower last group
+    padded with zeros: neutral for sums and for the 0-containing min/max ranges of ``minmax_qparams``."""
+    out, cols = w.shape
+    g = cols if group_size is None else group_size
+    pad = -cols % g
+    return (torch.nn.functional.pad(w, (0, pad)) if pad else w).reshape(out, -1, g)
 
 
 def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    out, cols = w.shape
-    return w.reshape(out, spec.n_groups(cols), -1)
+    spec.n_groups(w.shape[1])  # a remainder without ``ragged`` raises
+    return split_groups(w, spec.group_size)
 
 
 @torch.no_grad()
@@ -82,19 +113,21 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
     """Integer codes (as int32) of ``w`` on the grid ``scale``/``zero`` [out, n_groups], round to nearest."""
     lo, hi = qrange(spec)
     cols = w.shape[1]
-    s, z = expand_groups(scale, cols), expand_groups(zero, cols)
+    s, z = expand_groups(scale, cols, spec.group_size), expand_groups(zero, cols, spec.group_size)
     return torch.clamp(torch.round(w.float() / s) + z, lo, hi).to(torch.int32)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """ŵ = s · (q − z), with ``scale``/``zero`` [out, n_groups] expanded over their columns."""
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype = torch.float32,
+               group_size: int | None = None) -> torch.Tensor:
+    """ŵ = s · (q − z), with ``scale``/``zero`` [out, n_groups] expanded over their columns (``expand_groups``)."""
     cols = q.shape[1]
-    return (expand_groups(scale.float(), cols) * (q.float() - expand_groups(zero.float(), cols))).to(dtype)
+    return (expand_groups(scale.float(), cols, group_size)
+            * (q.float() - expand_groups(zero.float(), cols, group_size))).to(dtype)
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Round to nearest on the grid and back (no gradient): ``dequantize(quantize(w))`` in ``w``'s dtype."""
-    return dequantize(quantize(w, scale, zero, spec), scale, zero, w.dtype)
+    return dequantize(quantize(w, scale, zero, spec), scale, zero, w.dtype, spec.group_size)
 
 
 @dataclass(frozen=True)
@@ -157,7 +190,7 @@ class QuantLinear(torch.nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized weight (what the layer computes with)."""
         if self._weight is None or self._weight.device != self.codes.device:
-            self._weight = dequantize(self.codes, self.scale, self.zero)
+            self._weight = dequantize(self.codes, self.scale, self.zero, group_size=self.spec.group_size)
         return self._weight
 
     def _apply(self, fn, recurse=True):

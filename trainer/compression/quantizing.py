@@ -35,6 +35,7 @@ WEIGHT_BITS = tuple(range(2, 9))
 ACT_BITS = tuple(range(4, 9))
 NO_ACT_QUANT = 16  # act_bits=16: activations stay in the model's precision (weight-only, WxA16)
 SCALE_BITS = 16  # a scale counts as 16 bits (fp16/bf16, as the packed formats store it) in the size report
+GROUP_REMAINDERS = ("error", "ragged")  # ``group_remainder``: see ``compression.quant``
 EXPORT_FORMATS = ("compressed-tensors", "dequantized", "native")  # the export stage's formats (``compression.packing``)
 
 
@@ -46,6 +47,7 @@ class QuantConfig(PluginConfig):
 
     bits: int = 4  # weight bits, 2..8
     group_size: Optional[int] = None  # null = one scale per output channel; else input columns per group (32, 64, 128)
+    group_remainder: str = "error"  # a width group_size does not divide: error, or ragged (a narrower last group)
     symmetric: bool = False  # weights: false = asymmetric min-max with a zero point; true = zero point 0
     act_bits: int = 16  # 16 = activations not quantized (WxA16); 4..8 = fake-quantized linear inputs (asymmetric)
     act_dynamic: bool = True  # true = per-token ranges at run time; false = one static range per layer, calibrated
@@ -64,6 +66,9 @@ class QuantConfig(PluginConfig):
         if self.group_size is not None and self.group_size < 1:
             raise UserError(f"{where}.group_size={self.group_size} is not supported: null (one scale per output "
                             "channel) or a positive number of input columns per group (e.g. 32, 64, 128)")
+        if self.group_remainder not in GROUP_REMAINDERS:
+            raise UserError(f"{where}.group_remainder={self.group_remainder!r} is not supported: 'error' (a group size "
+                            "must divide every target's width) or 'ragged' (the last group of a row covers the rest)")
         if self.act_bits != NO_ACT_QUANT and self.act_bits not in ACT_BITS:
             raise UserError(f"{where}.act_bits={self.act_bits} is not supported: 4..8, or {NO_ACT_QUANT} for "
                             "activations left unquantized")
@@ -131,7 +136,7 @@ class QuantizationPlugin(Plugin):
         from blocktrain.trainer.compression.quant import QuantSpec
 
         c = self.config
-        return QuantSpec(c.bits, c.symmetric, c.group_size)
+        return QuantSpec(c.bits, c.symmetric, c.group_size, c.group_remainder == "ragged")
 
     @property
     def act_spec(self) -> "ActQuantSpec | None":
@@ -154,20 +159,26 @@ class QuantizationPlugin(Plugin):
         if not self.names:
             raise UserError(f"plugin {self.name}: the model has no nn.Linear layers to quantize outside "
                             f"plugin.{self.name}.exclude={list(c.exclude)}")
-        if c.group_size is not None:
+        ragged = self._ragged_layers(model)
+        if ragged and c.group_remainder == "error":
             widths = {name: model.get_submodule(name).in_features for name in self.names}
-            bad = [name for name, width in widths.items() if width % c.group_size]
-            if bad:
-                common = math.gcd(*widths.values())
-                raise UserError(f"plugin.{self.name}.group_size={c.group_size} does not divide the input width of "
-                                f"{len(bad)} target layer(s), e.g. {bad[0]} ({widths[bad[0]]} inputs); use a divisor "
-                                f"of {common}, the widths' greatest common divisor (e.g. {common & -common}), null for "
-                                f"one scale per output channel, or leave those layers out with plugin.{self.name}.exclude")
+            common = math.gcd(*widths.values())
+            raise UserError(f"plugin.{self.name}.group_size={c.group_size} does not divide the input width of "
+                            f"{len(ragged)} target layer(s), e.g. {ragged[0]} ({widths[ragged[0]]} inputs); use a "
+                            f"divisor of {common}, the widths' greatest common divisor (e.g. {common & -common}), null "
+                            f"for one scale per output channel, leave those layers out with plugin.{self.name}.exclude, "
+                            f"or set plugin.{self.name}.group_remainder=ragged (the last group of each row covers the "
+                            "remaining columns)")
         self.keep_zeros = bool(_prune_plugins_before(run, self.name))
-        self._check_export(model, run)
+        self._check_export(model, run, ragged)
         return model
 
-    def _check_export(self, model: "torch.nn.Module", run: "RunContext") -> None:
+    def _ragged_layers(self, model: "torch.nn.Module") -> list[str]:
+        """The targets whose input width the group size does not divide."""
+        g = self.config.group_size
+        return [] if g is None else [n for n in self.names if model.get_submodule(n).in_features % g]
+
+    def _check_export(self, model: "torch.nn.Module", run: "RunContext", ragged: list[str]) -> None:
         """Before any calibration: the export formats this run will write can be written."""
         import importlib.util
 
@@ -175,7 +186,14 @@ class QuantizationPlugin(Plugin):
 
         if not any(s.kind == "export" for s in parse_stages(run.cfg.stages)) or not hasattr(model, "save_pretrained"):
             return
-        if "compressed-tensors" in self.config.export_formats and importlib.util.find_spec("compressed_tensors") is None:
+        if "compressed-tensors" not in self.config.export_formats:
+            return
+        if ragged:
+            raise UserError(f"plugin.{self.name}.group_remainder=ragged leaves {len(ragged)} target layer(s) with a "
+                            f"narrower last group (e.g. {ragged[0]}), which the compressed-tensors format cannot hold "
+                            "(it needs every group size to divide the width); set "
+                            f"plugin.{self.name}.export_formats=[dequantized] (or [dequantized, native])")
+        if importlib.util.find_spec("compressed_tensors") is None:
             raise UserError(f"plugin.{self.name}.export_formats includes compressed-tensors, which needs the "
                             "'compressed-tensors' package (pip install compressed-tensors); install it or set "
                             f"plugin.{self.name}.export_formats=[dequantized]")
@@ -210,7 +228,8 @@ class QuantizationPlugin(Plugin):
         with torch.no_grad():
             for name, entry in done.items():
                 weight = model.get_submodule(name).weight
-                weight.copy_(dequantize(entry["codes"], entry["scale"], entry["zero"], weight.dtype).to(weight.device))
+                weight.copy_(dequantize(entry["codes"], entry["scale"], entry["zero"], weight.dtype,
+                                        self.spec.group_size).to(weight.device))
         remaining = [n for n in self.names if n not in done]
         if done:
             print(f"{self.name}: resumed with {len(done)} of {len(self.names)} layers quantized", file=sys.stderr)
@@ -223,8 +242,8 @@ class QuantizationPlugin(Plugin):
             keep = weight != 0 if self.keep_zeros else None
             codes, scale, zero = self.quantize_layer(weight, None if stats is None else stats.inner, keep)
             if keep is not None:
-                codes = torch.where(keep, codes, expand_groups(zero, codes.shape[1]).to(codes.dtype))
-            weight.copy_(dequantize(codes, scale, zero, weight.dtype))
+                codes = torch.where(keep, codes, expand_groups(zero, codes.shape[1], self.spec.group_size).to(codes.dtype))
+            weight.copy_(dequantize(codes, scale, zero, weight.dtype, self.spec.group_size))
             entry = {"codes": codes.to(torch.int32).cpu(), "scale": scale.float().cpu(), "zero": zero.float().cpu()}
             if self.static_activations:
                 act_scale, act_zero = minmax_qparams(torch.tensor([[stats.lo, stats.hi]]), self.act_spec.grid)
