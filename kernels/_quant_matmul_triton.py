@@ -1,8 +1,8 @@
 """Triton kernel of ``quant_matmul`` (imported lazily: only when the Triton backend runs).
 
 Each program computes a (BLOCK_M, BLOCK_N) tile of y; per BLOCK_K step it loads the int32 words that hold a
-(BLOCK_K, BLOCK_N) tile of codes, shifts and masks the codes out, dequantizes them with their group's scale and
-zero point in fp32 and feeds them to ``tl.dot`` with fp32 accumulation (fp32 inputs: exact ``ieee`` products;
+(BLOCK_K, BLOCK_N) tile of codes, shifts and masks the codes out, dequantizes them with their group's (column
+k // group_size: a narrower last group needs nothing else) scale and zero point in fp32 and feeds them to ``tl.dot`` with fp32 accumulation (fp32 inputs: exact ``ieee`` products;
 bf16/fp16 inputs: tf32 tensor-core products, in which x is exact). The dequantized weight never reaches global
 memory.
 """
@@ -60,7 +60,7 @@ def _block(n: int, cap: int) -> int:
 
 
 def quant_matmul(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 bias: torch.Tensor | None, bits: int) -> torch.Tensor:
+                 bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
     """y (M, N) in x's dtype for x (M, K) with unit column stride; see ``quant_matmul.quant_matmul``."""
     if not INTERPRETED and any(t.device.type != "cuda" for t in (x2d, packed, scale, zero)):
         raise RuntimeError("the Triton kernels were built for the GPU (TRITON_INTERPRET was not set when they were "
@@ -71,6 +71,6 @@ def quant_matmul(x2d: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     block_m, block_n = _block(m, 64), _block(n, 64)
     _kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x2d, packed, scale, zero, y if bias is None else bias, y,
-        m, n, k, k // scale.shape[1], x2d.stride(0), packed.stride(0), scale.stride(0), y.stride(0),
+        m, n, k, group_size, x2d.stride(0), packed.stride(0), scale.stride(0), y.stride(0),
         BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64)
     return y

@@ -94,6 +94,7 @@ class PackedLinear(torch.nn.Module):
         if q.act is not None:
             raise ValueError(f"PackedLinear runs weight-only layers; this one quantizes its input ({q.act})")
         self.bits, self.in_features, self.out_features = q.spec.bits, q.in_features, q.out_features
+        self.group_size = q.spec.group_size
         packed, scale, zero = pack_quant_linear(q)
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale.clone())
@@ -109,14 +110,14 @@ class PackedLinear(torch.nn.Module):
         buffers = (self.packed, self.scale, self.zero)
         key = tuple((t.device, t.data_ptr(), t._version) for t in buffers)
         if key != self._cpu_key:
-            self._cpu_key, self._cpu_packed = key, pack_for_cpu(*buffers, self.bits, self.in_features)
+            self._cpu_key, self._cpu_packed = key, pack_for_cpu(*buffers, self.bits, self.in_features, self.group_size)
         return self._cpu_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from blocktrain.kernels import quant_matmul
 
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return quant_matmul(x, self.packed, self.scale, self.zero, self.bits, bias, self.cpu_packed())
+        return quant_matmul(x, self.packed, self.scale, self.zero, self.bits, bias, self.cpu_packed(), self.group_size)
 
 
 def pack_model(model: torch.nn.Module) -> torch.nn.Module:
