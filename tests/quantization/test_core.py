@@ -86,7 +86,7 @@ def gptq_reference(w, H, spec, damp=0.01, act_order=False, static_groups=False, 
     Hd += damp * Hd.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
     Hinv = torch.linalg.inv(Hd)
     g = spec.group_size or cols
-    n_groups = cols // g
+    n_groups = -(-cols // g)  # a ragged last group (spec.ragged) covers the remaining columns
     scale, zero = torch.zeros(rows, n_groups), torch.zeros(rows, n_groups)
     ready = [False] * n_groups
     if static_groups or spec.group_size is None:
@@ -126,6 +126,19 @@ def test_gptq_equals_the_column_by_column_reference(group_size, act_order, stati
     # split into sub-blocks of 16, 16, 8 whose errors reach the rest of the block and later blocks at different times
     codes, scale, zero = gptq_layer(w, H, spec, blocksize=blocksize, act_order=act_order, static_groups=static_groups)
     ref_codes, ref_scale, ref_zero = gptq_reference(w, H, spec, act_order=act_order, static_groups=static_groups)
+    assert torch.allclose(scale, ref_scale, rtol=1e-4, atol=1e-6) and torch.equal(zero, ref_zero)
+    assert torch.equal(codes, ref_codes)
+
+
+@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("blocksize", [5, 40])
+def test_gptq_with_a_ragged_last_group_equals_the_column_by_column_reference(act_order, static_groups, blocksize):
+    spec = QuantSpec(3, False, 8, ragged=True)
+    w = weight(cols=44 if blocksize > 5 else 20)  # groups of 8 and a last one of 4
+    H = hessian(correlated_inputs(cols=w.shape[1]))
+    codes, scale, zero = gptq_layer(w, H, spec, blocksize=blocksize, act_order=act_order, static_groups=static_groups)
+    ref_codes, ref_scale, ref_zero = gptq_reference(w, H, spec, act_order=act_order, static_groups=static_groups)
+    assert scale.shape == (w.shape[0], -(-w.shape[1] // 8))
     assert torch.allclose(scale, ref_scale, rtol=1e-4, atol=1e-6) and torch.equal(zero, ref_zero)
     assert torch.equal(codes, ref_codes)
 

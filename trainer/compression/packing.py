@@ -186,6 +186,7 @@ def save_compressed(model: torch.nn.Module, out_dir: str | os.PathLike, tokenize
         raise ImportError("the compressed-tensors export needs the 'compressed-tensors' package "
                           "(pip install compressed-tensors); the 'dequantized' format does not") from exc
     layers = quant_linears(model)
+    _check_equal_groups(layers)
     groups: dict[str, list[str]] = {}
     for name, q in layers.items():
         groups.setdefault(repr((q.spec, q.act)), []).append(name)
@@ -220,6 +221,17 @@ def save_compressed(model: torch.nn.Module, out_dir: str | os.PathLike, tokenize
     return out
 
 
+def _check_equal_groups(layers: dict[str, QuantLinear]) -> None:
+    """compressed-tensors needs the group size to divide every width: a ragged last group (``group_remainder:
+    ragged``) is refused when writing, and a checkpoint holding one fails at transformers' first forward."""
+    ragged = [name for name, q in layers.items() if q.spec.group_size and q.in_features % q.spec.group_size]
+    if ragged:
+        q = layers[ragged[0]]
+        raise ValueError(f"{len(ragged)} layer(s) have a narrower last group (e.g. {ragged[0]}: {q.in_features} inputs, "
+                         f"groups of {q.spec.group_size}), which the compressed-tensors format cannot hold; export "
+                         "'dequantized' or 'native' instead")
+
+
 def _dequantize_on_load(config_file: Path) -> None:
     """Mark the checkpoint ``dequantize: true``: transformers then decompresses it while loading. Needed for
     asymmetric pack-quantized layers, whose packed zero points compressed-tensors 0.20.1 cannot place in its
@@ -247,7 +259,9 @@ def _check_codes(name: str, linear: torch.nn.Module, q: QuantLinear) -> None:
 def read_compressed(folder: str | os.PathLike) -> tuple[dict[str, dict], QuantSpec]:
     """The weight-only ``pack-quantized`` layers of a compressed-tensors checkpoint (ours or another tool's, e.g.
     llm-compressor's) as ``replace_with_quant_linears`` entries ``{name: {"codes", "scale", "zero"}}`` in our
-    convention (unsigned codes and zero points when asymmetric), with their grid. One config group only."""
+    convention (unsigned codes and zero points when asymmetric), with their grid. One config group only; a layer
+    whose width the group size does not divide (a ragged last group, which compressed-tensors cannot run) or
+    whose scales do not match its width and group size is refused."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors.torch import load_file
 
@@ -269,7 +283,14 @@ def read_compressed(folder: str | os.PathLike) -> tuple[dict[str, dict], QuantSp
     for key in sorted(k for k in state if k.endswith(".weight_packed")):
         name = key.removesuffix(".weight_packed")
         scale = state[f"{name}.weight_scale"].float()
-        codes = unpack_from_int32(state[key], spec.bits, torch.Size(state[f"{name}.weight_shape"].tolist()))
+        shape = torch.Size(state[f"{name}.weight_shape"].tolist())
+        if spec.group_size is not None and shape[1] % spec.group_size:
+            raise ValueError(f"{folder}: {name} has {shape[1]} inputs, which groups of {spec.group_size} do not divide: "
+                             "compressed-tensors cannot hold a ragged last group (transformers refuses to run it)")
+        if tuple(scale.shape) != (shape[0], spec.n_groups(shape[1])):
+            raise ValueError(f"{folder}: {name}: weight_scale {tuple(scale.shape)} does not fit a {tuple(shape)} weight "
+                             f"on {spec}")
+        codes = unpack_from_int32(state[key], spec.bits, shape)
         zero = (torch.zeros_like(scale) if spec.symmetric else
                 unpack_from_int32(state[f"{name}.weight_zero_point"], spec.bits, scale.shape, packed_dim=0).float())
         entries[name] = {"codes": codes.to(torch.int32) + shift, "scale": scale, "zero": zero + shift}
