@@ -210,3 +210,34 @@ def test_unsupported_settings_fail_clearly(tmp_path):
         export_quantized(quantized(QuantSpec(4)), tmp_path, formats=("gguf",))
     with pytest.raises(ValueError, match="weight-only"):
         pack_model(quantized(QuantSpec(4), ActQuantSpec(8)))
+
+
+def test_a_ragged_last_group_is_refused_by_the_compressed_tensors_export_and_reader(tmp_path):
+    """compressed-tensors cannot hold a group size that does not divide a width: our writer refuses it with one
+    message, a checkpoint made by hand with one loads in transformers but fails at its first forward, and
+    ``read_compressed`` refuses it rather than guess its layout."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from safetensors.torch import load_file, save_file
+
+    ragged = QuantSpec(4, True, 48, ragged=True)  # widths 64 = 48 + 16 and 128 = 2·48 + 32
+    with pytest.raises(ValueError, match=r"7 layer\(s\) have a narrower last group \(e.g. model.layers.0.self_attn."
+                                         r"q_proj: 64 inputs, groups of 48\), which the compressed-tensors format"):
+        save_compressed(quantized(ragged), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+    folder = save_compressed(quantized(QuantSpec(4, True, 32)), tmp_path / "hand")  # then rewritten with groups of 48
+    state = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    for name, q in ((n, m) for n, m in quantized(ragged).named_modules() if isinstance(m, QuantLinear)):
+        state[f"{name}.weight_packed"] = pack_to_int32(q.codes.to(torch.int8), 4)
+        state[f"{name}.weight_scale"] = q.scale.to(state[f"{name}.weight_scale"].dtype)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    next(iter(config["quantization_config"]["config_groups"].values()))["weights"]["group_size"] = 48
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match="must be divisble by the given group_size 48"), torch.no_grad():
+        loaded(IDS)
+    with pytest.raises(ValueError, match=r"down_proj has 128 inputs, which groups of 48 do not divide: compressed-tensors cannot"):
+        read_compressed(folder)
