@@ -11,19 +11,22 @@ from blocktrain.kernels.quant_matmul import pack_codes, quant_matmul, quant_matm
 
 from .parity import ParityCase
 
-# name, leading shape of x, in, out, bits, group size (None: per channel), has bias
+# name, leading shape of x, in, out, bits, group size (None: per channel), has bias; a group size that does not
+# divide the width leaves a narrower last group
 SHAPES = [
     ("decode-w4-channel", (1,), 64, 33, 4, None, False),
     ("odd-w4-g32", (7,), 96, 10, 4, 32, True),
     ("pad-w2-channel", (5,), 40, 17, 2, None, False),  # 40 codes fill 2.5 words
     ("batched-w2-g64", (2, 9), 128, 70, 2, 64, True),
     ("tiles-w8-g32", (37,), 160, 70, 8, 32, True),
+    ("ragged-w4-g32", (7,), 80, 10, 4, 32, True),  # groups of 32, 32, 16
+    ("ragged-w2-g128", (2, 9), 576, 40, 2, 128, False),  # SmolLM2's hidden width: 4·128 + 64
 ]
 
 
 def _builder(lead, width, out, bits, group, has_bias):
     def build(gen: torch.Generator) -> dict:
-        n_groups = 1 if group is None else width // group
+        n_groups = 1 if group is None else -(-width // group)
         return {
             "x": torch.randn((*lead, width), generator=gen),
             "packed": pack_codes(torch.randint(0, 2**bits, (out, width), generator=gen), bits),
@@ -31,6 +34,7 @@ def _builder(lead, width, out, bits, group, has_bias):
             "zero": torch.randint(0, 2**bits, (out, n_groups), generator=gen).float(),
             "bits": bits,
             "bias": torch.randn(out, generator=gen) if has_bias else None,
+            "group_size": group,
         }
 
     return build

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from blocktrain.kernels.fake_quant import GAMMA, ZETA, fake_quant, rectified_sigmoid
-from blocktrain.trainer.compression.quant import QuantSpec, fake_quantize, minmax_qparams, qrange
+from blocktrain.trainer.compression.quant import QuantSpec, expand_groups, fake_quantize, minmax_qparams, qrange
 
 D = torch.float64
 
@@ -37,10 +37,10 @@ def test_round_to_nearest_forward_is_the_shared_grid(groups, symmetric):
     assert torch.equal(got, fake_quantize(x.float(), scale.float(), zero.float(), spec))
 
 
-def _surrogate_fd(x, scale, zero, lo, hi, g, v=None, eps=1e-7):
+def _surrogate_fd(x, scale, zero, lo, hi, g, v=None, eps=1e-7, group_size=None):
     """Central finite differences of L̃(s) (see the module docstring), one step-size entry at a time."""
     cols = x.shape[1]
-    s0, z = scale.repeat_interleave(cols // scale.shape[1], 1), zero.repeat_interleave(cols // zero.shape[1], 1)
+    s0, z = expand_groups(scale, cols, group_size), expand_groups(zero, cols, group_size)
     t0 = (x / s0 + z).clamp(lo, hi)
     c = torch.round(t0) - t0 if v is None else torch.floor(x / s0) + rectified_sigmoid(v) - x / s0
 
@@ -53,7 +53,7 @@ def _surrogate_fd(x, scale, zero, lo, hi, g, v=None, eps=1e-7):
         for sign in (1, -1):
             s = scale.clone()
             s[tuple(idx)] += sign * eps
-            s = s.repeat_interleave(cols // scale.shape[1], 1)
+            s = expand_groups(s, cols, group_size)
             vals.append((g * surrogate(s)).sum())
         fd[tuple(idx)] = (vals[0] - vals[1]) / (2 * eps)
     return fd
@@ -73,6 +73,32 @@ def test_step_size_gradient_matches_finite_differences_of_the_ste_surrogate(grou
     clipped = ((x / scale.repeat_interleave(x.shape[1] // groups, 1) + zero.repeat_interleave(x.shape[1] // groups, 1))
                .gt(hi)).any()
     assert clipped, "the problem must exercise the clamp branch"
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_ragged_groups_forward_and_step_size_gradient(soft):
+    """Groups of 8 over 20 columns (8, 8, 4): the grid's forward, and each step size's gradient (the last one from
+    its own 4 columns only) against finite differences of the surrogate."""
+    gen = torch.Generator().manual_seed(11)
+    spec = QuantSpec(4, False, 8, ragged=True)
+    x = torch.randn(6, 20, generator=gen, dtype=D)
+    scale, zero = minmax_qparams(x * 0.8, spec)
+    scale = scale.to(D)
+    lo, hi = qrange(spec)
+    assert scale.shape == (6, 3)
+    assert torch.equal(fake_quant(x.float(), scale.float(), zero, lo, hi, group_size=8),
+                       fake_quantize(x.float(), scale.float(), zero, spec))
+    g = torch.randn(x.shape, generator=gen, dtype=D)
+    v = torch.randn(x.shape, generator=gen, dtype=D) * 0.5 if soft else None
+    s = scale.clone().requires_grad_()
+    (fake_quant(x, s, zero, lo, hi, v=v, group_size=8) * g).sum().backward()
+    torch.testing.assert_close(s.grad, _surrogate_fd(x, scale, zero, lo, hi, g, v, group_size=8), rtol=1e-6, atol=1e-6)
+    g[:, 16:] = 0  # the last group's gradient comes from its own columns
+    s.grad = None
+    (fake_quant(x, s, zero, lo, hi, v=v, group_size=8) * g).sum().backward()
+    assert torch.all(s.grad[:, 2] == 0) and torch.all(s.grad[:, :2] != 0)
+    with pytest.raises(ValueError, match="n_groups dividing 20"):
+        fake_quant(x, scale, zero, lo, hi)  # without the group size, 3 groups cannot cover 20 columns
 
 
 def test_lsq_gradient_scale_and_the_input_gradient():

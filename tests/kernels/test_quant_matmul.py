@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from blocktrain.kernels import quant_matmul, use_backend
 from blocktrain.kernels.quant_matmul import pack_codes, pack_for_cpu, quant_matmul_reference, unpack_codes
-from blocktrain.trainer.compression.packing import pack_quant_linear
+from blocktrain.trainer.compression.packing import PackedLinear, pack_quant_linear
 from blocktrain.trainer.compression.quant import QuantLinear, QuantSpec, minmax_qparams
 
 
@@ -41,6 +41,27 @@ def test_equals_quant_linear_bit_for_bit(bits, symmetric, group):
     x = torch.randn(3, 5, 128, generator=gen)
     got = quant_matmul(x, *pack_quant_linear(layer), bits, bias)
     assert torch.equal(got, layer(x))
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (2, True), (8, False)])
+def test_ragged_groups_equal_quant_linear_bit_for_bit(bits, symmetric):
+    """Groups of 32 over 80 inputs (32, 32, 16): the packed layer computes exactly the QuantLinear's function, and
+    torch's CPU int4 kernel (equal groups only) is not offered."""
+    gen = torch.Generator().manual_seed(1)
+    w, bias = torch.randn(32, 80, generator=gen), torch.randn(32, generator=gen)
+    spec = QuantSpec(bits, symmetric, 32, ragged=True)
+    layer = QuantLinear.from_weight(w, *minmax_qparams(w, spec), spec, bias)
+    packed, scale, zero = pack_quant_linear(layer)
+    assert scale.shape == (32, 3)
+    x = torch.randn(3, 80, generator=gen)
+    assert torch.equal(quant_matmul(x, packed, scale, zero, bits, bias, group_size=32), layer(x))
+    assert torch.equal(PackedLinear(layer)(x), layer(x)) and PackedLinear(layer).cpu_packed() is None
+    assert pack_for_cpu(packed, scale, zero, bits, 80, 32) is None
+    with pytest.raises(ValueError, match="3 groups do not divide the input width 80"):
+        quant_matmul(x, packed, scale, zero, bits, bias)
+    x = x.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: quant_matmul(x, packed, scale.double(), zero.double(), bits,
+                                                           group_size=32), (x,), fast_mode=True)
 
 
 def test_gradients_of_x_and_bias_match_the_dense_layer():
