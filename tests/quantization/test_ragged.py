@@ -126,6 +126,11 @@ def test_each_quantizer_runs_a_ragged_grid_end_to_end(plugin, llama_dir, corpus,
         if plugin == "rtn":  # data-free: the last group's range is that of the original weight's last columns
             w = original[f"{name}.weight"]
             assert torch.equal(scale[:, -1:], minmax_qparams(w[:, (width // 24) * 24:], QuantSpec(4))[0])
+    if plugin == "rtn":  # the native export reloads (init_from) into QuantLinears of ⌈in/g⌉ groups
+        args = llm_args("rtn_llm", llama_dir, corpus, tmp_path / "reload", *ragged_args(plugin), "stages=[evaluate]",
+                        f"init_from={out / 'native' / 'model.safetensors'}")
+        run(load_config(args))
+        assert read_metrics(tmp_path / "reload")["metrics"]["val/ppl"] == metrics["metrics"]["val/ppl"]
     bits = metrics["metrics"][f"{plugin}/bits_per_weight"]
     groups = {32: 2, 64: 3}  # scales + 4-bit zero points per row: ⌈32/24⌉ and ⌈64/24⌉
     per_row = {n: native[f"{n}.codes"].shape for n in names}
