@@ -2,9 +2,9 @@
 
 Each program computes a (BLOCK_M, BLOCK_N) tile of y; per BLOCK_K step it loads the int32 words that hold a
 (BLOCK_K, BLOCK_N) tile of codes, shifts and masks the codes out, dequantizes them with their group's (column
-k // group_size: a narrower last group needs nothing else) scale and zero point in fp32 and feeds them to ``tl.dot`` with fp32 accumulation (fp32 inputs: exact ``ieee`` products;
-bf16/fp16 inputs: tf32 tensor-core products, in which x is exact). The dequantized weight never reaches global
-memory.
+k // group_size: a narrower last group needs nothing else) scale and zero point in fp32 and feeds them to
+``tl.dot`` with fp32 accumulation (fp32 inputs: exact ``ieee`` products; bf16/fp16 inputs: tf32 tensor-core
+products, in which x is exact). The dequantized weight never reaches global memory.
 """
 
 from __future__ import annotations

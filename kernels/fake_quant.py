@@ -15,9 +15,9 @@ In both, the gradient of the step size is the exact derivative of ŷ with the ro
 x is (rows, cols); ``scale`` and ``zero`` are (rows, n_groups) — one per output channel (n_groups = 1) or per
 group of ``group_size`` consecutive columns, the last one narrower when it does not divide cols (the grid's
 convention, ``trainer/compression/quant.py``; ``group_size=None``: cols/n_groups) — or (1, n_groups), shared by
-every row (a static activation scale); per-token activations are rows = tokens, n_groups = 1. The zero point takes no gradient. One
-``torch.library`` op (``blocktrain::fake_quant``) with a fake and an autograd formula; the backward runs on
-the backend that ran the forward.
+every row (a static activation scale); per-token activations are rows = tokens, n_groups = 1. The zero point
+takes no gradient. One ``torch.library`` op (``blocktrain::fake_quant``) with a fake and an autograd formula;
+the backward runs on the backend that ran the forward.
 """
 
 from __future__ import annotations

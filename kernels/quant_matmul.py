@@ -3,9 +3,9 @@
 The weight (out, in) is unsigned b-bit codes u ∈ [0, 2^b) with a scale and a zero point per output row and group
 of ``group_size`` consecutive columns (n_groups = ⌈in/g⌉, the last group narrower when g does not divide in; the
 grid's convention, ``trainer/compression/quant.py``; ``group_size=None``: in/n_groups, n_groups = 1 per
-channel), ŵ = s·(u − z). Codes are packed along the input
-dimension, 32/b per int32 word, code j of a row at bits b·(j mod 32/b) of word j // (32/b) — compressed-tensors'
-``pack-quantized`` layout for b ∈ {2, 4, 8}, with codes offset to be unsigned (theirs are signed, u = q + 2^(b−1)).
+channel), ŵ = s·(u − z). Codes are packed along the input dimension, 32/b per int32 word, code j of a row at
+bits b·(j mod 32/b) of word j // (32/b) — compressed-tensors' ``pack-quantized`` layout for b ∈ {2, 4, 8}, with
+codes offset to be unsigned (theirs are signed, u = q + 2^(b−1)).
 
 The Triton kernel dequantizes tiles of the weight in registers and never writes ŵ to memory; the reference
 unpacks the whole weight, dequantizes it and calls ``F.linear``. On the CPU, bf16 activations times a 4-bit weight

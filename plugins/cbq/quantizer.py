@@ -39,7 +39,8 @@ class CBQLinear(nn.Module):
         self.register_buffer("zero", zero)
         self.register_buffer("keep", (self.weight != 0) if keep_zeros else None)
         self.log_gain = nn.Parameter(torch.zeros_like(scale))
-        self.rounding = LoraRounding(adaround_v0(self.weight, scale, group_size=spec.group_size), rank, init, generator, frozen_base)
+        v0 = adaround_v0(self.weight, scale, group_size=spec.group_size)
+        self.rounding = LoraRounding(v0, rank, init, generator, frozen_base)
         self.act_log_gain = None
         if act is not None and not act.dynamic:
             self.register_buffer("act_scale0", torch.ones(1, 1, device=scale.device))

@@ -95,7 +95,8 @@ def test_cbq_linear_on_a_ragged_grid_starts_at_round_to_nearest():
     assert layer.log_gain.grad.shape == (6, 3) and torch.all(layer.log_gain.grad[:, 2] != 0)
     layer.mode = "hard"
     entry = layer.entry()
-    assert torch.equal(layer.quantized_weight(), dequantize(entry["codes"], entry["scale"], entry["zero"], group_size=8))
+    hard = dequantize(entry["codes"], entry["scale"], entry["zero"], group_size=8)
+    assert torch.equal(layer.quantized_weight(), hard)
 
 
 # -- the plugins through run() ------------------------------------------------------------------------------

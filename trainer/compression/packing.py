@@ -227,9 +227,9 @@ def _check_equal_groups(layers: dict[str, QuantLinear]) -> None:
     ragged = [name for name, q in layers.items() if q.spec.group_size and q.in_features % q.spec.group_size]
     if ragged:
         q = layers[ragged[0]]
-        raise ValueError(f"{len(ragged)} layer(s) have a narrower last group (e.g. {ragged[0]}: {q.in_features} inputs, "
-                         f"groups of {q.spec.group_size}), which the compressed-tensors format cannot hold; export "
-                         "'dequantized' or 'native' instead")
+        raise ValueError(f"{len(ragged)} layer(s) have a narrower last group (e.g. {ragged[0]}: {q.in_features} "
+                         f"inputs, groups of {q.spec.group_size}), which the compressed-tensors format cannot hold; "
+                         "export 'dequantized' or 'native' instead")
 
 
 def _dequantize_on_load(config_file: Path) -> None:
@@ -285,11 +285,12 @@ def read_compressed(folder: str | os.PathLike) -> tuple[dict[str, dict], QuantSp
         scale = state[f"{name}.weight_scale"].float()
         shape = torch.Size(state[f"{name}.weight_shape"].tolist())
         if spec.group_size is not None and shape[1] % spec.group_size:
-            raise ValueError(f"{folder}: {name} has {shape[1]} inputs, which groups of {spec.group_size} do not divide: "
-                             "compressed-tensors cannot hold a ragged last group (transformers refuses to run it)")
+            raise ValueError(f"{folder}: {name} has {shape[1]} inputs, which groups of {spec.group_size} do not "
+                             "divide: compressed-tensors cannot hold a ragged last group (transformers refuses to "
+                             "run it)")
         if tuple(scale.shape) != (shape[0], spec.n_groups(shape[1])):
-            raise ValueError(f"{folder}: {name}: weight_scale {tuple(scale.shape)} does not fit a {tuple(shape)} weight "
-                             f"on {spec}")
+            raise ValueError(f"{folder}: {name}: weight_scale {tuple(scale.shape)} does not fit a {tuple(shape)} "
+                             f"weight on {spec}")
         codes = unpack_from_int32(state[key], spec.bits, shape)
         zero = (torch.zeros_like(scale) if spec.symmetric else
                 unpack_from_int32(state[f"{name}.weight_zero_point"], spec.bits, scale.shape, packed_dim=0).float())

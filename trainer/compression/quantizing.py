@@ -166,9 +166,9 @@ class QuantizationPlugin(Plugin):
             raise UserError(f"plugin.{self.name}.group_size={c.group_size} does not divide the input width of "
                             f"{len(ragged)} target layer(s), e.g. {ragged[0]} ({widths[ragged[0]]} inputs); use a "
                             f"divisor of {common}, the widths' greatest common divisor (e.g. {common & -common}), null "
-                            f"for one scale per output channel, leave those layers out with plugin.{self.name}.exclude, "
-                            f"or set plugin.{self.name}.group_remainder=ragged (the last group of each row covers the "
-                            "remaining columns)")
+                            "for one scale per output channel, leave those layers out with "
+                            f"plugin.{self.name}.exclude, or set plugin.{self.name}.group_remainder=ragged (the last "
+                            "group of each row covers the remaining columns)")
         self.keep_zeros = bool(_prune_plugins_before(run, self.name))
         self._check_export(model, run, ragged)
         return model
@@ -242,7 +242,8 @@ class QuantizationPlugin(Plugin):
             keep = weight != 0 if self.keep_zeros else None
             codes, scale, zero = self.quantize_layer(weight, None if stats is None else stats.inner, keep)
             if keep is not None:
-                codes = torch.where(keep, codes, expand_groups(zero, codes.shape[1], self.spec.group_size).to(codes.dtype))
+                zeros = expand_groups(zero, codes.shape[1], self.spec.group_size)
+                codes = torch.where(keep, codes, zeros.to(codes.dtype))
             weight.copy_(dequantize(codes, scale, zero, weight.dtype, self.spec.group_size))
             entry = {"codes": codes.to(torch.int32).cpu(), "scale": scale.float().cpu(), "zero": zero.float().cpu()}
             if self.static_activations:
