@@ -135,6 +135,9 @@ def main() -> None:
                         help="python (3.11+) of a venv with llm-compressor: python -m venv P && P/bin/pip install llmcompressor")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration / evaluation window")
     parser.add_argument("--calib", type=int, default=32, help="calibration windows (the same for every arm)")
+    parser.add_argument("--calib-batch", type=int, default=8,
+                        help="calibration windows per batch: CBQ takes one optimiser step per batch; RTN and GPTQ see the "
+                             "same tokens whatever the batching")
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows for perplexity")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration windows drawn with each seed")
     parser.add_argument("--act-order", action="store_true", help="GPTQ sweeps columns by descending Hessian diagonal")
@@ -181,6 +184,7 @@ def run_benchmark(args, bench) -> dict:
     print(f"# Quantization benchmark{' (QUICK SMOKE RUN: budgets too small to mean anything)' if args.quick else ''}\n"
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {machine}, load {load:.2f}, torch {torch.__version__}\n"
           f"SmolLM2-135M-Instruct (Q4_1-dequantized GGUF), seq_len {args.seq_len}, {args.calib} calibration windows "
+          f"in batches of {args.calib_batch} "
           f"(shared by the arms), {args.eval_windows} held-out windows; GPTQ act_order={args.act_order}; "
           f"group_remainder={args.group_remainder}; seeds {args.seeds}\n", flush=True)
     loaded = load_model(gguf_source())
@@ -202,7 +206,7 @@ def run_benchmark(args, bench) -> dict:
     print(f"dense perplexity {dense_ppl:.2f}\n\n| seed | setting | method | perplexity | bits/weight | wall-clock s | "
           "peak memory GB |\n|---:|---|---|---:|---:|---:|---:|", flush=True)
     for seed in args.seeds:
-        batches = calibration_batches(data, args.calib, 8, seed=seed, device=device)
+        batches = calibration_batches(data, args.calib, args.calib_batch, seed=seed, device=device)
         for setting in args.settings:
             bits, act_bits, group = parse_setting(setting)
             spec = QuantSpec(bits, False, group, args.group_remainder == "ragged")
