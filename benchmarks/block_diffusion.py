@@ -96,7 +96,7 @@ def sequence_variance(model, val, block, mask_id, eps, args):
 
 def sample_arm(model, chain, prompt, block, mask_id, strategy, seed, args):
     """Samples continuing ``prompt`` to L tokens (temperature 1): their NLL per generated token under the chain,
-    NFE per token, committed tokens per pass and seconds. AR (``block`` None): ancestral decoding, NFE = L."""
+    NFE per token (passes serve the whole batch), tokens a row commits per pass it needs, and seconds. AR (``block`` None): ancestral decoding, NFE = L."""
     sg = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     with torch.no_grad():
@@ -105,14 +105,14 @@ def sample_arm(model, chain, prompt, block, mask_id, strategy, seed, args):
                                        block_size=block, mask_id=mask_id, strategy=strategy, steps=block // 2,
                                        threshold=args.threshold, sub_blocks=max(block // args.sub_block, 1),
                                        temperature=1.0, generator=sg)
-            nfe = stats.nfe_per_token
+            nfe, per_step = stats.nfe_per_token, stats.tokens_per_step
         else:
             out = model.generate(prompt, do_sample=True, top_k=0, max_new_tokens=args.seq_len - 4,
                                  min_new_tokens=args.seq_len - 4, pad_token_id=0)
-            nfe = 1.0
+            nfe = per_step = 1.0
     gen = out[:, :args.seq_len]
     sample_nll = float(-chain.log_likelihood(gen, start=4).sum() / (gen.shape[0] * (gen.shape[1] - 4)))
-    return {"sample_nll": sample_nll, "nfe_per_token": nfe, "tokens_per_step": 1 / nfe,
+    return {"sample_nll": sample_nll, "nfe_per_token": nfe, "tokens_per_step": per_step,
             "sample_s": time.perf_counter() - start}
 
 

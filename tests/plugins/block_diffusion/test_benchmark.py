@@ -60,7 +60,8 @@ def test_every_strategy_samples_with_its_own_nfe(bench, setup):
     nfe = {s: q["nfe_per_token"] for s, q in r["samples"].items()}
     assert nfe["low_confidence_static"] == 0.5 and nfe["first_hitting"] == 1.0  # L'/2 passes / one per pass
     assert nfe["ddpm"] <= 0.5 and nfe["entropy_bounded"] <= 0.5  # DDPM caching skips passes that change nothing and 0.25 <= nfe["confidence_threshold"] <= 1.0
-    assert all(q["tokens_per_step"] == pytest.approx(1 / q["nfe_per_token"]) for q in r["samples"].values())
+    assert r["samples"]["low_confidence_static"]["tokens_per_step"] == 2.0  # each row commits 2 per pass
+    assert all(q["tokens_per_step"] >= 1 / q["nfe_per_token"] - 1e-9 for q in r["samples"].values())  # rows <= batch
     assert all(q["sample_nll"] > 0 for q in r["samples"].values())
     ar = bench.run_arm("ar", 0, chain, train, val, argparse.Namespace(**{**vars(args), "steps": 1}))
     assert list(ar["samples"]) == ["ar"] and ar["samples"]["ar"]["nfe_per_token"] == 1.0 and "seq_var_full" not in ar
