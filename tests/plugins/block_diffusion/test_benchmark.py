@@ -25,7 +25,7 @@ def bench():
 def setup(bench):
     args = argparse.Namespace(vocab=8, hidden=16, layers=1, seq_len=16, lr=1e-3, batch=4, steps=5, samples=2,
                               clip_search_arms=["bd3_4"], clip_every=2, clip_batches=1, clip_widths=[0.5, 0.9],
-                              clip_delta=0.1, strategies=STRATEGIES, threshold=0.9, sub_block=4)
+                              clip_delta=0.1, strategies=STRATEGIES, threshold=0.9, sub_block=4, eval_draws=1)
     chain = bench.MarkovChain(args.vocab, 0.1, 0)
     data = chain.sample(24, args.seq_len, torch.Generator().manual_seed(0))
     return args, chain, data[:16], data[16:]
@@ -65,3 +65,12 @@ def test_every_strategy_samples_with_its_own_nfe(bench, setup):
     assert all(q["sample_nll"] > 0 for q in r["samples"].values())
     ar = bench.run_arm("ar", 0, chain, train, val, argparse.Namespace(**{**vars(args), "steps": 1}))
     assert list(ar["samples"]) == ["ar"] and ar["samples"]["ar"]["nfe_per_token"] == 1.0 and "seq_var_full" not in ar
+
+
+def test_eval_draws_average_the_bound(bench, setup):
+    """Two draws: the mean of the first draw (the one-draw result) and an independent second one."""
+    args, chain, train, val = setup
+    kw = {**vars(args), "steps": 1, "strategies": ["ddpm"]}
+    one = bench.run_arm("mdlm", 0, chain, train, val, argparse.Namespace(**kw))["nll"]
+    two = bench.run_arm("mdlm", 0, chain, train, val, argparse.Namespace(**{**kw, "eval_draws": 2}))["nll"]
+    assert two != one and abs(two - one) < 0.5 * one
