@@ -3,10 +3,18 @@
 Same model class (a tiny LlamaForCausalLM, fresh weights per arm and seed), data, optimiser, steps and batch per
 arm. Reported per arm: the held-out NLL (AR: exact next-token NLL; the diffusion arms: the NELBO bound with uniform
 t on [1e-3, 1] and 1/t weights) next to the chain's NLL floor, and the NLL per generated token of samples
-(temperature 1) under the true chain: AR decoding at NFE = L, the diffusion arms with the KV-cached sampler,
-low-confidence static commits at NFE = L/2.
+(temperature 1) under the true chain: AR decoding at NFE = L, the diffusion arms with the KV-cached sampler at
+L'/2 passes per block (NFE = L/2) under each of ``--strategies`` (sampled from the same trained model), with the
+measured NFE/token and committed tokens per pass. ``--clip-search-arms`` trains those arms with BD3-LM's data-driven
+clip (the plugin's ``ClipSearch`` on the first held-out batches every ``--clip-every`` steps; the reported NELBO
+stays on [1e-3, 1]); BD3-LM tunes the interval for its block sizes, MDLM trains on the full interval. Per diffusion
+arm the variance over sequences of the one-draw loss estimate (1/t weights) is reported on the full and the
+trained interval; the held-out NELBO averages ``--eval-draws`` noise draws per sequence (its standard error is
+about sqrt(that variance / (sequences * draws))).
 
     python benchmarks/block_diffusion.py --steps 400 --seeds 0 1 2
+    python benchmarks/block_diffusion.py --steps 2000 --lr 1e-3 --clip-search-arms bd3_4 bd3_16 \
+      --strategies low_confidence_static first_hitting ddpm entropy_bounded confidence_threshold
 
 ``--model smollm2``: (b) SmolLM2-135M adapted on the Austen novels (``benchmarks/pruning.py --setup``) by NBDiff
 (context-causal mask, logit shift, AR loss, block-size curriculum 1, 2, 4, ... up to the final size, equal steps
@@ -32,6 +40,8 @@ import torch.nn.functional as F
 
 from blocktrain.kernels.block_diffusion_attention import register_hf_attention
 from blocktrain.plugins.block_diffusion import add_mask_token, block_diffusion_loss, nelbo_sums, sample_blocks, sample_t
+from blocktrain.plugins.block_diffusion.clip_search import ClipSearch
+from blocktrain.plugins.block_diffusion.plugin import STRATEGIES
 from blocktrain.trainer.sources.scratch import MarkovChain
 from blocktrain.trainer.testing import describe_machine
 
@@ -53,18 +63,78 @@ def ar_nll(model, x):
     return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum"), x[:, 1:].numel()
 
 
+def val_batches(val, batch, count=None):
+    """The held-out sequences in consecutive batches (the first ``count`` of them)."""
+    starts = range(0, val.shape[0], batch)
+    return [val[i:i + batch] for i in (starts if count is None else starts[:count])]
+
+
+def clip_search(model, search, val, block, mask_id, args):
+    """One BD3-LM clip search on the first held-out batches: the minimum-variance interval, with the per-block
+    loss variance (mean over batches) there and on the full interval."""
+    model.eval()
+    for x in val_batches(val, args.batch, search.max_batches):
+        search.record(model, x, torch.ones_like(x, dtype=torch.bool), block_size=block, mask_id=mask_id,
+                      mask_kind="bd3", shift=False, ignore_bos=True, granularity="block", antithetic=True)
+    variances, batches = dict(search.variances), search.batches
+    best = search.choose()
+    model.train()
+    return best, variances[best] / batches, variances[search.windows[0]] / batches
+
+
+@torch.no_grad()
+def sequence_variance(model, val, block, mask_id, eps, args):
+    """Variance over held-out sequences of the one-draw per-sequence loss (1/t weights, t per block on ``eps``)."""
+    g = torch.Generator().manual_seed(4321)
+    losses = []
+    for x in val_batches(val, args.batch):
+        t = sample_t(x.shape[0], args.seq_len // block, eps_min=eps[0], eps_max=eps[1], generator=g)
+        per_block = block_diffusion_loss(model, x, t, block_size=block, mask_id=mask_id, generator=g,
+                                         per_block=True)["per_block"]
+        losses.append(per_block.mean(1))
+    return float(torch.cat(losses).var())
+
+
+def sample_arm(model, chain, prompt, block, mask_id, strategy, seed, args):
+    """Samples continuing ``prompt`` to L tokens (temperature 1): their NLL per generated token under the chain,
+    NFE per token (passes serve the whole batch), tokens a row commits per pass it needs, and seconds. AR (``block`` None): ancestral decoding, NFE = L."""
+    sg = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if block:  # the 4-token prompt opens (or, at L' = 4, is) the first block; L'/2 passes per block
+            out, stats = sample_blocks(model, prompt, num_blocks=args.seq_len // block - (block == 4),
+                                       block_size=block, mask_id=mask_id, strategy=strategy, steps=block // 2,
+                                       threshold=args.threshold, sub_blocks=max(block // args.sub_block, 1),
+                                       temperature=1.0, generator=sg)
+            nfe, per_step = stats.nfe_per_token, stats.tokens_per_step
+        else:
+            out = model.generate(prompt, do_sample=True, top_k=0, max_new_tokens=args.seq_len - 4,
+                                 min_new_tokens=args.seq_len - 4, pad_token_id=0)
+            nfe = per_step = 1.0
+    gen = out[:, :args.seq_len]
+    sample_nll = float(-chain.log_likelihood(gen, start=4).sum() / (gen.shape[0] * (gen.shape[1] - 4)))
+    return {"sample_nll": sample_nll, "nfe_per_token": nfe, "tokens_per_step": per_step,
+            "sample_s": time.perf_counter() - start}
+
+
 def run_arm(arm, seed, chain, train, val, args):
     block = {"ar": None, "bd3_4": 4, "bd3_16": 16, "mdlm": args.seq_len}[arm]
     model = make_model(args.vocab, seed, args)
     mask_id = add_mask_token(model) if block else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
+    search = (ClipSearch(1e-3, args.clip_widths, args.clip_delta, args.clip_batches)
+              if block and arm in args.clip_search_arms else None)
+    eps, searches = (1e-3, 1.0), []
     start = time.perf_counter()
     model.train()
     for step in range(args.steps):
+        if search is not None and step and step % args.clip_every == 0:
+            eps, var_best, var_full = clip_search(model, search, val, block, mask_id, args)
+            searches.append({"step": step, "eps": eps, "var": var_best, "var_full": var_full})
         x = train[torch.randint(0, train.shape[0], (args.batch,), generator=g)]
         if block:
-            t = sample_t(args.batch, args.seq_len // block, generator=g)
+            t = sample_t(args.batch, args.seq_len // block, eps_min=eps[0], eps_max=eps[1], generator=g)
             loss = block_diffusion_loss(model, x, t, block_size=block, mask_id=mask_id, generator=g)["diffusion"]
         else:
             s, n = ar_nll(model, x)
@@ -78,32 +148,22 @@ def run_arm(arm, seed, chain, train, val, args):
     total, count = 0.0, 0
     eg = torch.Generator().manual_seed(1234)
     with torch.no_grad():
-        for i in range(0, val.shape[0], args.batch):
-            x = val[i:i + args.batch]
-            if block:
-                s, n = nelbo_sums(model, x, block_size=block, mask_id=mask_id, generator=eg)
+        for x in val_batches(val, args.batch):
+            if block:  # the mean of independent noise draws of the bound
+                s, n = map(sum, zip(*(nelbo_sums(model, x, block_size=block, mask_id=mask_id, generator=eg)
+                                      for _ in range(args.eval_draws))))
             else:
                 s, n = ar_nll(model, x)
                 s = float(s)
             total, count = total + s, count + n
+    result = {"nll": total / count, "train_s": train_s, "eps": eps, "searches": searches, "samples": {}}
+    if block:
+        result["seq_var_full"] = sequence_variance(model, val, block, mask_id, (1e-3, 1.0), args)
+        result["seq_var_trained"] = sequence_variance(model, val, block, mask_id, eps, args)
     prompt = val[:args.samples, :4]
-    sg = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    with torch.no_grad():
-        if block:  # the 4-token prompt opens (or, at L' = 4, is) the first block; L'/2 passes per block
-            out, stats = sample_blocks(model, prompt, num_blocks=args.seq_len // block - (block == 4),
-                                       block_size=block, mask_id=mask_id, strategy=args.strategy,
-                                       steps=block // 2, temperature=1.0, generator=sg)
-            nfe = stats.nfe_per_token
-        else:
-            out = model.generate(prompt, do_sample=True, top_k=0, max_new_tokens=args.seq_len - 4,
-                                 min_new_tokens=args.seq_len - 4, pad_token_id=0)
-            nfe = 1.0
-    sample_s = time.perf_counter() - start
-    gen = out[:, :args.seq_len]
-    sample_nll = float(-chain.log_likelihood(gen, start=4).sum() / (gen.shape[0] * (gen.shape[1] - 4)))
-    return {"nll": total / count, "sample_nll": sample_nll, "nfe_per_token": nfe, "train_s": train_s,
-            "sample_s": sample_s}
+    for strategy in (args.strategies if block else ["ar"]):
+        result["samples"][strategy] = sample_arm(model, chain, prompt, block, mask_id, strategy, seed, args)
+    return result
 
 
 def main():
@@ -122,8 +182,19 @@ def main():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--strategy", default="low_confidence_static", help="the diffusion arms' commit strategy "
-                   "(L'/2 passes per block; first_hitting: one token per pass, NFE = L)")
+    p.add_argument("--strategies", nargs="+", default=["low_confidence_static"], choices=STRATEGIES,
+                   help="the diffusion arms' commit strategies, each sampled from the same trained model (L'/2 passes "
+                   "per block; first_hitting and confidence_threshold commit until the block is full)")
+    p.add_argument("--threshold", type=float, default=0.9, help="confidence threshold (low_confidence_dynamic, "
+                   "confidence_threshold)")
+    p.add_argument("--sub-block", type=int, default=4, help="confidence_threshold: sub-block length (NBDiff: 32 / 8)")
+    p.add_argument("--eval-draws", type=int, default=1, help="markov: noise draws averaged in the held-out NELBO")
+    p.add_argument("--clip-search-arms", nargs="*", default=[], choices=["bd3_4", "bd3_16", "mdlm"],
+                   help="markov: arms trained with BD3-LM's data-driven clip search (BD3-LM: bd3_4 bd3_16)")
+    p.add_argument("--clip-every", type=int, default=250, help="steps between clip searches (the first after as many)")
+    p.add_argument("--clip-batches", type=int, default=8, help="held-out batches per clip search (the plugin's default)")
+    p.add_argument("--clip-widths", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    p.add_argument("--clip-delta", type=float, default=0.05)
     p.add_argument("--block-size", type=int, default=8, help="smollm2: the final block size")
     p.add_argument("--val-windows", type=int, default=32, help="smollm2: held-out windows scored")
     p.add_argument("--prompt-blocks", type=int, default=4, help="smollm2: prompt length in blocks")
@@ -132,6 +203,8 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.model == "smollm2":
+        if len(args.strategies) != 1:
+            raise SystemExit(f"--model smollm2 samples with one strategy, got --strategies {' '.join(args.strategies)}")
         return smollm2_main(args)
     chain = MarkovChain(args.vocab, args.alpha, 0)
     floor = chain.nll_floor(args.seq_len, skip_first=True)  # per scored token: tokens 1.. given token 0
@@ -145,15 +218,25 @@ def main():
         for arm in args.arms:
             r = run_arm(arm, seed, chain, train, val, args)
             results.setdefault(arm, []).append(r)
-            print(f"seed {seed} {arm:7s} nll {r['nll']:.4f}  sample_nll {r['sample_nll']:.4f}  "
-                  f"nfe/token {r['nfe_per_token']:.2f}  train {r['train_s']:.0f}s  sample {r['sample_s']:.1f}s", flush=True)
-    print("\n| arm | held-out NLL (nats/token) | sample NLL under the chain | NFE/token | train s/run |")
-    print("|---|---:|---:|---:|---:|")
+            extra = (f"  seq var full {r['seq_var_full']:.3f} trained {r['seq_var_trained']:.3f}  interval "
+                     f"[{r['eps'][0]:.3g}, {r['eps'][1]:.3g}]" if "seq_var_full" in r else "")
+            print(f"seed {seed} {arm:7s} nll {r['nll']:.4f}  train {r['train_s']:.0f}s{extra}", flush=True)
+            for c in r["searches"]:
+                print(f"    clip search at step {c['step']}: [{c['eps'][0]:.3g}, {c['eps'][1]:.3g}] block var "
+                      f"{c['var']:.3f} (full interval {c['var_full']:.3f})", flush=True)
+            for strategy, q in r["samples"].items():
+                print(f"    {strategy:22s} sample_nll {q['sample_nll']:.4f}  nfe/token {q['nfe_per_token']:.3f}  "
+                      f"tokens/step {q['tokens_per_step']:.2f}  {q['sample_s']:.1f}s", flush=True)
+    print("\n| arm | held-out NLL (nats/token) | per-seed | train s/run |\n|---|---:|---|---:|")
     for arm, rs in results.items():
-        def ms(key):
-            return _mean_sd([r[key] for r in rs])
-        print(f"| {arm} | {ms('nll')} | {ms('sample_nll')} | {rs[0]['nfe_per_token']:.2f} | "
-              f"{statistics.mean(r['train_s'] for r in rs):.0f} |")
+        per_seed = " / ".join(f"{r['nll']:.4f}" for r in rs)
+        print(f"| {arm} | {_mean_sd([r['nll'] for r in rs])} | {per_seed} | {statistics.mean(r['train_s'] for r in rs):.0f} |")
+    print("\n| arm | sampler | sample NLL under the chain | NFE/token | tokens/step |\n|---|---|---:|---:|---:|")
+    for arm, rs in results.items():
+        for strategy in rs[0]["samples"]:
+            def ms(key):
+                return _mean_sd([r["samples"][strategy][key] for r in rs])
+            print(f"| {arm} | {strategy} | {ms('sample_nll')} | {ms('nfe_per_token')} | {ms('tokens_per_step')} |")
 
 
 def _mean_sd(values):
@@ -238,7 +321,7 @@ def adapt_arm(arm, seed, original, train, val, prompts, args):
         total, count = total + s, count + n
     tokens, stats = sample_blocks(model, prompts, num_blocks=args.gen_blocks, block_size=final, mask_id=mask_id,
                                   mask_kind=spec["mask_kind"], shift=spec["shift"], steps=final // 2,
-                                  strategy=args.strategy, temperature=args.temperature,
+                                  strategy=args.strategies[0], temperature=args.temperature,
                                   generator=torch.Generator().manual_seed(seed))
     gen_nll = float(judge_nll(original, tokens, prompts.shape[1]).sum()) / (tokens.shape[0] * stats.per_row)
     return {"ar_ppl": ar_ppl(model, val), "nelbo": total / count, "gen_ppl": math.exp(gen_nll),
@@ -282,7 +365,7 @@ def smollm2_main(args):
     print(f"{describe_machine()}; SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), Austen, {train.shape[0]} train "
           f"windows, {val.shape[0]} held-out windows of {args.seq_len} tokens; steps {args.steps}, batch "
           f"{args.batch}, lr {args.lr}, final block size {args.block_size}; samples: {args.samples} prompts of "
-          f"{prompts.shape[1]} tokens + {args.gen_blocks * args.block_size} new, {args.strategy}, temperature "
+          f"{prompts.shape[1]} tokens + {args.gen_blocks * args.block_size} new, {args.strategies[0]}, temperature "
           f"{args.temperature}\noriginal model: held-out AR perplexity {base_ppl:.3f}", flush=True)
     results = {}
     for seed in args.seeds:

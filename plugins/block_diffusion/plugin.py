@@ -293,7 +293,7 @@ class BlockDiffusionPlugin(Plugin):
         score = getattr(run.data.val if run.data.val is not None else run.data.train, "log_likelihood", None)
         decode = self._decoder(run)
         rows: list = [None] * len(prompts)
-        sums = dict(tokens=0, seconds=0.0, nfe=0, per_row=0, judge=0.0, chain=0.0)
+        sums = dict(tokens=0, seconds=0.0, nfe=0, per_row=0, row_passes=0, judge=0.0, chain=0.0)
         for length in sorted({len(p) for p in prompts}):
             index = [i for i, p in enumerate(prompts) if len(p) == length]
             prompt = torch.stack([torch.as_tensor(prompts[i]) for i in index]).to(device)
@@ -308,6 +308,7 @@ class BlockDiffusionPlugin(Plugin):
             sums["seconds"] += stats.seconds
             sums["nfe"] += stats.nfe
             sums["per_row"] += stats.per_row
+            sums["row_passes"] += stats.row_passes
             if judge is not None:
                 sums["judge"] += float(judge_nll(judge, tokens, length).sum())
             if score is not None:  # a synthetic source that knows its true generator
@@ -316,7 +317,7 @@ class BlockDiffusionPlugin(Plugin):
             "block_diffusion/samples": Table(columns=["prompt", "sample"], rows=rows),
             "block_diffusion/tokens_per_s": sums["tokens"] / max(sums["seconds"], 1e-9),
             "block_diffusion/nfe_per_token": sums["nfe"] / max(sums["per_row"], 1),
-            "block_diffusion/tokens_per_step": sums["per_row"] / max(sums["nfe"], 1),
+            "block_diffusion/tokens_per_step": sums["tokens"] / max(sums["row_passes"], 1),
         }
         if judge is not None:
             nll = sums["judge"] / max(sums["tokens"], 1)

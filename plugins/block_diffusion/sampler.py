@@ -47,10 +47,16 @@ class SampleStats:
     nfe: int  # denoising forward passes (a pass serves every row)
     commit_passes: int  # passes that store a finished block's keys/values (0 without the cache)
     per_row: int  # generated tokens per row
+    row_passes: int = 0  # over rows: the denoising passes each row needed (the NFE it would take sampled alone)
 
     @property
     def nfe_per_token(self) -> float:
         return self.nfe / max(self.per_row, 1)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens a row commits per denoising pass it needs (a batch's NFE is set by its slowest row)."""
+        return self.tokens / max(self.row_passes, 1)
 
     @property
     def tokens_per_second(self) -> float:
@@ -164,7 +170,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
     rule = CommitRule(strategy, threshold, entropy_bound, sub_blocks)
     whole = length - length % block_size
     dev = prompt.device
-    x, nfe, commits = prompt[:, :whole], 0, 0
+    x, nfe, commits, row_passes = prompt[:, :whole], 0, 0, 0
     start = time.perf_counter()
     cache = last = None
     if kv_cache:
@@ -188,6 +194,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
         passes = _passes(strategy, to_fill, steps)
         counts = _transfer_counts(to_fill, passes) if to_fill else []
         reuse = None  # DDPM caching: the denoiser's output stays valid while no token changes
+        changed = torch.ones(n, dtype=torch.bool, device=dev)  # per row: since its last denoiser output
         for i in range(passes):
             if not (block == mask_id).any():
                 break
@@ -208,8 +215,10 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
             if shift and reuse is None:
                 logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
             x0, conf, entropy = _choose(logits, mask_id, temperature, generator)
+            row_passes += int(((block == mask_id).any(1) & changed).sum())
             new = _commit(block, x0, conf, entropy, mask_id, rule, counts[i], 1 / (passes - i), generator)
-            reuse = logits if strategy == "ddpm" and torch.equal(new, block) else None
+            changed = (new != block).any(1)
+            reuse = logits if strategy == "ddpm" and not changed.any() else None
             block = new
         if kv_cache:
             own = torch.ones(block_size, c + block_size, dtype=torch.bool, device=dev)
@@ -219,7 +228,8 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
         x = torch.cat([x, block], 1)
     seconds = time.perf_counter() - start
     per_row = x.shape[1] - length
-    return x, SampleStats(tokens=n * per_row, seconds=seconds, nfe=nfe, commit_passes=commits, per_row=per_row)
+    return x, SampleStats(tokens=n * per_row, seconds=seconds, nfe=nfe, commit_passes=commits, per_row=per_row,
+                          row_passes=row_passes)
 
 
 @torch.no_grad()

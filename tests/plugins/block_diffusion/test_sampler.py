@@ -142,3 +142,17 @@ def test_judge_scores_the_samples_like_a_causal_lm(llama):
     torch.testing.assert_close(nll, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="the Gen-PPL judge has 40 output tokens but a sample holds id 45"):
         judge_nll(llama, torch.tensor([[1, 2, 45]]), 1)
+
+
+def test_row_passes_are_each_rows_nfe_alone(llama):
+    """A batch's NFE is its slowest row's; ``row_passes`` sums the passes each row needs, i.e. its NFE sampled alone
+    (greedy, so a row's tokens do not depend on the batch)."""
+    mask_id = add_mask_token(llama)
+    prompt = torch.randint(0, 39, (6, 4), generator=torch.Generator().manual_seed(0))
+    kw = dict(num_blocks=3, block_size=8, mask_id=mask_id, strategy="confidence_threshold", threshold=0.032,
+              sub_blocks=2, temperature=0.0)
+    out, stats = sample_blocks(llama, prompt, **kw)
+    alone = [sample_blocks(llama, prompt[i:i + 1], **kw) for i in range(6)]
+    assert all(torch.equal(out[i:i + 1], a[0]) for i, a in enumerate(alone))
+    assert stats.row_passes == sum(a[1].nfe for a in alone) < 6 * stats.nfe
+    assert stats.tokens_per_step == pytest.approx(6 * stats.per_row / stats.row_passes)
