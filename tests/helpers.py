@@ -12,7 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+    # PYTHONSAFEPATH: `python -m` run from the repository root must not put the root on sys.path, where the folder
+    # kernels/ would shadow Hugging Face's `kernels` package (transformers >= 5.25 imports it); the console script
+    # `train` never does. Inherited by the processes Lightning launches (DDP).
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false",
+               PYTHONSAFEPATH="1")
     env.update(extra)
     return env
 
