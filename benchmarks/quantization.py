@@ -68,12 +68,27 @@ def gptq_arm(model, batches, spec, act, args) -> None:
     gptq_quantize(model, batches, spec, calibration_forward, find_linear_names(model), act, act_order=args.act_order)
 
 
-def cbq_arm(model, batches, spec, act, args) -> None:
+def cbq_arm(model, batches, spec, act, args) -> dict:
+    """CBQ at the benchmark's budget; returns each window's reconstruction loss at its start and hardened end, and
+    whether it kept its start (``keep_better``)."""
     from blocktrain.plugins.cbq import CBQSettings, cbq_quantize
     from blocktrain.trainer.compression.masks import find_linear_names
 
     settings = CBQSettings(epochs=args.cbq_epochs, rank=args.cbq_rank, seed=args.seeds[0])
-    cbq_quantize(model, batches, spec, act, settings, find_linear_names(model), lr=args.cbq_lr)
+    windows: dict[str, dict] = {}
+
+    def log(values: dict) -> None:  # cbq/blocks_A-B/{rec_start, rec_final, kept_start}
+        for key, value in values.items():
+            match = re.fullmatch(r"cbq/blocks_([0-9-]+)/(\w+)", key)
+            if match:
+                windows.setdefault(match[1], {})[match[2]] = value
+
+    cbq_quantize(model, batches, spec, act, settings, find_linear_names(model), log=log, lr=args.cbq_lr)
+    ratios = [w["rec_final"] / w["rec_start"] for w in windows.values()]
+    kept = sum(w["kept_start"] > 0 for w in windows.values())
+    print(f"  (CBQ windows: reconstruction loss final/start median {statistics.median(ratios):.3f}, "
+          f"range {min(ratios):.3f}-{max(ratios):.3f}; {kept} of {len(ratios)} kept their start)", flush=True)
+    return {"windows": windows}
 
 
 def llmcompressor_gptq_arm(model, batches, spec, act, args) -> None:
@@ -215,10 +230,11 @@ def run_benchmark(args, bench) -> dict:
                 model = copy.deepcopy(dense).to(device)
                 names = find_linear_names(model)
                 with bench.Measure(device) as m:
-                    ARMS[arm](model, batches, spec, act, args)
+                    details = ARMS[arm](model, batches, spec, act, args)
                 layer_bits, numel, _ = quantized_size(model, names)
                 row = {"seed": seed, "setting": setting, "method": arm, "ppl": ppl(model),
-                       "bits_per_weight": layer_bits / numel, "seconds": m.seconds, "peak_gb": m.peak_gb}
+                       "bits_per_weight": layer_bits / numel, "seconds": m.seconds, "peak_gb": m.peak_gb,
+                       **(details or {})}
                 results["runs"].append(row)
                 print(f"| {seed} | {setting} | {arm} | {row['ppl']:.2f} | {row['bits_per_weight']:.3f} | "
                       f"{row['seconds']:.1f} | {row['peak_gb']:.2f} |", flush=True)
