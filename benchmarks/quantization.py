@@ -74,7 +74,8 @@ def cbq_arm(model, batches, spec, act, args) -> dict:
     from blocktrain.plugins.cbq import CBQSettings, cbq_quantize
     from blocktrain.trainer.compression.masks import find_linear_names
 
-    settings = CBQSettings(epochs=args.cbq_epochs, rank=args.cbq_rank, seed=args.seeds[0])
+    settings = CBQSettings(epochs=args.cbq_epochs, rank=args.cbq_rank, rounding_lr=args.cbq_rounding_lr,
+                           seed=args.seeds[0])
     windows: dict[str, dict] = {}
 
     def log(values: dict) -> None:  # cbq/blocks_A-B/{rec_start, rec_final, kept_start}
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--cbq-epochs", type=int, default=10, help="CBQ: passes over the calibration batches per window")
     parser.add_argument("--cbq-rank", type=int, default=5, help="CBQ: LoRA-Rounding rank (0 = full AdaRound V)")
     parser.add_argument("--cbq-lr", type=float, default=1e-2, help="CBQ: Adam learning rate of its quantizer parameters")
+    parser.add_argument("--cbq-rounding-lr", type=float, default=None,
+                        help="CBQ: learning rate of the rounding parameters (default: --cbq-lr, like the step sizes)")
     parser.add_argument("--group-remainder", choices=("error", "ragged"), default="error",
                         help="a width the group size does not divide: error, or ragged (a narrower last group)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")

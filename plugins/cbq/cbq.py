@@ -54,6 +54,7 @@ class CBQSettings:
     beta_end: float = 2.0
     warmup: float = 0.2  # fraction of a window's steps without the regulariser
     epochs: int = 10  # passes over the calibration batches per window
+    rounding_lr: float | None = None  # learning rate of the rounding parameters (A1, A2 or V); None: the optimiser's
     kl_weight: float = 1.0  # weight of the KL term in E
     two_branch: bool = True  # false: only E(T_fp(X_fp), T_q(X_q))
     keep_better: bool = True  # a window whose hardened loss ends above its start keeps its start (RTN at first)
@@ -264,10 +265,11 @@ def _reconstruct(ses: _Session, batches, forward, learn, log, on_window, resume)
             return loss
 
         _set_mode(layers, "soft")
-        params = _params(layers)
+        groups = _param_groups(layers, s.rounding_lr)
+        params = [p for group in groups for p in group["params"]]
         before = [p.detach().clone() for p in params]
         if steps:
-            learn(params, loss_fn, list(range(n)), steps, f"cbq/blocks_{w.start}-{w.stop - 1}")
+            learn(groups, loss_fn, list(range(n)), steps, f"cbq/blocks_{w.start}-{w.stop - 1}")
         end_loss = mean_rec("hard")
         kept = s.keep_better and end_loss > start_loss
         if kept:  # the hardened result is worse than the window's start: keep the start
@@ -294,8 +296,13 @@ def _reconstruct(ses: _Session, batches, forward, learn, log, on_window, resume)
     return ses.entries
 
 
-def _params(layers: list[CBQLinear]) -> list[nn.Parameter]:
-    return [p for layer in layers for p in layer.parameters() if p.requires_grad]
+def _param_groups(layers: list[CBQLinear], rounding_lr: float | None) -> list[dict]:
+    """The step sizes, then the rounding parameters (at ``rounding_lr`` when given), as optimiser groups."""
+    steps = [p for layer in layers for n, p in layer.named_parameters() if p.requires_grad and
+             not n.startswith("rounding.")]
+    rounding = [p for layer in layers for p in layer.rounding.parameters() if p.requires_grad]
+    extra = {} if rounding_lr is None else {"lr": rounding_lr}
+    return [group for group in ({"params": steps}, {"params": rounding, **extra}) if group["params"]]
 
 
 def _observe_act_ranges(ses: _Session, w: Window, new: list[CBQLinear], x_q, rests) -> None:

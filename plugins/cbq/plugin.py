@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from blocktrain.plugins.cbq.settings import CFPSettings
 from blocktrain.trainer.compression.quantizing import QuantConfig, QuantizationPlugin
@@ -39,6 +39,7 @@ class CBQConfig(QuantConfig):
     beta_end: float = 2.0
     warmup: float = 0.2  # fraction of a window's steps without the regulariser
     epochs: int = 10  # passes over the calibration batches per window (one optimiser step per batch)
+    rounding_lr: Optional[float] = None  # lr of the rounding parameters (A1, A2 or V); null = optim.lr, like the step sizes
     kl_weight: float = 1.0  # E = squared L2 + kl_weight · KL(softmax ‖ softmax) over the hidden dimension
     two_branch: bool = True  # homologous loss: E(T_fp(X_fp), T_q(X_q)) + E(T_fp(X_q), T_q(X_q)); false: the first only
     cfp: CFPSettings = field(default_factory=CFPSettings)  # coarse-to-fine pre-processing
@@ -58,6 +59,8 @@ class CBQConfig(QuantConfig):
         if self.epochs < 0 or self.reg_weight < 0 or self.kl_weight < 0 or not 0 <= self.warmup < 1:
             raise UserError(f"{where}.epochs, reg_weight and kl_weight must be >= 0 and warmup in [0, 1), got "
                             f"{self.epochs}, {self.reg_weight}, {self.kl_weight}, {self.warmup}")
+        if self.rounding_lr is not None and not self.rounding_lr > 0:
+            raise UserError(f"{where}.rounding_lr must be > 0 or null (the optimiser's lr), got {self.rounding_lr}")
         if self.storage not in ("cpu", "device"):
             raise UserError(f"{where}.storage must be cpu or device, got {self.storage!r}")
         self.cfp.check(f"{where}.cfp")

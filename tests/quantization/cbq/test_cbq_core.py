@@ -25,6 +25,10 @@ def llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
 
 
+def flat(groups: list[dict]) -> list[torch.nn.Parameter]:
+    return [p for group in groups for p in group["params"]]
+
+
 def test_a_few_steps_give_quant_linears_on_the_grid():
     model, batches = llama(), token_batches(2)
     names = find_linear_names(model, exclude=("lm_head",))
@@ -52,6 +56,29 @@ def test_reconstruction_beats_the_round_to_nearest_start():
     assert rec["rec_final"] < 0.9 * rec["rec_start"], rec
 
 
+def test_rounding_lr_gives_the_rounding_parameters_their_own_rate():
+    """Step sizes and rounding parameters are separate optimiser groups; with a vanishing ``rounding_lr`` the
+    rounding stays where it started (the codes of a zero-step run) while the step sizes still learn, and with the
+    shared rate the same steps move codes."""
+    spec, groups = QuantSpec(3, False, 16), []
+
+    def learn(params, loss_fn, batches, steps, name):
+        groups.append([(len(g["params"]), g.get("lr")) for g in params])
+        return adam_learn(params, loss_fn, batches, steps, name, lr=3e-2)
+
+    def run(epochs: int, rounding_lr: float | None, learner=None) -> dict:
+        settings = CBQSettings(epochs=epochs, rank=0, rounding_lr=rounding_lr, keep_better=False,
+                               cfp=CFPSettings(enabled=False))
+        return cbq_quantize(llama(), token_batches(2), spec, settings=settings, learn=learner, lr=3e-2)
+
+    start, frozen, shared = run(0, None), run(4, 1e-12, learn), run(4, None)
+    assert groups == [[(14, None), (14, 1e-12)]]  # one window: 14 step sizes at the shared lr, 14 V's at their own
+    for name in start:
+        assert torch.equal(frozen[name]["codes"], start[name]["codes"]), name
+        assert not torch.equal(frozen[name]["scale"], start[name]["scale"]), name
+    assert any(not torch.equal(shared[n]["codes"], start[n]["codes"]) for n in start)
+
+
 def test_full_rank_start_is_round_to_nearest():
     """rank = full, svd init, no steps: the hardened codes are RTN's, but at exact x.5 ties (rounded up, not to even)."""
     model = llama()
@@ -71,7 +98,7 @@ def test_window_one_overlap_zero_is_block_wise_reconstruction():
     calls = []
 
     def learn(params, loss_fn, batches, steps, name):
-        owners = {i for p in params for i, block in enumerate(blocks) for q in block.parameters() if q is p}
+        owners = {i for p in flat(params) for i, block in enumerate(blocks) for q in block.parameters() if q is p}
         calls.append((name, owners, steps))
         return adam_learn(params, loss_fn, batches, steps, name)
 
@@ -89,7 +116,7 @@ def test_two_block_windows_train_the_middle_block_twice():
     seen = []
 
     def learn(params, loss_fn, batches, steps, name):
-        seen.append({i for p in params for i, block in enumerate(blocks) for q in block.parameters() if q is p})
+        seen.append({i for p in flat(params) for i, block in enumerate(blocks) for q in block.parameters() if q is p})
         return adam_learn(params, loss_fn, batches, steps, name)
 
     snapshots = []

@@ -79,6 +79,7 @@ def test_prune_quantize_recipe_keeps_the_masks_through_the_packed_export(llama_d
     (["plugin.cbq.overlap=2"], r"plugin.cbq.window must be >= 1 and plugin.cbq.overlap in \[0, window\), got 2, 2"),
     (["plugin.cbq.init=random"], r"plugin.cbq.init must be svd or zero, got 'random'"),
     (["plugin.cbq.rank=-1"], r"plugin.cbq.rank must be >= 0"),
+    (["plugin.cbq.rounding_lr=0"], r"plugin.cbq.rounding_lr must be > 0 or null \(the optimiser's lr\), got 0.0"),
     (["plugin.cbq.cfp.variant=smooth"], r"plugin.cbq.cfp.variant must be paper or msmodelslim"),
     (["plugin.cbq.bits=1"], r"plugin.cbq.bits=1 is not supported"),
     (["plugin.cbq.group_size=24"], r"plugin.cbq.group_size=24 does not divide"),
