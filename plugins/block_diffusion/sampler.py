@@ -135,10 +135,15 @@ def _commit(x, x0, conf, entropy, mask_id, rule: CommitRule, k, step_frac, gener
     return torch.where(commit, x0, x)
 
 
-def _forward(model, ids, mask, positions, cache=None):
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers >= 5.2x
+def _forward(model, ids, mask, positions, cache=None, last_only: bool = False):
+    """The model's logits over ``ids`` (only the last position's with ``last_only``, where the model can skip the
+    output head elsewhere: transformers' ``logits_to_keep``)."""
+    params = inspect.signature(model.forward).parameters
+    extra = {"cache" if "cache" in params else "past_key_values": cache}  # transformers >= 5.2x: cache
+    if last_only and "logits_to_keep" in params:
+        extra["logits_to_keep"] = 1
     return model(input_ids=ids, attention_mask=mask[None, None], position_ids=positions[None].expand(ids.shape[0], -1),
-                 use_cache=cache is not None, **{key: cache})
+                 use_cache=cache is not None, **extra).logits
 
 
 def _passes(strategy: str, to_fill: int, steps: int | None) -> int:
@@ -179,7 +184,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
         cache = DynamicCache()
         if whole:
             last = _forward(model, x, context_mask(whole, block_size, mask_kind, dev), torch.arange(whole, device=dev),
-                            cache).logits[:, -1]
+                            cache, last_only=True)[:, -1]
             commits += 1
     for b in range(num_blocks):
         c = x.shape[1]
@@ -188,7 +193,8 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
             block[:, :length - whole] = prompt[:, whole:]
         if shift and block[0, 0] == mask_id:  # the AR head proposes a block's first token
             if not kv_cache:
-                last = _forward(model, x, context_mask(c, block_size, mask_kind, dev), torch.arange(c, device=dev)).logits[:, -1]
+                last = _forward(model, x, context_mask(c, block_size, mask_kind, dev), torch.arange(c, device=dev),
+                                last_only=True)[:, -1]
             block[:, 0] = _choose(last, mask_id, temperature, generator)[0]
         to_fill = int((block[0] == mask_id).sum())
         passes = _passes(strategy, to_fill, steps)
@@ -202,7 +208,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
                 logits = reuse
             elif kv_cache:
                 logits = _forward(model, block, torch.ones(block_size, c + block_size, dtype=torch.bool, device=dev),
-                                  torch.arange(c, c + block_size, device=dev), cache).logits
+                                  torch.arange(c, c + block_size, device=dev), cache)
                 cache.crop(-block_size)
                 nfe += 1
             else:
@@ -210,7 +216,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
                 full[:c] = False
                 full[:c, :c] = context_mask(c, block_size, mask_kind, dev)
                 logits = _forward(model, torch.cat([x, block], 1), full,
-                                  torch.arange(c + block_size, device=dev)).logits[:, c:]
+                                  torch.arange(c + block_size, device=dev))[:, c:]
                 nfe += 1
             if shift and reuse is None:
                 logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
@@ -223,7 +229,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
         if kv_cache:
             own = torch.ones(block_size, c + block_size, dtype=torch.bool, device=dev)
             own[:, c:] = context_mask(block_size, block_size, mask_kind, dev)
-            last = _forward(model, block, own, torch.arange(c, c + block_size, device=dev), cache).logits[:, -1]
+            last = _forward(model, block, own, torch.arange(c, c + block_size, device=dev), cache, last_only=True)[:, -1]
             commits += 1
         x = torch.cat([x, block], 1)
     seconds = time.perf_counter() - start

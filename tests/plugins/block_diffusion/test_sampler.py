@@ -156,3 +156,19 @@ def test_row_passes_are_each_rows_nfe_alone(llama):
     assert all(torch.equal(out[i:i + 1], a[0]) for i, a in enumerate(alone))
     assert stats.row_passes == sum(a[1].nfe for a in alone) < 6 * stats.nfe
     assert stats.tokens_per_step == pytest.approx(6 * stats.per_row / stats.row_passes)
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_output_head_runs_only_where_logits_are_used(llama, kv_cache):
+    """The prompt pass, the commit passes and the AR proposal of a block's first token need the last position's
+    logits only; the denoising passes need the whole block's."""
+    mask_id = add_mask_token(llama)
+    head_rows = []
+    hook = llama.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[1]))
+    try:
+        sample_blocks(llama, torch.zeros(2, 8, dtype=torch.long), num_blocks=2, block_size=4, mask_id=mask_id,
+                      mask_kind="context_causal", shift=True, steps=1, strategy="sequential", kv_cache=kv_cache)
+    finally:
+        hook.remove()
+    # cached: prompt, then per block (denoise 4, commit 1); recomputed: per block (proposal 1, denoise 8 + 4k)
+    assert head_rows == ([1, 4, 1, 4, 1] if kv_cache else [1, 12, 1, 16])
