@@ -11,8 +11,8 @@ overrides the width of both):
   bfm_align  bfm + the trunk aligned to EfficientNet-Lite0 block-10 tokens (λ_proj 0.05); the targets are the
              plugin's content-keyed ``TokenCache``, precomputed once for the training images and saved in ``--cache``
              (exact: no augmentation, and a frozen encoder);
-  +frn       each arm of ``--frn-arms`` after it is measured + ``--frn-steps`` steps training only the 1-block FRN,
-             sampled with the FRN sampler (the full trunk once per segment).
+  +frn       each arm of ``--frn-arms`` after it is measured + ``--frn-steps`` steps training only the FRN (the
+             recipe's 1 block, or ``--frn-depth``), sampled with the FRN sampler (the full trunk once per segment).
 Quality of ``--samples`` class-balanced Euler samples (the same noise, ``--noise-seed``, for every arm and seed) at each
 total step count of ``--steps``: Fréchet distance and KID in the 128-d feature space of a small CNN classifier
 (trained once on the first ``--classifier-images`` training images and cached; the spec's FID proxy for small images) against the first
@@ -36,7 +36,7 @@ ARMS = ("fm", "bfm", "bfm_align")
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def build(arm: str, hidden: int | None):
+def build(arm: str, hidden: int | None, frn_depth: int | None = None):
     from omegaconf import OmegaConf
 
     from blocktrain.plugins.bfm.model import BFM
@@ -48,7 +48,7 @@ def build(arm: str, hidden: int | None):
         return SiT(m.image_size, m.channels, m.patch, width, m.depth, m.heads, num_classes=m.num_classes,
                    class_dropout=m.class_dropout)
     return BFM(m.image_size, m.channels, m.patch, width, m.heads, segments=m.segments, trunk_depth=m.trunk_depth,
-               segment_depth=m.segment_depth, frn_depth=m.frn_depth, num_classes=m.num_classes,
+               segment_depth=m.segment_depth, frn_depth=frn_depth or m.frn_depth, num_classes=m.num_classes,
                class_dropout=m.class_dropout, proj_hidden=m.proj_hidden, align_dim=m.align_dim, ada_rank=m.ada_rank)
 
 
@@ -112,8 +112,9 @@ def one(arm: str, seed: int, args) -> list[dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(args.threads)
     data = fashion(args.train_images)
-    model = build(arm, args.hidden)
-    record = {"arm": arm, "seed": seed, "batch": args.batch, "hidden": args.hidden, "train_images": args.train_images,
+    model = build(arm, args.hidden, args.frn_depth)
+    record = {"arm": arm, "seed": seed, "batch": args.batch, "hidden": args.hidden, "frn_depth": args.frn_depth,
+              "train_images": args.train_images,
               "load": Path("/proc/loadavg").read_text().split()[:3], "start_utc": time.strftime("%H:%M:%S", time.gmtime())}
     if arm == "fm":
         def step(x, y):
@@ -179,6 +180,7 @@ def main() -> None:
     p.add_argument("--frn-arms", nargs="*", default=["bfm"], choices=ARMS[1:])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=48, help="width of every arm (0: the recipes' 96)")
+    p.add_argument("--frn-depth", type=int, default=0, help="FRN blocks (0: the recipe's 1)")
     p.add_argument("--train-images", type=int, default=6000, help="train on the first N training images")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
