@@ -193,6 +193,7 @@ def fake_quant(x: Tensor, scale: Tensor, zero: Tensor, lo: int, hi: int, v: Tens
     dispatch.announce("fake_quant", backend)
     if grad_scale != 1.0:
         scale = _GradScale.apply(scale, float(grad_scale))
+    scale = scale.to(_compute_dtype(x))  # a shared row's gradient is summed over the rows in fp32, then cast once
     zero = zero.detach().to(scale.dtype)
     x = x.contiguous()
     v = None if v is None else v.contiguous()
