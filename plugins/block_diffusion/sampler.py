@@ -135,15 +135,16 @@ def _commit(x, x0, conf, entropy, mask_id, rule: CommitRule, k, step_frac, gener
     return torch.where(commit, x0, x)
 
 
-def _forward(model, ids, mask, positions, cache=None, last_only: bool = False):
-    """The model's logits over ``ids`` (only the last position's with ``last_only``, where the model can skip the
-    output head elsewhere: transformers' ``logits_to_keep``)."""
+def _forward(model, ids, mask, positions, cache=None, keep: int = 0):
+    """The model's logits over ``ids``; over the last ``keep`` positions only when ``keep`` > 0 (the model then skips
+    the output head elsewhere, where it can: transformers' ``logits_to_keep``)."""
     params = inspect.signature(model.forward).parameters
     extra = {"cache" if "cache" in params else "past_key_values": cache}  # transformers >= 5.2x: cache
-    if last_only and "logits_to_keep" in params:
-        extra["logits_to_keep"] = 1
-    return model(input_ids=ids, attention_mask=mask[None, None], position_ids=positions[None].expand(ids.shape[0], -1),
-                 use_cache=cache is not None, **extra).logits
+    if keep and "logits_to_keep" in params:
+        extra["logits_to_keep"] = keep
+    logits = model(input_ids=ids, attention_mask=mask[None, None], position_ids=positions[None].expand(ids.shape[0], -1),
+                   use_cache=cache is not None, **extra).logits
+    return logits[:, -keep:] if keep else logits
 
 
 def _passes(strategy: str, to_fill: int, steps: int | None) -> int:
@@ -184,7 +185,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
         cache = DynamicCache()
         if whole:
             last = _forward(model, x, context_mask(whole, block_size, mask_kind, dev), torch.arange(whole, device=dev),
-                            cache, last_only=True)[:, -1]
+                            cache, keep=1)[:, -1]
             commits += 1
     for b in range(num_blocks):
         c = x.shape[1]
@@ -194,7 +195,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
         if shift and block[0, 0] == mask_id:  # the AR head proposes a block's first token
             if not kv_cache:
                 last = _forward(model, x, context_mask(c, block_size, mask_kind, dev), torch.arange(c, device=dev),
-                                last_only=True)[:, -1]
+                                keep=1)[:, -1]
             block[:, 0] = _choose(last, mask_id, temperature, generator)[0]
         to_fill = int((block[0] == mask_id).sum())
         passes = _passes(strategy, to_fill, steps)
@@ -216,7 +217,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
                 full[:c] = False
                 full[:c, :c] = context_mask(c, block_size, mask_kind, dev)
                 logits = _forward(model, torch.cat([x, block], 1), full,
-                                  torch.arange(c + block_size, device=dev))[:, c:]
+                                  torch.arange(c + block_size, device=dev), keep=block_size)
                 nfe += 1
             if shift and reuse is None:
                 logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
@@ -229,7 +230,7 @@ def sample_blocks(model, prompt: torch.Tensor, *, num_blocks: int, block_size: i
         if kv_cache:
             own = torch.ones(block_size, c + block_size, dtype=torch.bool, device=dev)
             own[:, c:] = context_mask(block_size, block_size, mask_kind, dev)
-            last = _forward(model, block, own, torch.arange(c, c + block_size, device=dev), cache, last_only=True)[:, -1]
+            last = _forward(model, block, own, torch.arange(c, c + block_size, device=dev), cache, keep=1)[:, -1]
             commits += 1
         x = torch.cat([x, block], 1)
     seconds = time.perf_counter() - start
