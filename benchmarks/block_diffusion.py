@@ -4,8 +4,9 @@ Same model class (a tiny LlamaForCausalLM, fresh weights per arm and seed), data
 arm. Reported per arm: the held-out NLL (AR: exact next-token NLL; the diffusion arms: the NELBO bound with uniform
 t on [1e-3, 1] and 1/t weights) next to the chain's NLL floor, and the NLL per generated token of samples
 (temperature 1) under the true chain: AR decoding at NFE = L, the diffusion arms with the KV-cached sampler at
-L'/2 passes per block (NFE = L/2) under each of ``--strategies`` (sampled from the same trained model), with the
-measured NFE/token and committed tokens per pass. ``--clip-search-arms`` trains those arms with BD3-LM's data-driven
+L'/2 passes per block (NFE = L/2) under each of ``--strategies`` (sampled from the same trained model; the
+fixed-pass strategies at each of ``--nfe-per-token``, passes per block = that fraction of L'), with the measured
+NFE/token and committed tokens per pass. ``--clip-search-arms`` trains those arms with BD3-LM's data-driven
 clip (the plugin's ``ClipSearch`` on the first held-out batches every ``--clip-every`` steps; the reported NELBO
 stays on [1e-3, 1]); BD3-LM tunes the interval for its block sizes, MDLM trains on the full interval. Per diffusion
 arm the variance over sequences of the one-draw loss estimate (1/t weights) is reported on the full and the
@@ -20,10 +21,13 @@ about sqrt(that variance / (sequences * draws))).
 (context-causal mask, logit shift, AR loss, block-size curriculum 1, 2, 4, ... up to the final size, equal steps
 per stage) vs plain BD3 (bd3 mask, final block size throughout), same steps, batch, data and lr. Reported per arm:
 held-out AR perplexity (a plain causal pass) against the original model's, the NELBO at the final block size,
-Gen-PPL of KV-cached samples at NFE = L/2 judged by the original model, tokens/s, wall-clock and peak RSS; and
-AR decoding of the original model with its KV cache on the same prompts.
+Gen-PPL of KV-cached samples judged by the original model (each of ``--strategies`` x ``--nfe-per-token`` from the
+same adapted model), tokens/s, wall-clock and peak RSS; and AR decoding of the original model with its KV cache on
+the same prompts.
 
     python benchmarks/block_diffusion.py --model smollm2 --seq-len 128 --batch 4 --steps 100 --lr 5e-5
+    python benchmarks/block_diffusion.py --model smollm2 ... --adapt-arms nbdiff \
+      --strategies low_confidence_static confidence_threshold --nfe-per-token 0.5 1
 """
 from __future__ import annotations
 
@@ -95,15 +99,35 @@ def sequence_variance(model, val, block, mask_id, eps, args):
     return float(torch.cat(losses).var())
 
 
-def sample_arm(model, chain, prompt, block, mask_id, strategy, seed, args):
+STEP_FREE = ("first_hitting", "confidence_threshold")  # their passes per block follow the block, not ``steps``
+
+
+def samplers(args):
+    """``(name, strategy, fraction)`` per sampler: each strategy, the fixed-pass ones at each ``--nfe-per-token``
+    (passes per block = fraction x block size); the name carries the fraction when there are several."""
+    out = []
+    for strategy in args.strategies:
+        for f in [None] if strategy in STEP_FREE else args.nfe_per_token:
+            name = strategy if f is None or len(args.nfe_per_token) == 1 else f"{strategy}@{f:g}"
+            out.append((name, strategy, f))
+    return out
+
+
+def passes(block, fraction):
+    return None if fraction is None else max(1, round(block * fraction))
+
+
+def sample_arm(model, chain, prompt, block, mask_id, strategy, fraction, seed, args):
     """Samples continuing ``prompt`` to L tokens (temperature 1): their NLL per generated token under the chain,
-    NFE per token (passes serve the whole batch), tokens a row commits per pass it needs, and seconds. AR (``block`` None): ancestral decoding, NFE = L."""
+    NFE per token (passes serve the whole batch), tokens a row commits per pass it needs, and seconds. AR (``block``
+    None): ancestral decoding, NFE = L."""
     sg = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     with torch.no_grad():
-        if block:  # the 4-token prompt opens (or, at L' = 4, is) the first block; L'/2 passes per block
+        if block:  # the 4-token prompt opens (or, at L' = 4, is) the first block
             out, stats = sample_blocks(model, prompt, num_blocks=args.seq_len // block - (block == 4),
-                                       block_size=block, mask_id=mask_id, strategy=strategy, steps=block // 2,
+                                       block_size=block, mask_id=mask_id, strategy=strategy,
+                                       steps=passes(block, fraction),
                                        threshold=args.threshold, sub_blocks=max(block // args.sub_block, 1),
                                        temperature=1.0, generator=sg)
             nfe, per_step = stats.nfe_per_token, stats.tokens_per_step
@@ -161,8 +185,8 @@ def run_arm(arm, seed, chain, train, val, args):
         result["seq_var_full"] = sequence_variance(model, val, block, mask_id, (1e-3, 1.0), args)
         result["seq_var_trained"] = sequence_variance(model, val, block, mask_id, eps, args)
     prompt = val[:args.samples, :4]
-    for strategy in (args.strategies if block else ["ar"]):
-        result["samples"][strategy] = sample_arm(model, chain, prompt, block, mask_id, strategy, seed, args)
+    for name, strategy, fraction in (samplers(args) if block else [("ar", "ar", None)]):
+        result["samples"][name] = sample_arm(model, chain, prompt, block, mask_id, strategy, fraction, seed, args)
     return result
 
 
@@ -185,6 +209,8 @@ def main():
     p.add_argument("--strategies", nargs="+", default=["low_confidence_static"], choices=STRATEGIES,
                    help="the diffusion arms' commit strategies, each sampled from the same trained model (L'/2 passes "
                    "per block; first_hitting and confidence_threshold commit until the block is full)")
+    p.add_argument("--nfe-per-token", nargs="+", type=float, default=[0.5],
+                   help="the fixed-pass strategies' passes per block as a fraction of the block size (0.5: NFE = L/2)")
     p.add_argument("--threshold", type=float, default=0.9, help="confidence threshold (low_confidence_dynamic, "
                    "confidence_threshold)")
     p.add_argument("--sub-block", type=int, default=4, help="confidence_threshold: sub-block length (NBDiff: 32 / 8)")
@@ -202,9 +228,9 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0, help="smollm2: sampling temperature (0 = greedy)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if any(not 0 < f <= 1 for f in args.nfe_per_token):
+        raise SystemExit(f"--nfe-per-token takes fractions in (0, 1], got {args.nfe_per_token}")
     if args.model == "smollm2":
-        if len(args.strategies) != 1:
-            raise SystemExit(f"--model smollm2 samples with one strategy, got --strategies {' '.join(args.strategies)}")
         return smollm2_main(args)
     chain = MarkovChain(args.vocab, args.alpha, 0)
     floor = chain.nll_floor(args.seq_len, skip_first=True)  # per scored token: tokens 1.. given token 0
@@ -287,7 +313,7 @@ def ar_ppl(model, val):
 
 def adapt_arm(arm, seed, original, train, val, prompts, args):
     """Adapt a copy of ``original`` with ``arm``'s recipe; held-out AR perplexity, NELBO at the final block size,
-    and KV-cached samples at NFE = L/2 judged by ``original``."""
+    and KV-cached samples per sampler judged by ``original``."""
     from blocktrain.plugins.block_diffusion import judge_nll
 
     spec, final = ADAPT_ARMS[arm], args.block_size
@@ -319,13 +345,17 @@ def adapt_arm(arm, seed, original, train, val, prompts, args):
         s, n = nelbo_sums(model, val[i:i + 8], block_size=final, mask_id=mask_id, mask_kind=spec["mask_kind"],
                           shift=spec["shift"], generator=eg)
         total, count = total + s, count + n
-    tokens, stats = sample_blocks(model, prompts, num_blocks=args.gen_blocks, block_size=final, mask_id=mask_id,
-                                  mask_kind=spec["mask_kind"], shift=spec["shift"], steps=final // 2,
-                                  strategy=args.strategies[0], temperature=args.temperature,
-                                  generator=torch.Generator().manual_seed(seed))
-    gen_nll = float(judge_nll(original, tokens, prompts.shape[1]).sum()) / (tokens.shape[0] * stats.per_row)
-    return {"ar_ppl": ar_ppl(model, val), "nelbo": total / count, "gen_ppl": math.exp(gen_nll),
-            "nfe_per_token": stats.nfe_per_token, "tokens_per_s": stats.tokens_per_second, "train_s": train_s,
+    samples = {}
+    for name, strategy, fraction in samplers(args):
+        tokens, stats = sample_blocks(model, prompts, num_blocks=args.gen_blocks, block_size=final, mask_id=mask_id,
+                                      mask_kind=spec["mask_kind"], shift=spec["shift"], steps=passes(final, fraction),
+                                      strategy=strategy, threshold=args.threshold,
+                                      sub_blocks=max(final // args.sub_block, 1), temperature=args.temperature,
+                                      generator=torch.Generator().manual_seed(seed))
+        gen_nll = float(judge_nll(original, tokens, prompts.shape[1]).sum()) / (tokens.shape[0] * stats.per_row)
+        samples[name] = {"gen_ppl": math.exp(gen_nll), "nfe_per_token": stats.nfe_per_token,
+                         "tokens_per_step": stats.tokens_per_step, "tokens_per_s": stats.tokens_per_second}
+    return {"ar_ppl": ar_ppl(model, val), "nelbo": total / count, "samples": samples, "train_s": train_s,
             "step_s": train_s / args.steps, "peak_rss_gb": rss.peak}
 
 
@@ -342,7 +372,8 @@ def ar_decode(original, prompts, seed, args):
                                 pad_token_id=0)
     seconds = time.perf_counter() - start
     nll = float(judge_nll(original, out, prompts.shape[1]).sum()) / (out.shape[0] * new)
-    return {"gen_ppl": math.exp(nll), "tokens_per_s": out.shape[0] * new / seconds, "nfe_per_token": 1.0}
+    return {"gen_ppl": math.exp(nll), "nfe_per_token": 1.0, "tokens_per_step": 1.0,
+            "tokens_per_s": out.shape[0] * new / seconds}
 
 
 def smollm2_main(args):
@@ -365,24 +396,36 @@ def smollm2_main(args):
     print(f"{describe_machine()}; SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), Austen, {train.shape[0]} train "
           f"windows, {val.shape[0]} held-out windows of {args.seq_len} tokens; steps {args.steps}, batch "
           f"{args.batch}, lr {args.lr}, final block size {args.block_size}; samples: {args.samples} prompts of "
-          f"{prompts.shape[1]} tokens + {args.gen_blocks * args.block_size} new, {args.strategies[0]}, temperature "
+          f"{prompts.shape[1]} tokens + {args.gen_blocks * args.block_size} new, temperature "
           f"{args.temperature}\noriginal model: held-out AR perplexity {base_ppl:.3f}", flush=True)
     results = {}
     for seed in args.seeds:
-        r = ar_decode(original, prompts, seed, args)
-        results.setdefault("ar_decoding", []).append(r)
-        print(f"seed {seed} ar_decoding gen_ppl {r['gen_ppl']:.2f}  tokens/s {r['tokens_per_s']:.1f}", flush=True)
+        r = {"samples": {"ar (KV cache)": ar_decode(original, prompts, seed, args)}}
+        results.setdefault("original", []).append(r)
+        _print_samples(seed, "original", r)
         for arm in args.adapt_arms:
             r = adapt_arm(arm, seed, original, train, val, prompts, args)
             results.setdefault(arm, []).append(r)
             print(f"seed {seed} {arm:6s} ar_ppl {r['ar_ppl']:.3f} ({r['ar_ppl'] / base_ppl - 1:+.1%})  nelbo "
-                  f"{r['nelbo']:.4f}  gen_ppl {r['gen_ppl']:.2f}  nfe/token {r['nfe_per_token']:.2f}  tokens/s "
-                  f"{r['tokens_per_s']:.1f}  train {r['train_s']:.0f}s ({r['step_s']:.2f} s/step)  peak RSS "
+                  f"{r['nelbo']:.4f}  train {r['train_s']:.0f}s ({r['step_s']:.2f} s/step)  peak RSS "
                   f"{r['peak_rss_gb']:.2f} GiB", flush=True)
-    keys = ("ar_ppl", "nelbo", "gen_ppl", "nfe_per_token", "tokens_per_s", "train_s", "peak_rss_gb")
+            _print_samples(seed, arm, r)
+    keys = ("ar_ppl", "nelbo", "train_s", "peak_rss_gb")
     print(f"\n| arm | {' | '.join(keys)} |\n|---|{'---:|' * len(keys)}")
+    for arm in args.adapt_arms:
+        print(f"| {arm} | " + " | ".join(_mean_sd([r[k] for r in results[arm]]) for k in keys) + " |")
+    keys = ("gen_ppl", "nfe_per_token", "tokens_per_step", "tokens_per_s")
+    print(f"\n| arm | sampler | {' | '.join(keys)} |\n|---|---|{'---:|' * len(keys)}")
     for arm, rs in results.items():
-        print(f"| {arm} | " + " | ".join(_mean_sd([r[k] for r in rs]) if k in rs[0] else "-" for k in keys) + " |")
+        for name in rs[0]["samples"]:
+            print(f"| {arm} | {name} | " + " | ".join(_mean_sd([r["samples"][name][k] for r in rs]) for k in keys)
+                  + " |")
+
+
+def _print_samples(seed, arm, result):
+    for name, q in result["samples"].items():
+        print(f"    seed {seed} {arm} {name:26s} gen_ppl {q['gen_ppl']:.2f}  nfe/token {q['nfe_per_token']:.3f}  "
+              f"tokens/step {q['tokens_per_step']:.2f}  tokens/s {q['tokens_per_s']:.1f}", flush=True)
 
 
 if __name__ == "__main__":

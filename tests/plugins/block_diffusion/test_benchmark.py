@@ -25,7 +25,7 @@ def bench():
 def setup(bench):
     args = argparse.Namespace(vocab=8, hidden=16, layers=1, seq_len=16, lr=1e-3, batch=4, steps=5, samples=2,
                               clip_search_arms=["bd3_4"], clip_every=2, clip_batches=1, clip_widths=[0.5, 0.9],
-                              clip_delta=0.1, strategies=STRATEGIES, threshold=0.9, sub_block=4, eval_draws=1)
+                              clip_delta=0.1, strategies=STRATEGIES, nfe_per_token=[0.5], threshold=0.9, sub_block=4, eval_draws=1)
     chain = bench.MarkovChain(args.vocab, 0.1, 0)
     data = chain.sample(24, args.seq_len, torch.Generator().manual_seed(0))
     return args, chain, data[:16], data[16:]
@@ -59,7 +59,8 @@ def test_every_strategy_samples_with_its_own_nfe(bench, setup):
     assert list(r["samples"]) == STRATEGIES
     nfe = {s: q["nfe_per_token"] for s, q in r["samples"].items()}
     assert nfe["low_confidence_static"] == 0.5 and nfe["first_hitting"] == 1.0  # L'/2 passes / one per pass
-    assert nfe["ddpm"] <= 0.5 and nfe["entropy_bounded"] <= 0.5  # DDPM caching skips passes that change nothing and 0.25 <= nfe["confidence_threshold"] <= 1.0
+    assert nfe["ddpm"] <= 0.5 and nfe["entropy_bounded"] <= 0.5  # DDPM caching skips passes that change nothing
+    assert 0.25 <= nfe["confidence_threshold"] <= 1.0
     assert r["samples"]["low_confidence_static"]["tokens_per_step"] == 2.0  # each row commits 2 per pass
     assert all(q["tokens_per_step"] >= 1 / q["nfe_per_token"] - 1e-9 for q in r["samples"].values())  # rows <= batch
     assert all(q["sample_nll"] > 0 for q in r["samples"].values())
@@ -74,3 +75,14 @@ def test_eval_draws_average_the_bound(bench, setup):
     one = bench.run_arm("mdlm", 0, chain, train, val, argparse.Namespace(**kw))["nll"]
     two = bench.run_arm("mdlm", 0, chain, train, val, argparse.Namespace(**{**kw, "eval_draws": 2}))["nll"]
     assert two != one and abs(two - one) < 0.5 * one
+
+
+def test_fixed_pass_strategies_sample_at_each_nfe_fraction(bench, setup):
+    """Several ``--nfe-per-token``: the fixed-pass strategies once per fraction (named by it), the step-free ones once."""
+    args, chain, train, val = setup
+    kw = {**vars(args), "steps": 1, "strategies": ["low_confidence_static", "first_hitting"], "nfe_per_token": [0.25, 1]}
+    r = bench.run_arm("bd3_4", 0, chain, train, val, argparse.Namespace(**kw))
+    assert list(r["samples"]) == ["low_confidence_static@0.25", "low_confidence_static@1", "first_hitting"]
+    assert r["samples"]["low_confidence_static@0.25"]["nfe_per_token"] == 0.25  # 1 pass per 4-token block
+    assert r["samples"]["low_confidence_static@1"]["nfe_per_token"] == 1.0
+    assert r["samples"]["low_confidence_static@1"]["tokens_per_step"] == 1.0
