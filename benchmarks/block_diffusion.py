@@ -22,8 +22,9 @@ about sqrt(that variance / (sequences * draws))).
 per stage) vs plain BD3 (bd3 mask, final block size throughout), same steps, batch, data and lr. Reported per arm:
 held-out AR perplexity (a plain causal pass) against the original model's, the NELBO at the final block size,
 Gen-PPL of KV-cached samples judged by the original model (each of ``--strategies`` x ``--nfe-per-token`` from the
-same adapted model), tokens/s, wall-clock and peak RSS; and AR decoding of the original model with its KV cache on
-the same prompts.
+same adapted model), tokens/s, wall-clock and peak RSS; and AR decoding with the KV cache on the same prompts, by the
+original model and by each adapted model's plain causal pass (the mask token suppressed), also judged by the original:
+the latter separates what the adaptation moved (SmolLM2-Instruct → Austen) from what diffusion sampling costs.
 
     python benchmarks/block_diffusion.py --model smollm2 --seq-len 128 --batch 4 --steps 100 --lr 5e-5
     python benchmarks/block_diffusion.py --model smollm2 ... --adapt-arms nbdiff \
@@ -345,7 +346,8 @@ def adapt_arm(arm, seed, original, train, val, prompts, args):
         s, n = nelbo_sums(model, val[i:i + 8], block_size=final, mask_id=mask_id, mask_kind=spec["mask_kind"],
                           shift=spec["shift"], generator=eg)
         total, count = total + s, count + n
-    samples = {}
+    # the control: the adapted model's own causal pass decoding, what its diffusion samplers are measured against
+    samples = {"ar (KV cache)": ar_decode(model, original, prompts, seed, args, mask_id)}
     for name, strategy, fraction in samplers(args):
         tokens, stats = sample_blocks(model, prompts, num_blocks=args.gen_blocks, block_size=final, mask_id=mask_id,
                                       mask_kind=spec["mask_kind"], shift=spec["shift"], steps=passes(final, fraction),
@@ -359,17 +361,18 @@ def adapt_arm(arm, seed, original, train, val, prompts, args):
             "step_s": train_s / args.steps, "peak_rss_gb": rss.peak}
 
 
-def ar_decode(original, prompts, seed, args):
-    """AR sampling with the original model and its KV cache (NFE = L): Gen-PPL under itself and tokens/s."""
+def ar_decode(model, original, prompts, seed, args, mask_id=None):
+    """AR sampling with ``model``'s plain causal pass and its KV cache (NFE = L; ``mask_id`` never sampled):
+    Gen-PPL under ``original`` and tokens/s."""
     from blocktrain.plugins.block_diffusion import judge_nll
 
     new = args.gen_blocks * args.block_size
     torch.manual_seed(seed)
     start = time.perf_counter()
     with torch.no_grad():
-        out = original.generate(prompts, do_sample=args.temperature > 0, temperature=args.temperature or None,
-                                top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, use_cache=True,
-                                pad_token_id=0)
+        out = model.generate(prompts, do_sample=args.temperature > 0, temperature=args.temperature or None,
+                             top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, use_cache=True,
+                             pad_token_id=0, suppress_tokens=None if mask_id is None else [mask_id])
     seconds = time.perf_counter() - start
     nll = float(judge_nll(original, out, prompts.shape[1]).sum()) / (out.shape[0] * new)
     return {"gen_ppl": math.exp(nll), "nfe_per_token": 1.0, "tokens_per_step": 1.0,
@@ -400,7 +403,7 @@ def smollm2_main(args):
           f"{args.temperature}\noriginal model: held-out AR perplexity {base_ppl:.3f}", flush=True)
     results = {}
     for seed in args.seeds:
-        r = {"samples": {"ar (KV cache)": ar_decode(original, prompts, seed, args)}}
+        r = {"samples": {"ar (KV cache)": ar_decode(original, original, prompts, seed, args)}}
         results.setdefault("original", []).append(r)
         _print_samples(seed, "original", r)
         for arm in args.adapt_arms:
