@@ -71,11 +71,12 @@ def gptq_arm(model, batches, spec, act, args) -> None:
 def cbq_arm(model, batches, spec, act, args) -> dict:
     """CBQ at the benchmark's budget; returns each window's reconstruction loss at its start and hardened end, and
     whether it kept its start (``keep_better``)."""
-    from blocktrain.plugins.cbq import CBQSettings, cbq_quantize
+    from blocktrain.plugins.cbq import CBQSettings, CFPSettings, cbq_quantize
     from blocktrain.trainer.compression.masks import find_linear_names
 
+    scale = {"auto": None, "on": True, "off": False}[args.cbq_scale_activations]
     settings = CBQSettings(epochs=args.cbq_epochs, rank=args.cbq_rank, rounding_lr=args.cbq_rounding_lr,
-                           seed=args.seeds[0])
+                           cfp=CFPSettings(scale_activations=scale), seed=args.seeds[0])
     windows: dict[str, dict] = {}
 
     def log(values: dict) -> None:  # cbq/blocks_A-B/{rec_start, rec_final, kept_start}
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--cbq-lr", type=float, default=1e-2, help="CBQ: Adam learning rate of its quantizer parameters")
     parser.add_argument("--cbq-rounding-lr", type=float, default=None,
                         help="CBQ: learning rate of the rounding parameters (default: --cbq-lr, like the step sizes)")
+    parser.add_argument("--cbq-scale-activations", choices=("auto", "on", "off"), default="auto",
+                        help="CBQ: CFP's activation-outlier channel scaling (auto: only when activations are quantized)")
     parser.add_argument("--group-remainder", choices=("error", "ragged"), default="error",
                         help="a width the group size does not divide: error, or ragged (a narrower last group)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
