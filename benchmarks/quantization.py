@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--cbq-rounding-lr", type=float, default=None,
                         help="CBQ: learning rate of the rounding parameters (default: --cbq-lr, like the step sizes)")
     parser.add_argument("--cbq-scale-activations", choices=("auto", "on", "off"), default="auto",
-                        help="CBQ: CFP's activation-outlier channel scaling (auto: only when activations are quantized)")
+                        help="CBQ: CFP's activation-outlier channel scaling (auto: only for activations below 8 bits)")
     parser.add_argument("--group-remainder", choices=("error", "ragged"), default="error",
                         help="a width the group size does not divide: error, or ragged (a narrower last group)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -195,7 +195,7 @@ def cbq_quantize(model: nn.Module, batches: list, spec: QuantSpec = QuantSpec(4)
             p.requires_grad_(False)
         clips = {}
         if s.cfp.enabled:
-            cfp = s.cfp if s.cfp.scale_activations is not None else replace(s.cfp, scale_activations=act is not None)
+            cfp = replace(s.cfp, scale_activations=s.cfp.scales_activations(act))
             counts, clips = cfp_preprocess(model, blocks, names, batches, forward, cfp, spec)
             log({f"cbq/cfp/{k}": v for k, v in counts.items()})
         return _reconstruct(_Session(model, blocks, names, spec, act, s, keep_zeros, storage, clips), batches, forward,

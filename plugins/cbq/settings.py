@@ -19,8 +19,16 @@ class CFPSettings:
     lambda2: float = 1.0  # weight of the intra-set variance in the fine split (paper variant)
     clip_weights: bool = True  # clip each target weight's outliers to its largest non-outlier |w| (its quantizer's range)
     clip_check: bool = True  # clip a weight only where that lowers its input-weighted quantization error on the target grid; false: always
-    scale_activations: Optional[bool] = None  # fold activation-outlier channel scales into norm + linears; null = only when activations are quantized
+    scale_activations: Optional[bool] = None  # fold activation-outlier channel scales into norm + linears; null = only when activations are quantized below 8 bits
     exponent: float = 0.7  # an outlier channel's scale (max_c / max_non-outlier)^exponent
+
+    def scales_activations(self, act) -> bool:
+        """Whether CFP folds activation scales for activations quantized as ``act`` (None: not quantized). By default
+        only below 8 bits: 8-bit per-token activations cost SmolLM2 almost nothing, and the scales then only make the
+        weights harder (SmolLM2 W4A8: 73.6 with them, 68.6 without; W6A6: 63.3 with, 64.8 without)."""
+        if self.scale_activations is not None:
+            return self.scale_activations
+        return act is not None and act.bits < 8
 
     def check(self, where: str) -> None:
         if self.variant not in ("paper", "msmodelslim"):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blocktrain.plugins.cbq.cbq import CBQSettings, cbq_quantize
 from blocktrain.plugins.cbq.cfp import (cfp_preprocess, channel_scales, clip_lowers_error, fold_scales,
                                          norm_linear_groups, outlier_mask, weight_clip)
 from blocktrain.plugins.cbq.settings import CFPSettings
 from blocktrain.trainer.compression.calibration import calibration_forward
 from blocktrain.trainer.compression.masks import find_linear_names
-from blocktrain.trainer.compression.quant import QuantSpec
+from blocktrain.trainer.compression.quant import ActQuantSpec, QuantSpec
 from tests.pruning.conftest import tiny_llama, token_batches
 
 
@@ -84,7 +85,7 @@ def test_folded_scales_leave_the_full_precision_model_unchanged():
     assert float(seen[0][[5, 17]].max()) < 0.5 * 60  # the outlier channels were scaled down
 
 
-def test_cfp_preprocess_reports_what_it_did_and_a16_scales_nothing_by_default():
+def test_cfp_preprocess_reports_what_it_did():
     model = _llama_with_outlier_channels()
     batches = token_batches(2)
     names = find_linear_names(model, exclude=("lm_head",))
@@ -97,3 +98,14 @@ def test_cfp_preprocess_reports_what_it_did_and_a16_scales_nothing_by_default():
     assert "model.layers.1.mlp.down_proj" in clips and clips["model.layers.1.mlp.down_proj"] < 0.07
     assert float(model.model.layers[1].mlp.down_proj.weight[2, 7]) == pytest.approx(0.1)  # a quantizer range, not a model change
     assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, weights["model.layers.0.self_attn.o_proj"])
+
+
+@pytest.mark.parametrize(("act", "scaled"), [(None, False), (ActQuantSpec(8), False), (ActQuantSpec(6), True),
+                                             (ActQuantSpec(4), True)])
+def test_cbq_scales_activations_by_default_only_below_8_bits(act, scaled):
+    """``scale_activations: null`` folds the outlier channels' scales at A6/A4, not at A8 or weight-only; set, it wins."""
+    for setting, expected in ((None, scaled), (True, True), (False, False)):
+        counts = {}
+        cbq_quantize(_llama_with_outlier_channels(), token_batches(1), QuantSpec(4), act,
+                     CBQSettings(epochs=1, cfp=CFPSettings(scale_activations=setting)), log=counts.update)
+        assert (counts["cbq/cfp/scaled_channels"] > 0) is expected, (setting, act)
