@@ -25,7 +25,8 @@ def bench():
 def setup(bench):
     args = argparse.Namespace(vocab=8, hidden=16, layers=1, seq_len=16, lr=1e-3, batch=4, steps=5, samples=2,
                               clip_search_arms=["bd3_4"], clip_every=2, clip_batches=1, clip_widths=[0.5, 0.9],
-                              clip_delta=0.1, strategies=STRATEGIES, nfe_per_token=[0.5], threshold=0.9, sub_block=4, eval_draws=1)
+                              clip_delta=0.1, strategies=STRATEGIES, nfe_per_token=[0.5], threshold=0.9, sub_block=4,
+                              eval_draws=1)
     chain = bench.MarkovChain(args.vocab, 0.1, 0)
     data = chain.sample(24, args.seq_len, torch.Generator().manual_seed(0))
     return args, chain, data[:16], data[16:]
