@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from blocktrain.kernels.block_diffusion_attention import register_hf_attention
 from blocktrain.plugins.block_diffusion import add_mask_token, block_diffusion_loss, nelbo_sums, sample_blocks, sample_t
 from blocktrain.plugins.block_diffusion.clip_search import ClipSearch
-from blocktrain.plugins.block_diffusion.plugin import STRATEGIES
+from blocktrain.plugins.block_diffusion.plugin import STEP_FREE_STRATEGIES, STRATEGIES
 from blocktrain.trainer.sources.scratch import MarkovChain
 from blocktrain.trainer.testing import describe_machine
 
@@ -100,15 +100,12 @@ def sequence_variance(model, val, block, mask_id, eps, args):
     return float(torch.cat(losses).var())
 
 
-STEP_FREE = ("first_hitting", "confidence_threshold")  # their passes per block follow the block, not ``steps``
-
-
 def samplers(args):
     """``(name, strategy, fraction)`` per sampler: each strategy, the fixed-pass ones at each ``--nfe-per-token``
     (passes per block = fraction x block size); the name carries the fraction when there are several."""
     out = []
     for strategy in args.strategies:
-        for f in [None] if strategy in STEP_FREE else args.nfe_per_token:
+        for f in [None] if strategy in STEP_FREE_STRATEGIES else args.nfe_per_token:
             name = strategy if f is None or len(args.nfe_per_token) == 1 else f"{strategy}@{f:g}"
             out.append((name, strategy, f))
     return out

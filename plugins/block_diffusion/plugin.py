@@ -30,6 +30,7 @@ CHOICES = {
 }
 STRATEGIES = ("first_hitting", "ddpm", "sequential", "low_confidence_static", "low_confidence_dynamic",
               "entropy_bounded", "confidence_threshold")
+STEP_FREE_STRATEGIES = ("first_hitting", "confidence_threshold")  # commit until the block is full; ``steps`` unused
 
 
 def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from blocktrain.plugins.block_diffusion.objective import subs_log_probs
-from blocktrain.plugins.block_diffusion.plugin import STRATEGIES
+from blocktrain.plugins.block_diffusion.plugin import STEP_FREE_STRATEGIES, STRATEGIES
 from blocktrain.trainer.errors import UserError
 
 
@@ -149,7 +149,7 @@ def _forward(model, ids, mask, positions, cache=None, keep: int = 0):
 
 def _passes(strategy: str, to_fill: int, steps: int | None) -> int:
     """Passes over a block with ``to_fill`` masked tokens (an upper bound on its NFE)."""
-    if strategy in ("first_hitting", "confidence_threshold"):  # at least one token per pass, until the block is full
+    if strategy in STEP_FREE_STRATEGIES:  # at least one token per pass, until the block is full
         return to_fill
     if strategy == "ddpm":  # steps time points t = 1, 1 - 1/T, ...; the last unmasks every remaining token
         return steps or to_fill
